@@ -1,0 +1,71 @@
+"""conveyor: keep an edge accelerator busy while the CPU works, and share it.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from ._device._client import DeviceClient, InferFuture, connect, default_socket_path
+from ._errors import (
+    Busy,
+    ConveyorError,
+    DeadlineExceeded,
+    DeviceBusyError,
+    DeviceError,
+    DeviceNotFoundError,
+    DeviceSpecError,
+    EdgeTPUModelError,
+    EdgeTPURuntimeMissingError,
+    InputError,
+    InvalidModelError,
+    ModelError,
+    ModelNotFoundError,
+    PipelineClosedError,
+    ProtocolError,
+    ServerError,
+    ServerGone,
+    StageError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from ._models import bundled_models, resolve_model
+from ._pipeline import Pipeline, infer, stage
+from ._tensors import TensorSpec
+from ._version import __version__
+from .backends import Device, Runner, open_device, parse_device
+
+__all__ = [
+    "Busy",
+    "ConveyorError",
+    "DeadlineExceeded",
+    "Device",
+    "DeviceBusyError",
+    "DeviceClient",
+    "DeviceError",
+    "DeviceNotFoundError",
+    "DeviceSpecError",
+    "EdgeTPUModelError",
+    "EdgeTPURuntimeMissingError",
+    "InferFuture",
+    "InputError",
+    "InvalidModelError",
+    "ModelError",
+    "ModelNotFoundError",
+    "Pipeline",
+    "PipelineClosedError",
+    "ProtocolError",
+    "Runner",
+    "ServerError",
+    "ServerGone",
+    "StageError",
+    "TensorSpec",
+    "WorkerDiedError",
+    "WorkerStartError",
+    "__version__",
+    "bundled_models",
+    "connect",
+    "default_socket_path",
+    "infer",
+    "open_device",
+    "parse_device",
+    "resolve_model",
+    "stage",
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``conveyor`` command, one module each."""

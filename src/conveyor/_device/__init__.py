@@ -1,0 +1,1 @@
+"""The device worker: one process owns a device; clients reach it over a Unix socket."""

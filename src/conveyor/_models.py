@@ -1,0 +1,37 @@
+"""Bundled models and model-path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._errors import ModelNotFoundError
+
+__all__ = ["BUNDLED_DIR", "bundled_models", "resolve_model"]
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Names of the bundled ``.tflite`` models mapped to their paths, sorted by name."""
+    return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.tflite"))}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The path of a model given as a file path or as the name of a bundled model.
+
+    Raises:
+        ModelNotFoundError: neither a file at that path nor a bundled model of that name.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path
+    bundled = bundled_models()
+    name = str(model)
+    if name.endswith(".tflite"):
+        name = name[: -len(".tflite")]
+    if name in bundled:
+        return bundled[name]
+    raise ModelNotFoundError(
+        f"no model file at {str(model)!r} and no bundled model of that name "
+        f"(bundled: {', '.join(bundled)})"
+    )

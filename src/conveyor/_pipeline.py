@@ -1,0 +1,396 @@
+"""Pipeline, stage() and infer(): composition and the sync, asyncio and futures faces."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import warnings
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Literal
+
+from ._errors import PipelineClosedError, StageError
+from ._runtime._core import Core, StageDef
+from ._runtime._run import CANCEL, DROP, ERR, OK, Run
+from ._runtime._stats import Tracer
+
+__all__ = ["Pipeline", "infer", "stage"]
+
+OnError = Literal["raise", "skip", "return"]
+
+
+def stage(
+    fn: Callable[[Any], Any],
+    *,
+    workers: int = 1,
+    kind: Literal["thread", "process"] = "thread",
+    name: str | None = None,
+) -> StageDef:
+    """A CPU stage: ``fn`` applied to every item by ``workers`` threads or processes.
+
+    ``kind="process"`` runs ``fn`` in worker processes, away from the GIL of the caller
+    and of the device link: use it for CPU-bound Python. The function must be picklable
+    (defined at the top level of an importable module); numpy arrays in its argument and
+    result travel through shared memory. A script that uses process stages must guard its
+    entry point with ``if __name__ == "__main__":``, as with multiprocessing.
+    """
+    if kind not in ("thread", "process"):
+        raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if not callable(fn):
+        raise TypeError(f"stage() needs a callable, got {fn!r}")
+    label = name or getattr(fn, "__name__", None) or type(fn).__name__
+    return StageDef(kind=kind, name=label, workers=workers, fn=fn)
+
+
+def infer(
+    model: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    server: str | os.PathLike[str] | None = None,
+    deadline: float | None = None,
+    priority: int = 0,
+    dequantize: bool = False,
+    name: str | None = None,
+) -> StageDef:
+    """The inference stage: run ``model`` (bundled name or path) on a device.
+
+    The device is driven by its own worker process, reached through shared memory and
+    a Unix socket. With ``server=PATH`` (or ``device="server:PATH"``) the stage uses a
+    shared device through ``conveyor serve`` instead, with no other change.
+
+    Each item is a numpy array (single-input model), a list in model order, or a dict by
+    input name; the stage yields the model's outputs as a **list of arrays in model
+    order**. ``dequantize=True`` turns quantised outputs into float32. ``deadline`` (s)
+    and ``priority`` apply to every request (see :meth:`DeviceClient.submit`).
+    """
+    spec = str(device)
+    if spec.startswith("server:"):
+        server = spec[len("server:"):] or None
+        if server is None:
+            from ._device._client import default_socket_path
+
+            server = default_socket_path()
+    return StageDef(
+        kind="infer", name=name or os.path.basename(str(model)).removesuffix(".tflite"),
+        workers=1, model=str(model), device=spec,
+        server=None if server is None else str(server),
+        deadline=deadline, priority=priority, dequantize=dequantize,
+    )
+
+
+class Pipeline:
+    """Stages run concurrently, joined by bounded channels.
+
+    Args:
+        *stages: made by :func:`stage` and :func:`infer`, in order.
+        maxsize: the bound of every channel between stages (default 8).
+        ordered: results in input order (default), or as they complete.
+        on_error: ``"raise"`` (a failed item raises :class:`StageError` where it would
+            have been yielded, ending the run), ``"skip"`` (dropped and counted), or
+            ``"return"`` (the StageError is yielded in the item's place).
+        drop: ``"oldest"`` for live mode: the source never blocks; when
+            ``max_in_flight`` items are in flight, the oldest one still waiting for the
+            first stage is dropped (counted in ``stats()``).
+        max_in_flight: items one run may have admitted and not yet consumed. Default:
+            enough to fill every channel and worker; in live mode, one per stage plus one.
+        inflight: requests an inference stage keeps on the device at once (default 3):
+            while one runs, the next waits on the device side.
+        trace: a path: record a Chrome trace (one track per worker and per device) and
+            write it there when the pipeline closes.
+
+    Use it as a context manager; leaving the ``with`` (or :meth:`close`) ends every
+    thread and process within about a second. A pipeline collected without being closed
+    is closed then, with a ResourceWarning.
+    """
+
+    def __init__(
+        self,
+        *stages: StageDef,
+        maxsize: int = 8,
+        ordered: bool = True,
+        on_error: OnError = "raise",
+        drop: Literal["oldest"] | None = None,
+        max_in_flight: int | None = None,
+        inflight: int = 3,
+        trace: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        for s in stages:
+            if not isinstance(s, StageDef):
+                raise TypeError(f"pipeline stages are made by stage() or infer(), got {s!r}")
+        if on_error not in ("raise", "skip", "return"):
+            raise ValueError(f"on_error must be 'raise', 'skip' or 'return', got {on_error!r}")
+        if drop not in (None, "oldest"):
+            raise ValueError(f"drop must be None or 'oldest', got {drop!r}")
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self.ordered = ordered
+        self.on_error = on_error
+        self.live = drop == "oldest"
+        n = len(stages)
+        workers = sum(3 if s.kind == "infer" else s.workers for s in stages)
+        if max_in_flight is None:
+            max_in_flight = n + 1 if self.live else maxsize * n + workers
+        self.max_in_flight = max_in_flight
+        self._defs = [StageDef(**vars(s)) for s in stages]
+        self._tracer = Tracer(trace) if trace is not None else None
+        self._inflight = inflight
+        self._core: Core | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._submit_run: Run | None = None
+        self._futures: dict[int, Future[Any]] = {}
+        self._submit_index = 0
+        self._runs: list[Run] = []
+        self.skipped = 0
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def start(self) -> Pipeline:
+        """Start workers and the device worker (done by ``with`` or the first use).
+
+        Raises the typed error of whatever failed to start (model not found, device
+        missing, worker start-up) after stopping everything that had started.
+        """
+        with self._lock:
+            if self._closed:
+                raise PipelineClosedError("the pipeline is closed")
+            if self._core is None:
+                core = Core(self._defs, maxsize=self.maxsize, live=self.live,
+                            trace=self._tracer, inflight=self._inflight)
+                core.start()
+                self._core = core
+            return self
+
+    def close(self) -> None:
+        """End every thread and process; pending futures fail with PipelineClosedError.
+
+        Blocks at most about a second. Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            core, self._core = self._core, None
+            runs = list(self._runs)
+            futures, self._futures = self._futures, {}
+        for run in runs:
+            run.cancel()
+        if core is not None:
+            for ch in core.channels:
+                ch.wake()
+            core.close()
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(PipelineClosedError("the pipeline was closed"))
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_core", None) is not None:
+            warnings.warn(f"unclosed {self!r}: use it in a with block or call close()",
+                          ResourceWarning, stacklevel=2)
+            self.close()
+
+    def _ensure(self) -> Core:
+        core = self._core
+        if core is None:
+            self.start()
+            core = self._core
+        if core is None or self._closed:
+            raise PipelineClosedError("the pipeline is closed")
+        return core
+
+    # --- faces ----------------------------------------------------------------------
+
+    def _new_run(self, ordered: bool, notify: Callable[[], None] | None = None) -> Run:
+        run = Run(ordered, self.max_in_flight, notify)
+        with self._lock:
+            self._runs = [r for r in self._runs if not r.complete and not r.cancelled]
+            self._runs.append(run)
+        return run
+
+    def _cancel(self, run: Run, core: Core) -> None:
+        run.cancel()
+        for ch in core.channels:
+            ch.wake()
+
+    def _outcome(self, kind: str, value: Any) -> tuple[bool, Any]:
+        """(yield it?, value) for one outcome; raises for on_error='raise'."""
+        if kind == OK:
+            return True, value
+        if kind == ERR:
+            assert isinstance(value, StageError)
+            if value.stage == "source" or self.on_error == "raise":
+                raise value
+            if self.on_error == "skip":
+                self.skipped += 1
+                return False, None
+            return True, value
+        return False, None  # DROP, CANCEL
+
+    def map(self, inputs: Iterable[Any]) -> Iterator[Any]:
+        """Feed ``inputs`` (consumed lazily, in a feeder thread) and yield results.
+
+        Blocks while waiting for the next result; interruptible by Ctrl-C. Breaking out
+        of the loop (or an exception) stops feeding and discards items in flight.
+
+        Raises:
+            StageError: an item failed (``on_error="raise"``), or the input iterator
+                raised (always; ``stage == "source"``).
+        """
+        core = self._ensure()
+        run = self._new_run(self.ordered)
+        feeder = threading.Thread(target=core.feed, args=(run, inputs),
+                                  name="conveyor-feeder", daemon=True)
+        feeder.start()
+        try:
+            while True:
+                got = run.take()
+                if got is None:
+                    return
+                keep, value = self._outcome(*got[1])
+                if keep:
+                    yield value
+        finally:
+            self._cancel(run, core)
+
+    async def amap(self, inputs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        """The asyncio face of :meth:`map`: ``inputs`` may be an async iterable.
+
+        Never blocks the event loop: results arrive through ``call_soon_threadsafe``.
+        Cancelling the consuming task (or leaving the ``async for``) cancels the run.
+        """
+        core = self._ensure()
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        run = self._new_run(self.ordered, notify)
+        feeder_task: asyncio.Task[None] | None = None
+        if isinstance(inputs, AsyncIterable):
+            feeder_task = asyncio.ensure_future(self._afeed(core, run, inputs))
+        else:
+            threading.Thread(target=core.feed, args=(run, inputs), name="conveyor-feeder",
+                             daemon=True).start()
+        try:
+            while True:
+                got = run.take(block=False)
+                if got is None:
+                    if run.complete:
+                        if feeder_task is not None and feeder_task.done():
+                            feeder_task.result()
+                        return
+                    ready.clear()
+                    got = run.take(block=False)
+                    if got is None:
+                        if run.complete:
+                            continue
+                        await ready.wait()
+                        continue
+                keep, value = self._outcome(*got[1])
+                if keep:
+                    yield value
+        finally:
+            self._cancel(run, core)
+            if feeder_task is not None and not feeder_task.done():
+                feeder_task.cancel()
+
+    async def _afeed(self, core: Core, run: Run, inputs: AsyncIterable[Any]) -> None:
+        index = 0
+        try:
+            async for value in inputs:
+                if run.cancelled or core.closing:
+                    break
+                if core.live:
+                    if run.acquire(block=False):
+                        core.admit(run, index, value)
+                    else:
+                        await asyncio.to_thread(core._admit_live_full, run, index, value)
+                else:
+                    if not run.acquire(block=False):
+                        ok = await asyncio.to_thread(run.acquire)
+                        if not ok:
+                            break
+                    await asyncio.to_thread(core.admit, run, index, value)
+                index += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            run.force_admit()
+            core._source_failed(run, index, exc)
+            index += 1
+        finally:
+            run.finish(index)
+
+    def submit(self, item: Any) -> Future[Any]:
+        """Put one item in and return a concurrent.futures.Future of its result.
+
+        Blocks while the first channel is full (backpressure). The Future raises
+        StageError if the item fails, PipelineClosedError if the pipeline closes first.
+        """
+        core = self._ensure()
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._submit_run is None:
+                run = Run(False, 1 << 62)
+                run.on_outcome = self._resolve
+                self._submit_run = run
+            run = self._submit_run
+            index = self._submit_index
+            self._submit_index += 1
+            self._futures[index] = fut
+        core.admit(run, index, item)
+        return fut
+
+    def _resolve(self, index: int, kind: str, value: Any) -> None:
+        with self._lock:
+            fut = self._futures.pop(index, None)
+        if fut is None or fut.done():
+            return
+        if kind == OK:
+            fut.set_result(value)
+        elif kind == ERR:
+            fut.set_exception(value)
+        elif kind in (DROP, CANCEL):
+            fut.set_exception(PipelineClosedError(
+                "the item was dropped" if kind == DROP else "the pipeline was closed"))
+
+    # --- observation ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, latency, queue depth per stage, and the device's duty cycle.
+
+        ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
+        "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:
+        {"duty_cycle", "items_per_s", ...}}, "device": <the first device's entry>}``
+        """
+        core = self._core
+        if core is None:
+            return {"elapsed_s": 0.0, "items": {}, "stages": {}, "devices": {}, "device": None}
+        snap = core.snapshot()
+        with self._lock:
+            runs = list(self._runs)
+        snap["items"] = {
+            "admitted": sum(r.admitted for r in runs),
+            "dropped": sum(r.dropped for r in runs),
+            "skipped": self.skipped,
+        }
+        snap["device"] = next(iter(snap["devices"].values()), None)
+        return snap
+
+    def __repr__(self) -> str:
+        names = ", ".join(d.name for d in self._defs)
+        state = "closed" if self._closed else ("running" if self._core else "not started")
+        return f"<conveyor.Pipeline [{names}] {state}>"

@@ -1,0 +1,1 @@
+"""Threads, worker processes, bounded channels and accounting behind the pipelines."""

@@ -1,0 +1,113 @@
+"""Bounded channels between pipeline stages.
+
+A :class:`Channel` holds at most ``maxsize`` items. ``put`` blocks while it is full
+(backpressure) unless the channel drops the oldest item instead (live mode); ``get``
+blocks while it is empty. :meth:`Channel.abort` wakes every blocked caller at once:
+``put`` and ``get`` then raise :class:`Aborted`. That is the only cancellation path, so
+shutdown never waits on a timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Aborted", "Channel"]
+
+T = TypeVar("T")
+
+
+class Aborted(Exception):
+    """The channel was aborted (the pipeline is shutting down)."""
+
+
+class Channel(Generic[T]):
+    """A bounded, abortable FIFO shared by threads.
+
+    Args:
+        maxsize: the most items it holds (>= 1).
+        drop_oldest: when full, ``put`` removes the oldest item and returns it instead of
+            blocking.
+    """
+
+    def __init__(self, maxsize: int, *, drop_oldest: bool = False) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self.drop_oldest = drop_oldest
+        self._items: deque[T] = deque()
+        self._cv = threading.Condition()
+        self._aborted = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T, cancelled: Callable[[], bool] | None = None) -> T | None:
+        """Add an item; returns the item dropped to make room (live mode), else None.
+
+        Blocks while full (not in drop-oldest mode). Cancellation: raises Aborted when the
+        channel is aborted, or when ``cancelled()`` turns true and :meth:`wake` is called.
+        """
+        with self._cv:
+            dropped = None
+            while len(self._items) >= self.maxsize:
+                if self._aborted or (cancelled is not None and cancelled()):
+                    raise Aborted
+                if self.drop_oldest:
+                    dropped = self._items.popleft()
+                    break
+                self._cv.wait()
+            if self._aborted:
+                raise Aborted
+            self._items.append(item)
+            self._cv.notify_all()
+            return dropped
+
+    def get(self) -> T:
+        """Take the oldest item; blocks while empty. Raises Aborted when aborted."""
+        with self._cv:
+            while not self._items:
+                if self._aborted:
+                    raise Aborted
+                self._cv.wait()
+            item = self._items.popleft()
+            self._cv.notify_all()
+            return item
+
+    def remove_if(self, pred: Callable[[T], bool]) -> list[T]:
+        """Remove and return the waiting items for which ``pred`` is true."""
+        with self._cv:
+            keep: deque[T] = deque()
+            out = []
+            for it in self._items:
+                (out if pred(it) else keep).append(it)
+            self._items = keep
+            if out:
+                self._cv.notify_all()
+            return out
+
+    def pop_oldest_if(self, pred: Callable[[T], bool]) -> T | None:
+        """Remove and return the oldest waiting item for which ``pred`` is true."""
+        with self._cv:
+            for it in self._items:
+                if pred(it):
+                    self._items.remove(it)
+                    self._cv.notify_all()
+                    return it
+            return None
+
+    def wake(self) -> None:
+        """Wake blocked callers so they re-check their ``cancelled`` predicate."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def abort(self) -> list[T]:
+        """Wake everyone with Aborted from now on; returns the items left inside."""
+        with self._cv:
+            self._aborted = True
+            left = list(self._items)
+            self._items.clear()
+            self._cv.notify_all()
+            return left

@@ -1,0 +1,92 @@
+"""The main loop of a process-stage worker: ``python -m conveyor._runtime._child``.
+
+Start-up: receive SETUP (the parent's ``__main__`` preparation data, then the pickled
+function), prepare like multiprocessing's spawn does, answer READY. Then for each TASK
+run the function and answer OK with the result or ERR with the exception and its
+traceback text. Exits on end of stream or when the lifeline to the parent breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing.spawn
+import pickle
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from ._proc import watch_lifeline
+from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed
+
+__all__ = ["main"]
+
+
+def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob: Any = pickle.dumps(exc, protocol=5)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    return blob, type(exc).__qualname__, str(exc), tb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor-stage-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--lifeline", type=int, required=True)
+    args = parser.parse_args(argv)
+    watch_lifeline(args.lifeline)
+    link = MsgSocket(socket.socket(fileno=args.fd))
+    try:
+        kind, _, setup, _, _ = link.recv()
+        if kind != SETUP:
+            return 2
+        multiprocessing.spawn.prepare(setup["prep"])
+        fn = pickle.loads(setup["fn"])
+        link.send(READY, 0, None)
+    except PeerClosed:
+        return 0
+    except BaseException as exc:
+        try:
+            link.send(ERR, 0, _error_payload(exc))
+        except PeerClosed:
+            pass
+        return 1
+    while True:
+        try:
+            kind, index, value, _, _ = link.recv()
+        except PeerClosed:
+            return 0
+        if kind != TASK:
+            return 2
+        start = time.monotonic_ns()
+        try:
+            result = fn(value)
+        except Exception as exc:
+            end = time.monotonic_ns()
+            payload = _error_payload(exc)
+            del exc
+            try:
+                link.send(ERR, index, payload, start, end)
+            except PeerClosed:
+                return 0
+            continue
+        end = time.monotonic_ns()
+        try:
+            link.send(OK, index, result, start, end)
+        except PeerClosed:
+            return 0
+        except Exception as exc:  # the result could not be pickled
+            try:
+                link.send(ERR, index, _error_payload(exc), start, end)
+            except PeerClosed:
+                return 0
+        del result, value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""The engine behind :class:`conveyor.Pipeline`: channels, stage workers, the device link.
+
+Data path: feeder -> channel -> stage workers -> channel -> ... -> last stage -> run.
+Thread stages run the function in the worker thread. Process stages and the inference
+stage have one parent thread per in-flight item, which only moves data to and from a
+child process (the GIL is held for microseconds per item), so CPU-bound user code in a
+stage never sits between the device and its next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import (
+    ConveyorError,
+    ServerGone,
+    StageError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from ._channel import Aborted, Channel
+from ._run import CANCEL, DROP, ERR, OK, Run
+from ._stats import DeviceStats, StageStats, Tracer
+from ._workers import ProcWorker, pickle_function
+
+__all__ = ["Core", "Item", "StageDef"]
+
+log = logging.getLogger("conveyor.pipeline")
+
+
+@dataclass
+class StageDef:
+    """A stage as :func:`conveyor.stage` or :func:`conveyor.infer` describes it."""
+
+    kind: str  # "thread" | "process" | "infer"
+    name: str
+    workers: int
+    fn: Callable[[Any], Any] | None = None
+    model: str = ""
+    device: str = "cpu"
+    server: str | None = None
+    deadline: float | None = None
+    priority: int = 0
+    dequantize: bool = False
+
+
+class Item:
+    __slots__ = ("index", "run", "t0", "value")
+
+    def __init__(self, run: Run, index: int, value: Any) -> None:
+        self.run = run
+        self.index = index
+        self.value = value
+        self.t0 = time.monotonic_ns()
+
+
+class _Failed(Exception):
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+
+class _DeviceLink:
+    """The inference stage's way to a device: a private device worker, or a server."""
+
+    def __init__(self, d: StageDef, inflight: int) -> None:
+        from .._device._client import DeviceClient
+        from .._device._worker import DeviceWorker
+
+        self.defn = d
+        self._lock = threading.Lock()
+        self._inflight = inflight
+        self.worker: DeviceWorker | None = None
+        self.stats = DeviceStats(d.server and f"server:{d.server}" or d.device)
+        self.gen = 0
+        self.closing = False
+        if d.server is not None:
+            self.client = DeviceClient(path=d.server, reconnect=True, name=f"pipeline:{d.name}")
+        else:
+            self.worker = DeviceWorker(d.device, [d.model], max_inflight=inflight + 2)
+            self.client = self.worker.client
+        self.model = self.client.model_info(d.model).name if d.server is None else d.model
+
+    def _restart(self, gen: int) -> None:
+        from .._device._worker import DeviceWorker
+
+        with self._lock:
+            if gen != self.gen or self.closing:
+                return
+            old = self.worker
+            assert old is not None
+            log.warning("device worker pid %d for %s %s; restarting it", old.pid,
+                        self.defn.device, old.process.describe_exit())
+            old.process.kill()
+            self.worker = DeviceWorker(self.defn.device, [self.defn.model],
+                                       max_inflight=self._inflight + 2)
+            self.client = self.worker.client
+            self.gen += 1
+            self.stats.restarts += 1
+
+    def call(self, value: Any) -> tuple[Any, Any]:
+        """One inference: returns (outputs, timing). Retries once after the worker died."""
+        d = self.defn
+        for attempt in (0, 1):
+            with self._lock:
+                client, gen = self.client, self.gen
+            try:
+                fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
+                                    dequantize=d.dequantize)
+                return fut.result(), fut.timing
+            except ServerGone:
+                if self.closing or attempt == 1 or self.worker is None:
+                    raise
+                self._restart(gen)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.closing = True
+        with self._lock:
+            if self.worker is not None:
+                self.worker.close()
+            else:
+                self.client.close()
+
+
+class Core:
+    """Owns every channel, thread and process of one pipeline."""
+
+    def __init__(
+        self,
+        stages: list[StageDef],
+        *,
+        maxsize: int,
+        live: bool,
+        trace: Tracer | None,
+        inflight: int,
+    ) -> None:
+        self.defs = stages
+        self.maxsize = maxsize
+        self.live = live
+        self.tracer = trace
+        self.inflight = inflight
+        self.closing = False
+        self.started_ns = time.monotonic_ns()
+        self.channels: list[Channel[Item]] = [
+            Channel(maxsize, drop_oldest=(live and i == 0)) for i in range(len(stages))
+        ]
+        names: dict[str, int] = {}
+        self.stats: list[StageStats] = []
+        for d in stages:
+            n = names.get(d.name, 0)
+            names[d.name] = n + 1
+            label = d.name if n == 0 else f"{d.name}#{n + 1}"
+            d.name = label
+            workers = inflight if d.kind == "infer" else d.workers
+            self.stats.append(StageStats(label, d.kind, workers))
+        self.threads: list[threading.Thread] = []
+        self.procs: dict[int, list[ProcWorker | None]] = {}
+        self.links: dict[int, _DeviceLink] = {}
+        self.source_dropped = 0
+        self._lock = threading.Lock()
+
+    # --- start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every worker; on any failure stop what started and raise."""
+        try:
+            starters: list[threading.Thread] = []
+            errors: list[BaseException] = []
+
+            def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+                def run() -> None:
+                    try:
+                        fn()
+                    except BaseException as exc:
+                        errors.append(exc)
+                return run
+
+            for si, d in enumerate(self.defs):
+                if d.kind == "process":
+                    assert d.fn is not None
+                    blob = pickle_function(d.fn, d.name)
+                    self.procs[si] = [None] * d.workers
+                    for w in range(d.workers):
+                        starters.append(threading.Thread(
+                            target=guarded(lambda si=si, w=w, blob=blob, name=d.name:
+                                           self._spawn_proc(si, w, blob, name)), daemon=True))
+                elif d.kind == "infer":
+                    starters.append(threading.Thread(
+                        target=guarded(lambda si=si, d=d: self._open_link(si, d)), daemon=True))
+            for t in starters:
+                t.start()
+            for t in starters:
+                t.join()
+            if errors:
+                raise errors[0]
+            for si, d in enumerate(self.defs):
+                count = self.inflight if d.kind == "infer" else d.workers
+                for w in range(count):
+                    t = threading.Thread(target=self._worker_loop, args=(si, w),
+                                         name=f"conveyor-{d.name}-{w}", daemon=True)
+                    self.threads.append(t)
+                    t.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn_proc(self, si: int, w: int, blob: bytes, name: str) -> None:
+        self.procs[si][w] = ProcWorker(blob, name)
+
+    def _open_link(self, si: int, d: StageDef) -> None:
+        self.links[si] = _DeviceLink(d, self.inflight)
+
+    def close(self) -> None:
+        """Stop everything: wake blocked threads, end child processes, join. Idempotent."""
+        with self._lock:
+            if self.closing:
+                return
+            self.closing = True
+        for ch in self.channels:
+            for item in ch.abort():
+                item.run.deliver(item.index, CANCEL)
+        stoppers = []
+        for workers in self.procs.values():
+            for pw in workers:
+                if pw is not None:
+                    stoppers.append(threading.Thread(target=pw.close, daemon=True))
+        for link in self.links.values():
+            stoppers.append(threading.Thread(target=link.close, daemon=True))
+        for t in stoppers:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        for t in stoppers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        if self.tracer is not None:
+            self.tracer.write()
+
+    # --- admission ------------------------------------------------------------------
+
+    def admit(self, run: Run, index: int, value: Any) -> None:
+        """Put one item into the first channel (blocks while full, unless live)."""
+        item = Item(run, index, value)
+        if self.live:
+            dropped = self.channels[0].put(item)
+            if dropped is not None:
+                self._drop(dropped)
+        else:
+            self.channels[0].put(item, cancelled=lambda: run.cancelled)
+
+    def _admit_live_full(self, run: Run, index: int, value: Any) -> None:
+        """Live mode, no token free: drop the oldest item of this run still waiting and
+        admit the new one in its place, or drop the new one if none is waiting."""
+        run.force_admit()
+        victim = self.channels[0].pop_oldest_if(lambda it: it.run is run)
+        if victim is None:
+            with self.stats[0].lock:
+                self.stats[0].dropped += 1
+            run.deliver(index, DROP)
+            return
+        self._drop(victim)
+        self.admit(run, index, value)
+
+    def _drop(self, item: Item) -> None:
+        with self.stats[0].lock:
+            self.stats[0].dropped += 1
+        item.run.deliver(item.index, DROP)
+
+    def feed(self, run: Run, source: Iterable[Any] | Iterator[Any]) -> None:
+        """Feeder thread body: pull from ``source`` lazily and admit each item.
+
+        Blocks on ``next(source)`` and, outside live mode, on a free token and room in
+        the first channel. Ends when the source ends or fails, or the run is cancelled.
+        """
+        index = 0
+        it: Iterator[Any] | None = None
+        try:
+            it = iter(source)
+            while not run.cancelled and not self.closing:
+                if self.live:
+                    got = run.acquire(block=False)
+                elif run.acquire():
+                    got = True
+                else:
+                    break
+                try:
+                    value = next(it)
+                except StopIteration:
+                    if got:
+                        run.release_token()
+                    break
+                except Exception as exc:
+                    if not got:
+                        run.force_admit()
+                    self._source_failed(run, index, exc)
+                    index += 1
+                    break
+                if got:
+                    self.admit(run, index, value)
+                else:
+                    self._admit_live_full(run, index, value)
+                index += 1
+        except Aborted:
+            pass
+        except Exception as exc:  # iter(source) itself failed
+            run.force_admit()
+            self._source_failed(run, index, exc)
+            index += 1
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+            run.finish(index)
+
+    def _source_failed(self, run: Run, index: int, exc: BaseException) -> None:
+        err = StageError("source", index, f"the input iterator raised {type(exc).__name__}: {exc}",
+                         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        err.__cause__ = exc
+        run.deliver(index, ERR, err)
+
+    # --- stage workers --------------------------------------------------------------
+
+    def _call(self, si: int, w: int, item: Item, track: int) -> Any:
+        d = self.defs[si]
+        if d.kind == "thread":
+            assert d.fn is not None
+            start = time.monotonic_ns()
+            try:
+                return d.fn(item.value)
+            except Exception as exc:
+                raise _Failed(exc, traceback.format_exc()) from None
+            finally:
+                if self.tracer is not None:
+                    self.tracer.span(track, d.name, start, time.monotonic_ns(), item=item.index)
+        if d.kind == "process":
+            pw = self.procs[si][w]
+            assert pw is not None
+            try:
+                ok, value, tb, start, end = pw.call(item.index, item.value)
+            except WorkerDiedError as exc:
+                if self.closing:
+                    raise Aborted from None
+                self._replace_proc(si, w)
+                raise _Failed(exc, "") from None
+            if self.tracer is not None:
+                self.tracer.span(track, d.name, start, end, item=item.index)
+            if not ok:
+                raise _Failed(value, tb)
+            return value
+        link = self.links[si]
+        try:
+            outs, timing = link.call(item.value)
+        except ConveyorError as exc:
+            if self.closing:
+                raise Aborted from None
+            raise _Failed(exc, traceback.format_exc()) from None
+        if timing is not None:
+            link.stats.record(timing.start_ns, timing.compute_ns)
+            if self.tracer is not None:
+                dev_track = self.tracer.track(f"device {link.stats.spec}")
+                self.tracer.span(dev_track, link.model, timing.start_ns,
+                                 timing.start_ns + timing.compute_ns, item=item.index)
+        return outs
+
+    def _replace_proc(self, si: int, w: int) -> None:
+        d = self.defs[si]
+        old = self.procs[si][w]
+        if old is not None:
+            old.close(kill=True)
+        with self.stats[si].lock:
+            self.stats[si].restarts += 1
+        assert d.fn is not None
+        try:
+            self.procs[si][w] = ProcWorker(pickle_function(d.fn, d.name), d.name)
+        except WorkerStartError:
+            log.exception("could not replace a worker of stage %r", d.name)
+            self.procs[si][w] = None
+
+    def _worker_loop(self, si: int, w: int) -> None:
+        d = self.defs[si]
+        st = self.stats[si]
+        inq = self.channels[si]
+        outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
+        track = 0
+        if self.tracer is not None:
+            suffix = ""
+            if d.kind == "process" and self.procs[si][w] is not None:
+                suffix = f" (pid {self.procs[si][w].pid})"  # type: ignore[union-attr]
+            track = self.tracer.track(f"{d.name} #{w}{suffix}")
+        while True:
+            try:
+                item = inq.get()
+            except Aborted:
+                return
+            run = item.run
+            if run.cancelled:
+                run.deliver(item.index, CANCEL)
+                continue
+            if d.kind == "process" and self.procs[si][w] is None:
+                self._replace_proc(si, w)
+            with st.lock:
+                st.items_in += 1
+            start = time.monotonic_ns()
+            try:
+                item.value = self._call(si, w, item, track)
+            except Aborted:
+                run.deliver(item.index, CANCEL)
+                return
+            except _Failed as f:
+                st.record(False, time.monotonic_ns() - start)
+                cause = f.exc
+                err = StageError(d.name, item.index, f"{type(cause).__name__}: {cause}", f.tb)
+                err.__cause__ = cause
+                run.deliver(item.index, ERR, err)
+                continue
+            st.record(True, time.monotonic_ns() - start)
+            if outq is None:
+                run.deliver(item.index, OK, item.value)
+                continue
+            try:
+                outq.put(item, cancelled=lambda run=run: run.cancelled)  # type: ignore[misc]
+            except Aborted:
+                run.deliver(item.index, CANCEL)
+                if self.closing:
+                    return
+
+    # --- observation ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic_ns()
+        elapsed = (now - self.started_ns) / 1e9
+        stages = {}
+        for si, st in enumerate(self.stats):
+            stages[st.name] = st.snapshot(len(self.channels[si]), elapsed)
+        devices = {self.defs[si].name: link.stats.snapshot(now, self.started_ns)
+                   for si, link in self.links.items()}
+        return {"elapsed_s": elapsed, "stages": stages, "devices": devices}

@@ -1,0 +1,102 @@
+"""Child processes that cannot outlive their parent.
+
+Each child gets a *lifeline*: the read end of a pipe whose write end only the parent
+holds. A thread in the child blocks reading it; when the parent dies, for any reason,
+SIGKILL included, the read returns end-of-file and the child exits at once. No polling,
+and no dependence on which parent thread spawned the child (PR_SET_PDEATHSIG's trap).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+__all__ = ["ChildProcess", "describe_exit", "watch_lifeline"]
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``killed by signal SIGKILL`` / ``exited with code 3`` / ``still running``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by signal {name}"
+    return f"exited with code {returncode}"
+
+
+class ChildProcess:
+    """A ``python -m MODULE`` child with a lifeline; the parent must :meth:`stop` it.
+
+    ``pass_fds`` are inherited by the child (the lifeline's fd is appended to ``args`` as
+    ``--lifeline N``). Nothing else is inherited.
+    """
+
+    def __init__(self, module: str, args: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
+        life_r, life_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args, "--lifeline", str(life_r)],
+                pass_fds=(*pass_fds, life_r),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            os.close(life_w)
+            raise
+        finally:
+            os.close(life_r)
+        self._lifeline = life_w
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def describe_exit(self) -> str:
+        return describe_exit(self.proc.poll())
+
+    def stop(self, timeout: float = 0.5) -> None:
+        """Cut the lifeline (the child exits), wait up to ``timeout``, then SIGKILL; reap."""
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
+
+
+def watch_lifeline(fd: int) -> None:
+    """In a child: exit at once when the parent's end of the lifeline closes.
+
+    Also ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decides
+    how its children end.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="conveyor-lifeline", daemon=True).start()

@@ -1,0 +1,159 @@
+"""A run: the items one caller put into a pipeline, and their outcomes.
+
+Every admitted item ends as exactly one outcome: a result, an error, a counted drop, or
+(only when the caller has gone) a cancellation. A run bounds its items in flight with
+tokens, taken when an item is admitted and given back when the caller consumes its
+outcome, so the reorder buffer never holds more than ``max_in_flight`` entries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["CANCEL", "DROP", "ERR", "OK", "Run"]
+
+OK, ERR, DROP, CANCEL = "ok", "err", "drop", "cancel"
+Outcome = tuple[str, Any]
+
+
+class Run:
+    """Outcomes of one ``map``/``amap`` call (or of all ``submit`` calls)."""
+
+    def __init__(
+        self, ordered: bool, max_in_flight: int, notify: Callable[[], None] | None = None
+    ) -> None:
+        self.ordered = ordered
+        self.cv = threading.Condition()
+        self.cancelled = False
+        self.total: int | None = None
+        self.admitted = 0
+        self.consumed = 0
+        self.tokens = max_in_flight
+        self.next_index = 0
+        self._by_index: dict[int, Outcome] = {}
+        self._arrived: deque[tuple[int, Outcome]] = deque()
+        self._skip: set[int] = set()
+        self.dropped = 0
+        self._notify = notify
+        self.on_outcome: Callable[[int, str, Any], None] | None = None
+
+    # --- producer side --------------------------------------------------------------
+
+    def acquire(self, block: bool = True) -> bool:
+        """Take a token for one more item in flight. Blocks while none is free (unless
+        ``block`` is False); returns False if the run is cancelled or no token is free.
+        """
+        with self.cv:
+            while self.tokens <= 0:
+                if self.cancelled or not block:
+                    return False
+                self.cv.wait()
+            if self.cancelled:
+                return False
+            self.tokens -= 1
+            self.admitted += 1
+            return True
+
+    def deliver(self, index: int, kind: str, value: Any = None) -> None:
+        """Record an item's outcome (thread-safe)."""
+        hook = self.on_outcome
+        if hook is not None:
+            hook(index, kind, value)
+            return
+        with self.cv:
+            if kind == DROP:
+                # A drop is accounted at once and gives its token back, so a stalled
+                # consumer never blocks a live source; ordered runs skip the index.
+                self.dropped += 1
+                self.tokens += 1
+                self.consumed += 1
+                if self.ordered:
+                    self._skip.add(index)
+                self.cv.notify_all()
+                return
+            if self.cancelled:
+                self.tokens += 1
+                self.consumed += 1
+                self.cv.notify_all()
+                return
+            if self.ordered:
+                self._by_index[index] = (kind, value)
+            else:
+                self._arrived.append((index, (kind, value)))
+            self.cv.notify_all()
+        if self._notify is not None:
+            self._notify()
+
+    def release_token(self) -> None:
+        """Give back a token taken for an item that never came (the source ended)."""
+        with self.cv:
+            self.tokens += 1
+            self.admitted -= 1
+            self.cv.notify_all()
+
+    def force_admit(self) -> None:
+        """Count an item admitted without a free token (live mode; it is dropped at once
+        or replaces a dropped one)."""
+        with self.cv:
+            self.tokens -= 1
+            self.admitted += 1
+
+    def finish(self, total: int) -> None:
+        """The source is exhausted (or failed) after ``total`` items."""
+        with self.cv:
+            self.total = total
+            self.cv.notify_all()
+        if self._notify is not None:
+            self._notify()
+
+    def cancel(self) -> None:
+        """The caller has gone: outcomes still to come are discarded."""
+        with self.cv:
+            self.cancelled = True
+            self.cv.notify_all()
+
+    # --- consumer side --------------------------------------------------------------
+
+    def _ready_locked(self) -> tuple[int, Outcome] | None:
+        if self.ordered:
+            while self.next_index in self._skip:
+                self._skip.discard(self.next_index)
+                self.next_index += 1
+            outcome = self._by_index.pop(self.next_index, None)
+            if outcome is None:
+                return None
+            index = self.next_index
+            self.next_index += 1
+        else:
+            if not self._arrived:
+                return None
+            index, outcome = self._arrived.popleft()
+        self.tokens += 1
+        self.consumed += 1
+        self.cv.notify_all()
+        return index, outcome
+
+    def done_locked(self) -> bool:
+        return self.total is not None and self.consumed >= self.total
+
+    def take(self, block: bool = True) -> tuple[int, Outcome] | None:
+        """The next outcome (in input order if ordered); None when the run is complete,
+        or, with ``block`` False, when nothing is ready yet. Blocks until one is ready.
+        Interruptible (KeyboardInterrupt) in the main thread.
+        """
+        with self.cv:
+            while True:
+                ready = self._ready_locked()
+                if ready is not None:
+                    return ready
+                if self.done_locked() or not block:
+                    return None
+                self.cv.wait()
+
+    @property
+    def complete(self) -> bool:
+        with self.cv:
+            return self.done_locked()

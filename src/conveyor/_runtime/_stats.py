@@ -1,0 +1,148 @@
+"""Per-stage accounting and the Chrome trace recorder."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DeviceStats", "StageStats", "Tracer"]
+
+
+class StageStats:
+    """Counts and recent latencies of one stage. Updated under its own lock."""
+
+    def __init__(self, name: str, kind: str, workers: int) -> None:
+        self.name = name
+        self.kind = kind
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.items_in = 0
+        self.items_out = 0
+        self.errors = 0
+        self.dropped = 0
+        self.restarts = 0
+        self.busy_ns = 0
+        self.latency_ns: deque[int] = deque(maxlen=2048)
+
+    def record(self, ok: bool, dur_ns: int) -> None:
+        with self.lock:
+            if ok:
+                self.items_out += 1
+            else:
+                self.errors += 1
+            self.busy_ns += dur_ns
+            self.latency_ns.append(dur_ns)
+
+    def snapshot(self, queue_depth: int, elapsed_s: float) -> dict[str, Any]:
+        with self.lock:
+            lat = list(self.latency_ns)
+            out = {
+                "kind": self.kind,
+                "workers": self.workers,
+                "in": self.items_in,
+                "out": self.items_out,
+                "errors": self.errors,
+                "dropped": self.dropped,
+                "restarts": self.restarts,
+                "queue_depth": queue_depth,
+                "busy_fraction": self.busy_ns / 1e9 / max(elapsed_s, 1e-9) / max(self.workers, 1),
+            }
+        p50, p99 = (np.percentile(lat, [50, 99]) / 1e6) if lat else (0.0, 0.0)
+        out["p50_ms"] = float(p50)
+        out["p99_ms"] = float(p99)
+        return out
+
+
+class DeviceStats:
+    """Device time as the device worker reports it with each result."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.lock = threading.Lock()
+        self.items = 0
+        self.busy_ns = 0
+        self.first_start_ns = 0
+        self.last_end_ns = 0
+        self.restarts = 0
+
+    def record(self, start_ns: int, compute_ns: int) -> None:
+        with self.lock:
+            if not self.first_start_ns:
+                self.first_start_ns = start_ns
+            self.items += 1
+            self.busy_ns += compute_ns
+            self.last_end_ns = max(self.last_end_ns, start_ns + compute_ns)
+
+    def snapshot(self, now_ns: int, since_ns: int) -> dict[str, Any]:
+        with self.lock:
+            span = max(now_ns - since_ns, 1)
+            active = max(self.last_end_ns - self.first_start_ns, 1) if self.items else 1
+            return {
+                "device": self.spec,
+                "items": self.items,
+                "busy_s": self.busy_ns / 1e9,
+                # busy / wall time since the pipeline started
+                "duty_cycle": self.busy_ns / span,
+                # busy / time from the first inference's start to the last one's end
+                "duty_cycle_active": self.busy_ns / active if self.items else 0.0,
+                "items_per_s": self.items / (span / 1e9),
+                "restarts": self.restarts,
+            }
+
+
+class Tracer:
+    """Records complete events for a Chrome trace file (opens in Perfetto / chrome://tracing).
+
+    Each worker and each device gets its own track. Timestamps are CLOCK_MONOTONIC, which
+    every process on the machine shares, so spans measured in worker processes line up.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_events: int = 1_000_000) -> None:
+        self.path = Path(path)
+        self.max_events = max_events
+        self._events: list[dict[str, Any]] = []
+        self._tracks: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic_ns()
+        self.pid = os.getpid()
+
+    def track(self, name: str) -> int:
+        """The id of the track called ``name`` (made on first use)."""
+        with self._lock:
+            tid = self._tracks.get(name)
+            if tid is None:
+                tid = self._tracks[name] = len(self._tracks) + 1
+            return tid
+
+    def span(self, track: int, name: str, start_ns: int, end_ns: int, **args: Any) -> None:
+        """Add a complete event on ``track`` from ``start_ns`` to ``end_ns``."""
+        with self._lock:
+            if len(self._events) >= self.max_events:
+                return
+            self._events.append({
+                "name": name, "ph": "X", "pid": self.pid, "tid": track,
+                "ts": (start_ns - self._t0) / 1e3, "dur": max(end_ns - start_ns, 0) / 1e3,
+                "args": args,
+            })
+
+    def write(self) -> Path:
+        """Write the trace file; returns its path."""
+        with self._lock:
+            meta: list[dict[str, Any]] = [
+                {"name": "process_name", "ph": "M", "pid": self.pid, "args": {"name": "conveyor"}}
+            ]
+            for name, tid in self._tracks.items():
+                meta.append({"name": "thread_name", "ph": "M", "pid": self.pid, "tid": tid,
+                             "args": {"name": name}})
+                meta.append({"name": "thread_sort_index", "ph": "M", "pid": self.pid,
+                             "tid": tid, "args": {"sort_index": tid}})
+            data = {"traceEvents": meta + self._events, "displayTimeUnit": "ms"}
+        self.path.write_text(json.dumps(data))
+        return self.path

@@ -1,0 +1,130 @@
+"""Parent side of a process-stage worker."""
+
+from __future__ import annotations
+
+import multiprocessing.spawn
+import pickle
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import WorkerDiedError, WorkerStartError
+from ._proc import ChildProcess
+from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, RemoteError
+
+__all__ = ["ProcWorker", "pickle_function"]
+
+
+def pickle_function(fn: Callable[..., Any], stage: str) -> bytes:
+    """Pickle a stage function for a worker process.
+
+    Raises:
+        TypeError: the function cannot be sent (a lambda, a local function...).
+    """
+    try:
+        return pickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise TypeError(
+            f"stage {stage!r}: kind='process' needs a picklable function defined at the top "
+            f"level of an importable module (got {fn!r}: {exc})"
+        ) from exc
+
+
+def rebuild_error(payload: tuple[Any, str, str, str]) -> tuple[BaseException, str]:
+    """The worker's exception (or a RemoteError standing for it) and its traceback text."""
+    blob, type_name, message, tb = payload
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"{type_name}: {message}")
+    return exc, tb
+
+
+class ProcWorker:
+    """One worker process of a process stage, driven by one parent thread.
+
+    Start-up is a handshake under ``timeout``: on failure the child is killed, reaped,
+    and WorkerStartError raised.
+    """
+
+    def __init__(self, fn_blob: bytes, stage: str, timeout: float = 60.0) -> None:
+        self.stage = stage
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = ChildProcess(
+                "conveyor._runtime._child", ["--fd", str(child.fileno())], [child.fileno()]
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.link = MsgSocket(parent)
+        try:
+            prep = multiprocessing.spawn.get_preparation_data(f"conveyor-{stage}")
+            prep.pop("authkey", None)
+            parent.settimeout(timeout)
+            self.link.send(SETUP, 0, {"prep": prep, "fn": fn_blob})
+            kind, _, payload, _, _ = self.link.recv()
+            if kind == ERR:
+                exc, tb = rebuild_error(payload)
+                raise WorkerStartError(
+                    f"stage {stage!r}: worker failed to start: {exc}\n{tb}"
+                ) from exc
+            if kind != READY:
+                raise WorkerStartError(f"stage {stage!r}: bad handshake from worker")
+            parent.settimeout(None)
+        except (PeerClosed, OSError) as exc:
+            self.close(kill=True)
+            raise WorkerStartError(
+                f"stage {stage!r}: worker pid {self.process.pid} did not start: {exc} "
+                f"({self.process.describe_exit()})"
+            ) from exc
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def call(self, index: int, value: Any) -> tuple[bool, Any, str, int, int]:
+        """Run the function on ``value`` in the worker; blocks until it answers.
+
+        Returns ``(ok, result_or_exception, traceback_text, start_ns, end_ns)``.
+
+        Raises:
+            WorkerDiedError: the worker died while it held the item (killed, crashed).
+        """
+        try:
+            self.link.send(TASK, index, value)
+            kind, _, payload, start, end = self.link.recv()
+        except (PeerClosed, OSError) as exc:
+            try:
+                self.process.proc.wait(timeout=2.0)
+            except Exception:
+                pass
+            raise WorkerDiedError(
+                f"worker pid {self.pid} of stage {self.stage!r} died while holding item "
+                f"{index}: {self.process.describe_exit()}"
+            ) from exc
+        if kind == OK:
+            return True, payload, "", start, end
+        exc, tb = rebuild_error(payload)
+        return False, exc, tb, start, end
+
+    def close(self, kill: bool = False, timeout: float = 0.5) -> None:
+        """Stop the worker: close the link (it exits), wait, then SIGKILL; reaps it."""
+        try:
+            self.link.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.link.close()
+        if kill:
+            self.process.kill()
+        else:
+            self.process.stop(timeout)

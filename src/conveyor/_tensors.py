@@ -1,0 +1,146 @@
+"""Tensor specs and the conversions done at a model's boundary.
+
+A :class:`TensorSpec` describes one input or output tensor: name, shape, dtype and
+affine quantisation (``real = scale * (q - zero_point)``; ``scale == 0`` means not quantised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._errors import InputError
+
+__all__ = ["Inputs", "TensorSpec", "dequantize", "prepare_inputs", "quantize"]
+
+Inputs = npt.ArrayLike | Sequence[npt.ArrayLike] | Mapping[str, npt.ArrayLike]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        """True for an integer tensor with an affine quantisation."""
+        return self.scale != 0.0 and self.dtype.kind in "iu"
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        """``name float32[1, 128, 128, 3]`` and the quantisation, if any."""
+        text = f"{self.name} {self.dtype.name}{list(self.shape)}"
+        if self.quantized:
+            text += f" (scale={self.scale:g}, zero_point={self.zero_point})"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of this spec."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype.name,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        """The inverse of :meth:`to_json`; raises ValueError on a malformed dict."""
+        shape = tuple(int(d) for d in data["shape"])
+        if any(d < 0 for d in shape) or len(shape) > 8:
+            raise ValueError(f"bad shape {shape}")
+        return cls(
+            name=str(data["name"]),
+            shape=shape,
+            dtype=np.dtype(str(data["dtype"])),
+            scale=float(data.get("scale", 0.0)),
+            zero_point=int(data.get("zero_point", 0)),
+        )
+
+
+def quantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[Any]:
+    """Float values to ``spec``'s integer dtype, rounding and saturating."""
+    info = np.iinfo(spec.dtype)
+    q = np.round(np.asarray(values, dtype=np.float32) / spec.scale) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[np.float32]:
+    """Integer values of a quantised tensor to float32."""
+    return ((values.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)).astype(
+        np.float32
+    )
+
+
+def _as_list(specs: Sequence[TensorSpec], inputs: Inputs, model: str) -> list[Any]:
+    if isinstance(inputs, Mapping):
+        names = [s.name for s in specs]
+        unknown = sorted(set(inputs) - set(names))
+        missing = [n for n in names if n not in inputs]
+        if unknown or missing:
+            raise InputError(
+                f"model {model!r} expects inputs named {names}; "
+                f"got {sorted(inputs)} (missing {missing}, unknown {unknown})"
+            )
+        return [inputs[n] for n in names]
+    if isinstance(inputs, np.ndarray) or not isinstance(inputs, (list, tuple)):
+        return [inputs]
+    return list(inputs)
+
+
+def prepare_inputs(
+    specs: Sequence[TensorSpec], inputs: Inputs, model: str = "model"
+) -> list[npt.NDArray[Any]]:
+    """Check ``inputs`` against ``specs`` and return arrays in the model's dtypes.
+
+    ``inputs`` is one array (single-input model), a list in model order, or a dict by
+    input name. Float data given for a quantised input is quantised here; any other dtype
+    mismatch is an error, as is a wrong count or shape. A missing leading batch dimension
+    of 1 is added.
+
+    Raises:
+        InputError: saying what the model expects and what came.
+    """
+    arrays = _as_list(specs, inputs, model)
+    if len(arrays) != len(specs):
+        raise InputError(
+            f"model {model!r} expects {len(specs)} input(s) "
+            f"({', '.join(s.describe() for s in specs)}); got {len(arrays)}"
+        )
+    out: list[npt.NDArray[Any]] = []
+    for spec, value in zip(specs, arrays):
+        arr = np.asarray(value)
+        if arr.shape != spec.shape and (1, *arr.shape) == spec.shape:
+            arr = arr[np.newaxis]
+        if arr.shape != spec.shape:
+            raise InputError(
+                f"input {spec.name!r} of model {model!r}: expected shape {list(spec.shape)}, "
+                f"got {list(arr.shape)}"
+            )
+        if arr.dtype != spec.dtype:
+            if spec.quantized and arr.dtype.kind == "f":
+                arr = quantize(arr, spec)
+            else:
+                expected = spec.dtype.name
+                if spec.quantized:
+                    expected += " (or float, quantised with scale/zero point)"
+                raise InputError(
+                    f"input {spec.name!r} of model {model!r}: expected dtype {expected}, "
+                    f"got {arr.dtype.name}"
+                )
+        out.append(np.ascontiguousarray(arr))
+    return out

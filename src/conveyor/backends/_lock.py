@@ -1,0 +1,153 @@
+"""One conveyor process per device: an exclusive ``flock`` on a lock file per device.
+
+The lock files live in ``$CONVEYOR_LOCK_DIR`` if set, else ``$XDG_RUNTIME_DIR/conveyor``,
+else a private ``/tmp/conveyor-<uid>`` (mode 0700). Each holds the pid of its holder, so a
+second opener can be told who has the device.
+
+``flock`` locks belong to the open file, so they die with the process (even on SIGKILL):
+there are no stale locks to clean up. Forked children close their inherited copy at once,
+so a worker forked by the holder does not keep the device locked after the holder exits.
+Locks are per user when ``$XDG_RUNTIME_DIR`` is used; for real devices the ``/proc`` scan
+in :mod:`conveyor.backends._discovery` also names holders of other programs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import tempfile
+import weakref
+from pathlib import Path
+from types import TracebackType
+
+from .._errors import DeviceBusyError, DeviceError
+
+__all__ = ["DeviceLock", "acquire_device_lock", "lock_dir", "read_holder"]
+
+_live: weakref.WeakSet[DeviceLock] = weakref.WeakSet()
+
+
+def _close_inherited() -> None:
+    # In a forked child: drop the child's reference to every lock's open file, so the lock
+    # is released when the parent (the real holder) closes or dies.
+    for lock in list(_live):
+        lock._forget()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+def lock_dir() -> Path:
+    """The directory for conveyor's device lock files, created (mode 0700) if missing.
+
+    Raises:
+        DeviceError: the directory cannot be made, or a ``/tmp`` one belongs to another user.
+    """
+    explicit = os.environ.get("CONVEYOR_LOCK_DIR")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif runtime and Path(runtime).is_dir():
+        path = Path(runtime) / "conveyor"
+    else:
+        path = Path(tempfile.gettempdir()) / f"conveyor-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise DeviceError(f"cannot create the lock directory {path}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise DeviceError(
+            f"the lock directory {path} is not a directory owned by uid {os.getuid()}; "
+            f"remove it or set CONVEYOR_LOCK_DIR"
+        )
+    return path
+
+
+def read_holder(path: Path) -> int | None:
+    """The pid written in a lock file, or None if it is empty or unreadable."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class DeviceLock:
+    """An exclusive lock on one device, held until :meth:`release` or process exit.
+
+    Use as a context manager or call :meth:`release`; releasing twice is harmless.
+    """
+
+    def __init__(self, name: str, path: Path, fd: int) -> None:
+        self.name = name
+        self.path = path
+        self._fd: int | None = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+        _live.add(self)
+
+    @property
+    def held(self) -> bool:
+        """True until released."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock (closes the lock file). Never blocks."""
+        self._fd = None
+        self._finalizer()
+
+    def _forget(self) -> None:
+        self.release()
+
+    def __enter__(self) -> DeviceLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"DeviceLock({self.name!r}, held={self.held})"
+
+
+def acquire_device_lock(name: str, what: str, directory: Path | None = None) -> DeviceLock:
+    """Take the exclusive lock ``<dir>/<name>.lock`` for the device described as ``what``.
+
+    Never blocks: if another process (or another open in this process) holds the lock, it
+    fails at once.
+
+    Raises:
+        DeviceBusyError: the lock is held; the message names the holder's pid and says to
+            share the device through ``conveyor serve``.
+        DeviceError: the lock file cannot be created.
+    """
+    folder = directory if directory is not None else lock_dir()
+    path = folder / f"{name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DeviceError(f"cannot open the lock file {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DeviceError(f"cannot lock {path}: {exc}") from exc
+        pid = read_holder(path)
+        holder = f"conveyor process {pid}" if pid is not None else "another conveyor process"
+        if pid == os.getpid():
+            holder = f"this process ({pid}), through another open device"
+        raise DeviceBusyError(
+            f"{what} is in use by {holder} (lock {path}); a device serves one process at "
+            f"a time: share it by running `conveyor serve` and connecting to the server, or "
+            f"close the other program"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return DeviceLock(name, path, fd)

@@ -1,0 +1,135 @@
+"""The device spec grammar, one for the API, the command line and the server.
+
+Valid forms::
+
+    cpu                 LiteRT on the CPU, default thread count
+    cpu:N               LiteRT on the CPU with N threads
+    edgetpu             the first Edge TPU found
+    edgetpu:N           the N-th Edge TPU found (any bus)
+    edgetpu:usb         the first USB Edge TPU;  edgetpu:usb:N the N-th
+    edgetpu:pci         the first PCIe Edge TPU; edgetpu:pci:N the N-th
+    sim-edgetpu         a simulated Edge TPU (profile usb3); sim-edgetpu:PROFILE
+    onnx:cpu            ONNX Runtime, CPU execution provider
+    onnx:cuda           ONNX Runtime, CUDA execution provider (onnx:cuda:N for GPU N)
+    auto                an Edge TPU when one is present and the model has an Edge TPU build,
+                        else the CPU
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._errors import DeviceSpecError
+
+__all__ = ["VALID_FORMS", "DeviceSpec", "parse_device"]
+
+VALID_FORMS = (
+    "cpu",
+    "cpu:N",
+    "edgetpu",
+    "edgetpu:N",
+    "edgetpu:usb",
+    "edgetpu:usb:N",
+    "edgetpu:pci",
+    "edgetpu:pci:N",
+    "sim-edgetpu",
+    "sim-edgetpu:PROFILE",
+    "onnx:cpu",
+    "onnx:cuda",
+    "onnx:cuda:N",
+    "auto",
+)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A parsed device spec.
+
+    Attributes:
+        kind: ``cpu``, ``edgetpu``, ``sim-edgetpu``, ``onnx`` or ``auto``.
+        bus: for ``edgetpu``: ``usb``, ``pci`` or ``""`` (any); for ``onnx``: the provider
+            (``cpu`` or ``cuda``).
+        index: the device number, or None for "the first" / default.
+        profile: the simulation profile for ``sim-edgetpu``.
+        threads: the CPU thread count for ``cpu``, or None for the default.
+    """
+
+    kind: str
+    bus: str = ""
+    index: int | None = None
+    profile: str = ""
+    threads: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "cpu":
+            return "cpu" if self.threads is None else f"cpu:{self.threads}"
+        if self.kind == "edgetpu":
+            parts = ["edgetpu"] + ([self.bus] if self.bus else [])
+            parts += [] if self.index is None else [str(self.index)]
+            return ":".join(parts)
+        if self.kind == "sim-edgetpu":
+            return "sim-edgetpu" + (f":{self.profile}" if self.profile else "")
+        if self.kind == "onnx":
+            return f"onnx:{self.bus}" + ("" if self.index is None else f":{self.index}")
+        return self.kind
+
+    @property
+    def edgetpu_device_string(self) -> str:
+        """The libedgetpu ``device`` option: ``""``, ``:N``, ``usb``, ``usb:N``, ``pci``..."""
+        if self.bus:
+            return self.bus if self.index is None else f"{self.bus}:{self.index}"
+        return "" if self.index is None else f":{self.index}"
+
+
+def _bad(spec: str, why: str) -> DeviceSpecError:
+    return DeviceSpecError(
+        f"invalid device spec {spec!r}: {why}; valid forms: {', '.join(VALID_FORMS)}"
+    )
+
+
+def _index(spec: str, text: str) -> int:
+    if not text.isdigit():
+        raise _bad(spec, f"{text!r} is not a device number")
+    return int(text)
+
+
+def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
+    """Parse a device spec string.
+
+    Raises:
+        DeviceSpecError: the message lists the valid forms.
+    """
+    if isinstance(spec, DeviceSpec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad(str(spec), "empty")
+    parts = spec.strip().lower().split(":")
+    kind, rest = parts[0], parts[1:]
+    if kind == "cpu":
+        if not rest:
+            return DeviceSpec("cpu")
+        if len(rest) == 1:
+            threads = _index(spec, rest[0])
+            if threads < 1:
+                raise _bad(spec, "the thread count must be at least 1")
+            return DeviceSpec("cpu", threads=threads)
+    elif kind == "edgetpu":
+        if not rest:
+            return DeviceSpec("edgetpu")
+        if len(rest) == 1 and rest[0].isdigit():
+            return DeviceSpec("edgetpu", index=int(rest[0]))
+        if rest[0] in ("usb", "pci") and len(rest) <= 2:
+            return DeviceSpec(
+                "edgetpu", bus=rest[0], index=_index(spec, rest[1]) if len(rest) == 2 else None
+            )
+    elif kind == "sim-edgetpu":
+        if len(rest) <= 1:
+            return DeviceSpec("sim-edgetpu", profile=rest[0] if rest else "")
+    elif kind == "onnx":
+        if len(rest) == 1 and rest[0] in ("cpu", "cuda"):
+            return DeviceSpec("onnx", bus=rest[0])
+        if len(rest) == 2 and rest[0] == "cuda":
+            return DeviceSpec("onnx", bus="cuda", index=_index(spec, rest[1]))
+    elif kind == "auto" and not rest:
+        return DeviceSpec("auto")
+    raise _bad(spec, "not a known form")

@@ -1,0 +1,131 @@
+"""LiteRT (the maintained TensorFlow Lite runtime, ``ai-edge-litert``) on the CPU.
+
+This is the default backend: it runs anywhere the wheel installs. External delegates (the
+Edge TPU) reuse :class:`LiteRTRunner` with a delegate; see :mod:`conveyor.backends.edgetpu`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._errors import DeviceError, EdgeTPUModelError, InvalidModelError, ModelError
+from .._models import resolve_model
+from .._tensors import TensorSpec
+from ._base import Device, Runner
+from ._spec import DeviceSpec
+
+__all__ = ["EDGETPU_CUSTOM_OP", "LiteRTDevice", "LiteRTRunner", "check_tflite_file"]
+
+EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
+
+
+def check_tflite_file(path: Path) -> bytes:
+    """Read a model file and check it is a TFLite flatbuffer; return its bytes.
+
+    Raises:
+        InvalidModelError: the file is not a TFLite model (the message shows what it found).
+    """
+    data = path.read_bytes()
+    # A TFLite flatbuffer carries the file identifier "TFL3" at byte offset 4.
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise InvalidModelError(
+            f"{path} is not a TFLite model: expected the identifier b'TFL3' at byte 4, "
+            f"found {data[4:8]!r} ({len(data)} bytes)"
+        )
+    return data
+
+
+def is_edgetpu_model(data: bytes) -> bool:
+    """True if the flatbuffer uses the Edge TPU custom op (compiled by edgetpu_compiler)."""
+    return EDGETPU_CUSTOM_OP in data
+
+
+def _specs(details: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for d in details:
+        scale, zero_point = d.get("quantization", (0.0, 0))
+        specs.append(
+            TensorSpec(
+                name=str(d["name"]),
+                shape=tuple(int(x) for x in d["shape"]),
+                dtype=np.dtype(d["dtype"]),
+                scale=float(scale),
+                zero_point=int(zero_point),
+            )
+        )
+    return tuple(specs)
+
+
+class LiteRTRunner(Runner):
+    """A model in a LiteRT interpreter, optionally with external delegates."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        threads: int | None = None,
+        delegates: Sequence[Any] = (),
+        allow_edgetpu_ops: bool = False,
+    ) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = resolve_model(model)
+        self.model = self.path.stem
+        data = check_tflite_file(self.path)
+        if is_edgetpu_model(data) and not allow_edgetpu_ops:
+            raise EdgeTPUModelError(
+                f"{self.path} is compiled for the Edge TPU (it uses the custom op "
+                f"'edgetpu-custom-op'); open it on an Edge TPU device (device='edgetpu'), "
+                f"or use the plain model it was compiled from on the CPU"
+            )
+        try:
+            self._interp = Interpreter(
+                model_content=data,
+                num_threads=threads,
+                experimental_delegates=list(delegates) or None,
+            )
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidModelError(f"LiteRT could not load {self.path}: {exc}") from exc
+        self._in = self._interp.get_input_details()
+        self._out = self._interp.get_output_details()
+        self.inputs = _specs(self._in)
+        self.outputs = _specs(self._out)
+        self._in_idx = [int(d["index"]) for d in self._in]
+        self._out_idx = [int(d["index"]) for d in self._out]
+
+    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        try:
+            for idx, arr in zip(self._in_idx, arrays):
+                self._interp.set_tensor(idx, arr)
+            self._interp.invoke()  # releases the GIL while it runs
+            return [self._interp.get_tensor(idx) for idx in self._out_idx]
+        except (ValueError, RuntimeError) as exc:
+            raise DeviceError(f"LiteRT failed running {self.model}: {exc}") from exc
+
+    def close(self) -> None:
+        self._interp = None
+
+
+class LiteRTDevice(Device):
+    """The CPU through LiteRT (XNNPACK kernels)."""
+
+    def __init__(self, spec: DeviceSpec | None = None) -> None:
+        self.spec = spec or DeviceSpec("cpu")
+
+    def load(self, model: str | Path) -> Runner:
+        try:
+            return LiteRTRunner(model, threads=self.spec.threads)
+        except ModelError:
+            raise
+        except OSError as exc:
+            raise InvalidModelError(f"cannot read model {model}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": "litert", "cpus": os.cpu_count()}

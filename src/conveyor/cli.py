@@ -1,0 +1,66 @@
+"""The ``conveyor`` command: one sub-command per module in :mod:`conveyor._cli`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# (name, module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+COMMANDS = (
+    ("demo", "demo", "detect faces in the bundled sample images"),
+    ("detect", "detect", "detect faces in images, GIFs and videos"),
+    ("models", "models", "list bundled models, or show one model's tensors"),
+    ("devices", "devices", "list the devices present and usable, and why others are not"),
+    ("serve", "serve", "own devices and serve many programs over a local socket"),
+    ("status", "status", "show a device server's devices, clients, queues and latency"),
+    ("top", "top", "watch a device server live in the terminal"),
+    ("bench", "bench", "measure how busy the device stays under each concurrency design"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="conveyor",
+        description="Keep an edge accelerator busy while the CPU works, "
+        "and share one accelerator between many programs.",
+        epilog="examples:\n  conveyor demo\n  conveyor detect photos/ --json\n"
+        "  conveyor serve --device cpu --model face_detection_short_range\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(f"conveyor._cli.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"conveyor._cli.{module_name}":
+                raise
+            continue
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``conveyor`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args._run(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
