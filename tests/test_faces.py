@@ -27,11 +27,13 @@ from conveyor.apps.faces import (
     SsdAnchorOptions,
     UnknownFaceModelError,
     annotate,
+    frame_meta,
     generate_anchors,
     iter_frames,
     load_image,
     postprocess,
     preprocess,
+    run_model,
     sample_images,
     weighted_nms,
 )
@@ -197,6 +199,7 @@ def test_preprocess_letterboxes_with_minus_one_padding() -> None:
     assert (box.left, box.right) == (0.0, 0.0)
     assert box.top == pytest.approx(21 / 128)
     assert box.bottom == pytest.approx(22 / 128)
+    assert frame_meta(600, 400, "short") == meta
     corners = box.to_image(np.array([[0.0, 21 / 128], [1.0, 106 / 128]]))
     assert corners == pytest.approx(np.array([[0.0, 0.0], [1.0, 1.0]]))
 
@@ -456,3 +459,35 @@ def test_public_names_match_all() -> None:
     # Every public object of the package is listed (submodules aside).
     modules = {n for n in public if type(getattr(faces_pkg, n)).__name__ == "module"}
     assert public - modules - {"annotations"} == exported
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 300), (300, 1), (451, 300), (129, 127), (128, 128)])
+@pytest.mark.parametrize("model", ["short", "full"])
+def test_frame_meta_matches_preprocess(size: tuple[int, int], model: str) -> None:
+    w, h = size
+    tensor, meta = preprocess(np.full((h, w), 200, np.uint8), model=model)
+    assert frame_meta(w, h, model) == meta
+    # Content where the letterbox says, padding (-1) elsewhere.
+    n = tensor.shape[1]
+    box = meta.letterbox
+    left, top = round(box.left * n), round(box.top * n)
+    right, bottom = n - round(box.right * n), n - round(box.bottom * n)
+    assert np.all(tensor[0, top:bottom, left:right] > 0.5)
+    assert np.count_nonzero(tensor[0, :, :, 0] == -1.0) == n * n - (right - left) * (bottom - top)
+
+
+def test_quantised_detector_outputs_are_dequantised(astronaut: Image8) -> None:
+    from conveyor._models import bundled_models
+    from conveyor.backends import open_device
+
+    name = "face_detection_short_range_int8"
+    if name not in bundled_models():
+        pytest.skip(f"{name} is not bundled")
+    runner = open_device("cpu").load(name)
+    try:
+        tensor, meta = preprocess(astronaut)
+        face = only_face(postprocess(run_model(runner, tensor), meta))
+    finally:
+        runner.close()
+    assert face.iou(REFERENCE) >= 0.9
+    assert face.score == pytest.approx(0.92, abs=0.05)

@@ -53,6 +53,7 @@ def infer(
     deadline: float | None = None,
     priority: int = 0,
     dequantize: bool = False,
+    with_context: bool = False,
     name: str | None = None,
 ) -> StageDef:
     """The inference stage: run ``model`` (bundled name or path) on a device.
@@ -63,7 +64,9 @@ def infer(
 
     Each item is a numpy array (single-input model), a list in model order, or a dict by
     input name; the stage yields the model's outputs as a **list of arrays in model
-    order**. ``dequantize=True`` turns quantised outputs into float32. ``deadline`` (s)
+    order**. With ``with_context=True`` each item is a pair ``(inputs, context)`` and
+    the stage yields ``(outputs, context)``, the context passed through untouched (for
+    what post-processing needs to know about the frame). ``dequantize=True`` turns quantised outputs into float32. ``deadline`` (s)
     and ``priority`` apply to every request (see :meth:`DeviceClient.submit`).
     """
     spec = str(device)
@@ -78,6 +81,7 @@ def infer(
         workers=1, model=str(model), device=spec,
         server=None if server is None else str(server),
         deadline=deadline, priority=priority, dequantize=dequantize,
+        with_context=with_context,
     )
 
 
@@ -141,6 +145,7 @@ class Pipeline:
         self._tracer = Tracer(trace) if trace is not None else None
         self._inflight = inflight
         self._core: Core | None = None
+        self._final: Core | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._submit_run: Run | None = None
@@ -177,6 +182,7 @@ class Pipeline:
                 return
             self._closed = True
             core, self._core = self._core, None
+            self._final = core
             runs = list(self._runs)
             futures, self._futures = self._futures, {}
         for run in runs:
@@ -370,13 +376,13 @@ class Pipeline:
     # --- observation ----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counts, latency, queue depth per stage, and the device's duty cycle.
+        """Counts (final ones once closed), latency, queue depth per stage, and the device's duty cycle.
 
         ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
         "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:
         {"duty_cycle", "items_per_s", ...}}, "device": <the first device's entry>}``
         """
-        core = self._core
+        core = self._core or self._final
         if core is None:
             return {"elapsed_s": 0.0, "items": {}, "stages": {}, "devices": {}, "device": None}
         snap = core.snapshot()

@@ -278,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
         for source in sources:
             try:
                 _process(source, step, args, console, names)
+            except BrokenPipeError:
+                # The reader went away (``| head``): stop quietly, as Unix tools do. Point
+                # stdout at devnull so the interpreter's final flush does not fail again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
             except ImageReadError as exc:
                 failed += 1
                 console.err(f"conveyor: cannot read {source.display}: {exc.reason}")

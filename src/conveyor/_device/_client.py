@@ -191,6 +191,9 @@ class DeviceClient:
             socket.send_fds(sock, [encode(MsgType.SEGMENT, SEGMENT.pack(0, arena.size))],
                             [arena.fd])
             arena.close_fd()
+        except ConveyorError:
+            sock.close()
+            raise
         except socket.timeout as exc:
             sock.close()
             raise ServerGone(f"the device server did not answer within {self.timeout} s") from exc

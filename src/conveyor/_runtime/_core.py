@@ -48,6 +48,7 @@ class StageDef:
     deadline: float | None = None
     priority: int = 0
     dequantize: bool = False
+    with_context: bool = False
 
 
 class Item:
@@ -359,8 +360,9 @@ class Core:
                 raise _Failed(value, tb)
             return value
         link = self.links[si]
+        value, context = item.value if d.with_context else (item.value, None)
         try:
-            outs, timing = link.call(item.value)
+            outs, timing = link.call(value)
         except ConveyorError as exc:
             if self.closing:
                 raise Aborted from None
@@ -371,7 +373,7 @@ class Core:
                 dev_track = self.tracer.track(f"device {link.stats.spec}")
                 self.tracer.span(dev_track, link.model, timing.start_ns,
                                  timing.start_ns + timing.compute_ns, item=item.index)
-        return outs
+        return (outs, context) if d.with_context else outs
 
     def _replace_proc(self, si: int, w: int) -> None:
         d = self.defs[si]

@@ -24,7 +24,7 @@ from types import TracebackType
 
 from .._errors import DeviceBusyError, DeviceError
 
-__all__ = ["DeviceLock", "acquire_device_lock", "lock_dir", "read_holder"]
+__all__ = ["DeviceLock", "acquire_device_lock", "lock_dir", "lock_holder", "read_holder"]
 
 _live: weakref.WeakSet[DeviceLock] = weakref.WeakSet()
 
@@ -73,6 +73,31 @@ def read_holder(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def lock_holder(name: str, directory: Path | None = None) -> int | None:
+    """The pid holding conveyor's lock ``name``, or None if it is free; takes no lock.
+
+    Reads ``/proc/locks`` (flock entries match the lock file's device and inode), so that
+    looking never disturbs an opener. Falls back to the pid written in the file when
+    ``/proc/locks`` cannot be read. Never raises.
+    """
+    try:
+        folder = directory if directory is not None else lock_dir()
+        info = (folder / f"{name}.lock").stat()
+    except (OSError, DeviceError):
+        return None
+    key = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return read_holder(folder / f"{name}.lock")
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146491 0 EOF" (a "->" marks a waiter)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None
 
 
 class DeviceLock:

@@ -16,7 +16,7 @@ and :class:`FrameMeta`), the model (``DETECTORS[model].model``), and :func:`post
 
 from ._anchors import SsdAnchorOptions, generate_anchors
 from ._config import DETECTORS, DetectorConfig, ModelChoice, UnknownFaceModelError, get_config
-from ._detection import FrameMeta, postprocess, preprocess
+from ._detection import FrameMeta, frame_meta, postprocess, preprocess
 from ._detector import FaceDetector, run_model
 from ._draw import annotate, save_image
 from ._face import Face
@@ -59,6 +59,7 @@ __all__ = [
     "UnknownFaceModelError",
     "annotate",
     "face_roi",
+    "frame_meta",
     "generate_anchors",
     "get_config",
     "iter_frames",

@@ -20,9 +20,9 @@ from ._config import DetectorConfig, get_config
 from ._decode import decode, split_outputs
 from ._face import Face
 from ._nms import weighted_nms
-from ._transform import Letterbox, as_rgb, letterbox
+from ._transform import Letterbox, as_rgb, letterbox, letterbox_for
 
-__all__ = ["FrameMeta", "postprocess", "preprocess"]
+__all__ = ["FrameMeta", "frame_meta", "postprocess", "preprocess"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,19 @@ class FrameMeta:
     def height(self) -> int:
         """The original image height in pixels."""
         return self.letterbox.height
+
+
+def frame_meta(width: int, height: int, model: str | DetectorConfig = "short") -> FrameMeta:
+    """The meta :func:`preprocess` gives for a ``width`` x ``height`` image, without pixels.
+
+    Lets a caller that keeps only each frame's size post-process outputs that came back
+    without their meta (for instance from a pipeline stage that passes tensors only).
+
+    Raises:
+        InputError: a size that is not positive.
+        UnknownFaceModelError: ``model`` is not ``"short"`` or ``"full"``.
+    """
+    return FrameMeta(letterbox_for(width, height, get_config(model).input_size))
 
 
 def preprocess(

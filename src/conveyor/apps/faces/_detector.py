@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..._tensors import prepare_inputs
+from ..._tensors import dequantize, prepare_inputs
 from ...backends import Device, Runner, open_device
 from ._config import DetectorConfig, get_config
 from ._detection import postprocess, preprocess
@@ -23,6 +23,8 @@ __all__ = ["FaceDetector", "run_model"]
 def run_model(runner: Runner, inputs: Any) -> list[npt.NDArray[Any]]:
     """Check ``inputs`` against ``runner``'s model and run it once; the outputs in model order.
 
+    Float inputs of a quantised model are quantised, and quantised outputs are returned as
+    float32 (dequantised), so the same post-processing serves float and int8 builds.
     Blocks for the inference.
 
     Raises:
@@ -31,7 +33,10 @@ def run_model(runner: Runner, inputs: Any) -> list[npt.NDArray[Any]]:
     """
     arrays = prepare_inputs(runner.inputs, inputs, runner.model)
     outputs: list[npt.NDArray[Any]] = runner.run(arrays)
-    return outputs
+    return [
+        dequantize(out, spec) if spec.quantized else out
+        for out, spec in zip(outputs, runner.outputs, strict=True)
+    ]
 
 
 def _pixels(image: npt.ArrayLike | str | os.PathLike[str]) -> npt.NDArray[Any]:

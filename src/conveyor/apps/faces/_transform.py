@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..._errors import InputError
 
-__all__ = ["Letterbox", "as_rgb", "letterbox", "warp_affine"]
+__all__ = ["Letterbox", "as_rgb", "letterbox", "letterbox_for", "warp_affine"]
 
 Border = Literal["zero", "replicate"]
 
@@ -129,23 +129,39 @@ def letterbox(
     """
     h, w = image.shape[:2]
     tw, th = size
-    scale = min(tw / w, th / h)
-    cw = min(tw, max(1, round(w * scale)))
-    ch = min(th, max(1, round(h * scale)))
+    box = letterbox_for(w, h, size)
+    left, top = round(box.left * tw), round(box.top * th)
+    cw, ch = tw - left - round(box.right * tw), th - top - round(box.bottom * th)
     if (cw, ch) == (w, h):
         content = image
     else:
         content = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR))
-    left = (tw - cw) // 2
-    top = (th - ch) // 2
     pixels = np.zeros((th, tw, 3), np.float32)
     pixels[top : top + ch, left : left + cw] = content
-    box = Letterbox(
-        width=w,
-        height=h,
+    return pixels, box
+
+
+def letterbox_for(width: int, height: int, size: tuple[int, int]) -> Letterbox:
+    """The :class:`Letterbox` that :func:`letterbox` uses for a ``width`` x ``height`` image.
+
+    It depends only on the sizes, so it can be recomputed anywhere without the pixels.
+
+    Raises:
+        InputError: a size that is not positive.
+    """
+    tw, th = size
+    if width < 1 or height < 1 or tw < 1 or th < 1:
+        raise InputError(f"expected positive sizes, got {width}x{height} into {tw}x{th}")
+    scale = min(tw / width, th / height)
+    cw = min(tw, max(1, round(width * scale)))
+    ch = min(th, max(1, round(height * scale)))
+    left = (tw - cw) // 2
+    top = (th - ch) // 2
+    return Letterbox(
+        width=width,
+        height=height,
         left=left / tw,
         top=top / th,
         right=(tw - cw - left) / tw,
         bottom=(th - ch - top) / th,
     )
-    return pixels, box

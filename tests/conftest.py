@@ -1,0 +1,57 @@
+"""Shared fixtures: leak checks for processes and shared memory."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def wait_for(pred, timeout: float = 5.0, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``pred`` until true or ``timeout``; for checks of outside state (processes)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def children() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves child processes or /dev/shm entries behind."""
+    shm_before = _shm_entries()
+    kids_before = {p.pid for p in children()}
+    yield
+    assert wait_for(lambda: not ({p.pid for p in children()} - kids_before), timeout=3.0), (
+        f"child processes left: {[(p.pid, p.cmdline()) for p in children()]}"
+    )
+    assert _shm_entries() - shm_before == set(), "leaked /dev/shm entries"
+
+
+@pytest.fixture
+def src_env() -> dict[str, str]:
+    """An environment for subprocesses that can import conveyor from this checkout."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env

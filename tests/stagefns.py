@@ -1,0 +1,59 @@
+"""Importable stage functions for tests (process stages need picklable functions)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+
+class Boom(Exception):
+    """Raised on purpose by failing stage functions."""
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on_multiple_of_7(x: int) -> int:
+    if x % 7 == 3:
+        raise Boom(f"bad item {x}")
+    return x + 100
+
+
+def image_for(i: int) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    return rng.uniform(-1, 1, size=(1, 128, 128, 3)).astype(np.float32)
+
+
+def array_roundtrip(i: int) -> np.ndarray:
+    return np.full((64, 64, 3), i, dtype=np.float32)
+
+
+def array_sum(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def die_on_5(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def slow(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+def max_score(outputs: list[np.ndarray]) -> float:
+    return float(outputs[1].max())

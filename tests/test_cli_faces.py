@@ -1,0 +1,304 @@
+"""The face sub-commands: conveyor demo, conveyor detect and conveyor models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import conveyor.cli
+from conveyor.apps.faces import sample_images
+
+SRC = Path(conveyor.cli.__file__).resolve().parents[1]
+ASTRONAUT = SRC / "conveyor" / "samples" / "astronaut.png"
+FACE_KEYS = ["xmin", "ymin", "xmax", "ymax", "score", "keypoints"]
+FRAME_KEYS = ["source", "frame", "width", "height", "faces"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a still, a 3-frame GIF, a 4-frame video and a nested still."""
+    root = tmp_path_factory.mktemp("media")
+    astronaut = Image.open(ASTRONAUT).convert("RGB")
+    astronaut.save(root / "astronaut.png")
+    frames = [astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT), astronaut.rotate(10)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    with av.open(str(root / "clip.avi"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 256
+        stream.pix_fmt = "yuv420p"
+        for angle in (0, 3, 6, 9):
+            small = astronaut.resize((256, 256)).rotate(angle)
+            frame = av.VideoFrame.from_ndarray(np.asarray(small), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (root / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(ASTRONAUT, root / "nested" / "deeper" / "copy.png")
+    (root / "nested" / "notes.txt").write_text("not an image, and not picked from a folder")
+    return root
+
+
+def main(*argv: str | os.PathLike[str]) -> int:
+    return conveyor.cli.main([os.fspath(a) for a in argv])
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def check_frame(record: dict[str, Any], source: str, frame: int, size: tuple[int, int]) -> None:
+    assert list(record) == FRAME_KEYS
+    assert record["source"] == source
+    assert record["frame"] == frame
+    assert (record["width"], record["height"]) == size
+    for face in record["faces"]:
+        assert list(face) == FACE_KEYS
+        assert all(isinstance(face[k], float) for k in FACE_KEYS[:5])
+        assert len(face["keypoints"]) == 6
+        assert all(len(p) == 2 for p in face["keypoints"])
+
+
+# --- detect -------------------------------------------------------------------------------
+
+
+def test_detect_json_for_one_image(media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(media / "astronaut.png")
+    assert main("detect", path, "--json") == 0
+    out, err = capsys.readouterr()
+    (record,) = json_lines(out)
+    check_frame(record, path, 0, (512, 512))
+    (face,) = record["faces"]
+    assert [face["xmin"], face["ymin"], face["xmax"], face["ymax"]] == pytest.approx(
+        [0.346, 0.157, 0.531, 0.342], abs=0.005
+    )
+    assert face["score"] == pytest.approx(0.92, abs=0.01)
+    assert err == ""
+
+
+def test_detect_human_readable(media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(media / "astronaut.png")
+    assert main("detect", path) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{path} frame 0 (512x512): 1 face; (0.346, 0.157)-(0.531, 0.342) score 0.92"
+    ]
+
+
+def test_detect_via_subprocess(media: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "detect", "astronaut.png", "--json"],
+        cwd=media,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (record,) = json_lines(proc.stdout)
+    check_frame(record, "astronaut.png", 0, (512, 512))
+    assert len(record["faces"]) == 1
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("conveyor")]
+
+
+def test_detect_reports_unreadable_file_and_goes_on(
+    media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but then garbage " * 20)
+    missing = tmp_path / "missing.jpg"
+    good = str(media / "astronaut.png")
+    assert main("detect", bad, good, missing, "--json") == 1
+    out, err = capsys.readouterr()
+    (record,) = json_lines(out)
+    assert record["source"] == good
+    lines = err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"conveyor: cannot read {bad}: ")
+    assert lines[1] == f"conveyor: cannot read {missing}: no such file"
+
+
+def test_detect_searches_folders_recursively(
+    media: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = str(media) + os.sep  # joined onto the folder exactly as given
+    assert main("detect", given, "--json") == 0
+    records = json_lines(capsys.readouterr().out)
+    sources = [(r["source"], r["frame"]) for r in records]
+    assert sources == [
+        (given + "anim.gif", 0),
+        (given + "anim.gif", 1),
+        (given + "anim.gif", 2),
+        (given + "astronaut.png", 0),
+        (given + "clip.avi", 0),
+        (given + "clip.avi", 1),
+        (given + "clip.avi", 2),
+        (given + "clip.avi", 3),
+        (given + os.path.join("nested", "deeper", "copy.png"), 0),
+    ]
+    assert all(len(r["faces"]) == 1 for r in records)
+
+
+def test_detect_gif_gives_a_line_per_frame(media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(media / "anim.gif")
+    assert main("detect", path, "--json") == 0
+    records = json_lines(capsys.readouterr().out)
+    for i, record in enumerate(records):
+        check_frame(record, path, i, (512, 512))
+    assert [r["frame"] for r in records] == [0, 1, 2]
+    # Frame 1 is the mirror image of frame 0.
+    first, mirrored = records[0]["faces"][0], records[1]["faces"][0]
+    assert mirrored["xmin"] == pytest.approx(1 - first["xmax"], abs=0.02)
+
+
+def test_detect_video_gives_a_line_per_frame(
+    media: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(media / "clip.avi")
+    assert main("detect", path, "--json", "--model", "full") == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [r["frame"] for r in records] == [0, 1, 2, 3]
+    for i, record in enumerate(records):
+        check_frame(record, path, i, (256, 256))
+        assert len(record["faces"]) == 1
+
+
+def test_detect_landmarks_in_json(media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("detect", media / "astronaut.png", "--json", "--landmarks") == 0
+    (record,) = json_lines(capsys.readouterr().out)
+    (face,) = record["faces"]
+    assert list(face) == [*FACE_KEYS, "landmarks"]
+    assert len(face["landmarks"]) == 468
+    assert all(len(p) == 3 for p in face["landmarks"])
+
+
+def test_detect_writes_annotated_images(
+    media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "annotated"
+    assert main("detect", media / "astronaut.png", media / "anim.gif", "--out", out) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["anim/000000.png", "anim/000001.png", "anim/000002.png", "astronaut.png"]
+    drawn = np.asarray(Image.open(out / "astronaut.png").convert("RGB"))
+    assert drawn.shape == (512, 512, 3)
+    assert not np.array_equal(drawn, np.asarray(Image.open(ASTRONAUT).convert("RGB")))
+
+
+def test_detect_bad_device_spec(media: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("detect", media / "astronaut.png", "--device", "tpu9000") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("conveyor: ")
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+def test_demo_writes_annotated_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main("demo", "--out", out, "--repeat", "2") == 0
+    text = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in sample_images()]
+    assert "astronaut.png (512x512): 1 face(s)" in text
+    assert "box (0.346, 0.157)-(0.531, 0.342)  score 0.92" in text
+    assert "chelsea.png (451x300): 0 face(s)" in text
+    assert "images/s" in text
+    assert str(out.resolve()) in text
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def test_models_lists_bundled(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("models") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "INPUT"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) >= {"face_detection_full_range", "face_detection_short_range", "face_landmark"}
+    assert list(rows) == sorted(rows)
+    assert rows["face_detection_short_range"].endswith("float32[1, 128, 128, 3]")
+
+
+def test_models_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("models", "--json") == 0
+    entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert set(entries) >= {
+        "face_detection_full_range",
+        "face_detection_short_range",
+        "face_landmark",
+    }
+    assert entries["face_landmark"]["inputs"][0]["shape"] == [1, 192, 192, 3]
+    assert entries["face_detection_full_range"]["outputs"][1]["shape"] == [1, 2304, 1]
+
+
+def test_models_shows_tensors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("models", "face_detection_short_range") == 0
+    text = capsys.readouterr().out
+    assert "inputs:" in text
+    assert "outputs:" in text
+    assert "regressors      [1, 896, 16]  float32  0      0" in text
+    assert "classificators  [1, 896, 1]   float32  0      0" in text
+    assert main("models", SRC / "conveyor" / "models" / "face_landmark.tflite", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [o["shape"] for o in info["outputs"]] == [[1, 1, 1, 1404], [1, 1, 1, 1]]
+    assert set(info["outputs"][0]) == {"name", "shape", "dtype", "scale", "zero_point"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-model"])
+def test_models_errors_exit_2(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "x.tflite"
+    if kind == "not-a-model":
+        path.write_bytes(b"hello, this is not a flatbuffer")
+    assert main("models", path) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("conveyor: ")
+    assert str(path) in err
+
+
+# --- help ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "detect", "models"])
+def test_help_shows_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(command, "--help")
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: conveyor {command}" in text
+    assert "examples:" in text
+    assert f"\n  conveyor {command}" in text
+
+
+def test_detect_progress_bar_only_on_a_terminal(
+    media: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(media / "anim.gif")
+    assert main("detect", path, "--json") == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main("detect", path, media / "missing.png", "--json") == 1
+    out, err = capsys.readouterr()
+    assert [r["frame"] for r in json_lines(out)] == [0, 1, 2]  # stdout stays clean
+    assert "file" in err  # the bar's unit
+    assert f"conveyor: cannot read {media / 'missing.png'}: no such file" in err

@@ -1,0 +1,92 @@
+"""The LiteRT backend: tensors, quantisation at the boundary, and each typed error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import conveyor
+from conveyor._tensors import TensorSpec, dequantize, prepare_inputs, quantize
+
+
+@pytest.fixture(scope="module")
+def runner() -> conveyor.Runner:
+    return conveyor.open_device("cpu:1").load("face_detection_short_range")
+
+
+def test_tensors_are_described(runner: conveyor.Runner) -> None:
+    (inp,) = runner.inputs
+    assert (inp.name, inp.shape, inp.dtype) == ("input", (1, 128, 128, 3), np.dtype("float32"))
+    assert [o.shape for o in runner.outputs] == [(1, 896, 16), (1, 896, 1)]
+    assert not inp.quantized and inp.scale == 0.0
+
+
+def test_inputs_as_array_list_dict_and_without_batch(runner: conveyor.Runner) -> None:
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    ref = runner.run(prepare_inputs(runner.inputs, x))
+    for form in ([x], {"input": x}, x[0]):
+        out = runner.run(prepare_inputs(runner.inputs, form))
+        np.testing.assert_array_equal(out[0], ref[0])
+
+
+def test_missing_file() -> None:
+    with pytest.raises(conveyor.ModelNotFoundError, match="no model file at '/nope/m.tflite'"):
+        conveyor.open_device("cpu").load("/nope/m.tflite")
+
+
+def test_not_a_tflite_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    with pytest.raises(conveyor.InvalidModelError, match=r"expected the identifier b'TFL3'"):
+        conveyor.open_device("cpu").load(bad)
+
+
+def test_truncated_model_is_invalid(tmp_path: Path) -> None:
+    data = conveyor.resolve_model("face_detection_short_range").read_bytes()
+    bad = tmp_path / "cut.tflite"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(conveyor.InvalidModelError, match="could not load"):
+        conveyor.open_device("cpu").load(bad)
+
+
+def test_edgetpu_model_on_cpu_is_refused(tmp_path: Path) -> None:
+    data = conveyor.resolve_model("face_detection_short_range").read_bytes()
+    # A compiled model carries the custom op's name in its operator codes.
+    compiled = tmp_path / "m_edgetpu.tflite"
+    compiled.write_bytes(data + b"\x00edgetpu-custom-op\x00")
+    with pytest.raises(conveyor.EdgeTPUModelError, match="compiled for the Edge TPU"):
+        conveyor.open_device("cpu").load(compiled)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([], "expects 1 input(s) (input float32[1, 128, 128, 3]); got 0"),
+        ([np.zeros((1, 128, 128, 3), np.float32)] * 2, "got 2"),
+        (np.zeros((1, 96, 96, 3), np.float32), "expected shape [1, 128, 128, 3], got [1, 96, 96, 3]"),
+        (np.zeros((1, 128, 128, 3), np.uint8), "expected dtype float32, got uint8"),
+        ({"image": np.zeros((1, 128, 128, 3), np.float32)}, "expects inputs named ['input']"),
+    ],
+)
+def test_wrong_inputs_say_what_was_expected(runner: conveyor.Runner, value, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(conveyor.InputError) as info:
+        prepare_inputs(runner.inputs, value, runner.model)
+    assert message in str(info.value)
+
+
+def test_quantise_and_dequantise_at_the_boundary() -> None:
+    spec = TensorSpec("x", (4,), np.dtype("int8"), scale=0.5, zero_point=-3)
+    q = prepare_inputs([spec], np.array([0.0, 1.0, -70.0, 70.0], np.float32))[0]
+    assert q.dtype == np.int8
+    assert q.tolist() == [-3, -1, -128, 127]  # rounded and saturated
+    np.testing.assert_allclose(dequantize(quantize(np.array([1.5, -2.0]), spec), spec), [1.5, -2.0])
+    with pytest.raises(conveyor.InputError, match="int8 \\(or float"):
+        prepare_inputs([spec], np.zeros(4, np.int32))
+
+
+def test_thread_count_is_used() -> None:
+    dev = conveyor.open_device("cpu:2")
+    assert dev.spec.threads == 2
+    assert dev.load("face_landmark").outputs[0].shape == (1, 1, 1, 1404)

@@ -1,0 +1,155 @@
+"""Worker death, live mode, and shutdown that never hangs or leaks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import stagefns as sf
+from conftest import children, wait_for
+
+import conveyor
+
+
+def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.die_on_5, kind="process", workers=2),
+                           on_error="return") as pipe:
+        out = list(pipe.map(range(12)))
+        st = pipe.stats()["stages"]["die_on_5"]
+    assert [o for i, o in enumerate(out) if i != 5] == [i for i in range(12) if i != 5]
+    err = out[5]
+    assert isinstance(err, conveyor.StageError) and err.stage == "die_on_5" and err.index == 5
+    assert isinstance(err.__cause__, conveyor.WorkerDiedError)
+    assert "SIGKILL" in str(err.__cause__)
+    assert st["restarts"] == 1 and st["errors"] == 1 and st["out"] == 11
+
+
+def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -> None:
+    with conveyor.Pipeline(
+        conveyor.stage(sf.image_for), conveyor.infer("face_detection_short_range"),
+        conveyor.stage(sf.max_score),
+    ) as pipe:
+        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        first_pid = link.worker.pid
+
+        def source():  # type: ignore[no-untyped-def]
+            for i in range(60):
+                if i == 20:
+                    os.kill(first_pid, signal.SIGKILL)
+                yield i
+
+        out = list(pipe.map(source()))
+        assert len(out) == 60 and all(isinstance(o, float) for o in out)
+        assert pipe.stats()["device"]["restarts"] == 1
+        assert link.worker.pid != first_pid
+    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
+
+
+def test_live_mode_drops_oldest_and_counts_every_drop(no_leaks: None) -> None:
+    n = 200
+    with conveyor.Pipeline(conveyor.stage(sf.slow, kind="process"), drop="oldest",
+                           on_error="return") as pipe:
+        t0 = time.monotonic()
+        out = list(pipe.map(range(n)))  # the source is much faster than the stage
+        took = time.monotonic() - t0
+        st = pipe.stats()
+    dropped = st["items"]["dropped"]
+    assert dropped > 0 and dropped == st["stages"]["slow"]["dropped"]
+    assert len(out) + dropped == n  # exactly-once accounting
+    assert out == sorted(out)  # still in order
+    assert out[-1] == n - 1 or len(out) < n  # the freshest item survives
+    assert took < n * 0.02  # the source never waited for the slow stage
+
+
+def test_leaving_the_with_ends_everything_within_a_second(no_leaks: None) -> None:
+    pipe = conveyor.Pipeline(
+        conveyor.stage(sf.slow, kind="process", workers=2),
+        conveyor.infer("face_detection_short_range"),
+    )
+    pipe.start()
+    pids = [p.pid for p in children()]
+    assert len(pids) >= 3
+    it = pipe.map(sf.image_for(i) for i in range(10**6))
+    next(iter([]), None)
+    t0 = time.monotonic()
+    it.close()
+    pipe.close()
+    assert time.monotonic() - t0 < 1.5
+    assert wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() !=
+                                    "zombie" for p in pids), timeout=1.0)
+
+
+def test_exception_in_the_with_block_closes(no_leaks: None) -> None:
+    with pytest.raises(RuntimeError, match="user"), conveyor.Pipeline(
+        conveyor.stage(sf.inc, kind="process")
+    ) as pipe:
+        for out in pipe.map(range(100)):
+            if out == 3:
+                raise RuntimeError("user code failed")
+    with pytest.raises(conveyor.PipelineClosedError):
+        pipe.submit(1)
+
+
+def test_unclosed_pipeline_warns_and_cleans_up(no_leaks: None) -> None:
+    pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"))
+    pipe.start()
+    assert list(pipe.map(range(3))) == [1, 2, 3]
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del pipe
+        gc.collect()
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, conveyor, stagefns as sf
+    if __name__ == "__main__":
+        with conveyor.Pipeline(conveyor.stage(sf.slow, kind="process", workers=2),
+                               conveyor.infer("face_detection_short_range")) as pipe:
+            import psutil
+            print(" ".join(str(p.pid) for p in psutil.Process().children()), flush=True)
+            for _ in pipe.map(sf.image_for(i % 7) for i in iter(int, 1)):
+                pass
+""")
+
+
+def _start_script(tmp_path, src_env):  # type: ignore[no-untyped-def]
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT)
+    env = dict(src_env)
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 3, (line, proc.stderr.read() if proc.stderr else "")
+    return proc, pids
+
+
+def _gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                   for p in pids)
+
+
+def test_ctrl_c_ends_the_program_and_its_workers(tmp_path, src_env) -> None:  # type: ignore[no-untyped-def]
+    proc, pids = _start_script(tmp_path, src_env)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    assert "Traceback" not in err or "KeyboardInterrupt" in err
+    assert wait_for(lambda: _gone(pids), timeout=1.0)
+
+
+def test_parent_killed_with_sigkill_leaves_no_orphans(tmp_path, src_env) -> None:  # type: ignore[no-untyped-def]
+    proc, pids = _start_script(tmp_path, src_env)
+    proc.kill()
+    proc.communicate(timeout=5)
+    assert wait_for(lambda: _gone(pids), timeout=3.0), "workers outlived their parent"
