@@ -32,7 +32,7 @@ def test_inputs_as_array_list_dict_and_without_batch(runner: conveyor.Runner) ->
 
 
 def test_missing_file() -> None:
-    with pytest.raises(conveyor.ModelNotFoundError, match="no model file at '/nope/m.tflite'"):
+    with pytest.raises(conveyor.ModelNotFoundError, match=r"no model file at '/nope/m\.tflite'"):
         conveyor.open_device("cpu").load("/nope/m.tflite")
 
 
@@ -65,7 +65,10 @@ def test_edgetpu_model_on_cpu_is_refused(tmp_path: Path) -> None:
     [
         ([], "expects 1 input(s) (input float32[1, 128, 128, 3]); got 0"),
         ([np.zeros((1, 128, 128, 3), np.float32)] * 2, "got 2"),
-        (np.zeros((1, 96, 96, 3), np.float32), "expected shape [1, 128, 128, 3], got [1, 96, 96, 3]"),
+        (
+            np.zeros((1, 96, 96, 3), np.float32),
+            "expected shape [1, 128, 128, 3], got [1, 96, 96, 3]",
+        ),
         (np.zeros((1, 128, 128, 3), np.uint8), "expected dtype float32, got uint8"),
         ({"image": np.zeros((1, 128, 128, 3), np.float32)}, "expects inputs named ['input']"),
     ],

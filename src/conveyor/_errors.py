@@ -136,15 +136,15 @@ class ServerError(ConveyorError):
     """An error reported by, or about, a device server."""
 
 
-class ServerGone(ServerError, ConnectionError):  # noqa: N818 - name fixed by the public API
+class ServerGone(ServerError, ConnectionError):
     """The device server (or device worker) went away; in-flight requests are lost."""
 
 
-class Busy(ServerError):  # noqa: N818 - name fixed by the public API
+class Busy(ServerError):
     """The server's queue for this client is full: the request was refused at once."""
 
 
-class DeadlineExceeded(ServerError, TimeoutError):  # noqa: N818 - name fixed by the public API
+class DeadlineExceeded(ServerError, TimeoutError):
     """The request's deadline passed before it could run; it was not run."""
 
 

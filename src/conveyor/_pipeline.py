@@ -66,7 +66,8 @@ def infer(
     input name; the stage yields the model's outputs as a **list of arrays in model
     order**. With ``with_context=True`` each item is a pair ``(inputs, context)`` and
     the stage yields ``(outputs, context)``, the context passed through untouched (for
-    what post-processing needs to know about the frame). ``dequantize=True`` turns quantised outputs into float32. ``deadline`` (s)
+    what post-processing needs to know about the frame). ``dequantize=True`` turns
+    quantised outputs into float32. ``deadline`` (s)
     and ``priority`` apply to every request (see :meth:`DeviceClient.submit`).
     """
     spec = str(device)
@@ -376,7 +377,7 @@ class Pipeline:
     # --- observation ----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counts (final ones once closed), latency, queue depth per stage, and the device's duty cycle.
+        """Counts (final once closed), latency and queue depth per stage; device duty cycle.
 
         ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
         "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:

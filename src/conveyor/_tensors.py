@@ -76,14 +76,15 @@ def quantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[Any]:
     """Float values to ``spec``'s integer dtype, rounding and saturating."""
     info = np.iinfo(spec.dtype)
     q = np.round(np.asarray(values, dtype=np.float32) / spec.scale) + spec.zero_point
-    return np.clip(q, info.min, info.max).astype(spec.dtype)
+    out: npt.NDArray[Any] = np.clip(q, info.min, info.max).astype(spec.dtype)
+    return out
 
 
 def dequantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[np.float32]:
     """Integer values of a quantised tensor to float32."""
-    return ((values.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)).astype(
-        np.float32
-    )
+    shifted = values.astype(np.float32) - np.float32(spec.zero_point)
+    out: npt.NDArray[np.float32] = (shifted * np.float32(spec.scale)).astype(np.float32)
+    return out
 
 
 def _as_list(specs: Sequence[TensorSpec], inputs: Inputs, model: str) -> list[Any]:

@@ -80,7 +80,7 @@ class Channel(Generic[T]):
         """Remove and return the waiting items for which ``pred`` is true."""
         with self._cv:
             keep: deque[T] = deque()
-            out = []
+            out: list[T] = []
             for it in self._items:
                 (out if pred(it) else keep).append(it)
             self._items = keep

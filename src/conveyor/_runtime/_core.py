@@ -9,6 +9,7 @@ stage never sits between the device and its next request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -78,7 +79,7 @@ class _DeviceLink:
         self._lock = threading.Lock()
         self._inflight = inflight
         self.worker: DeviceWorker | None = None
-        self.stats = DeviceStats(d.server and f"server:{d.server}" or d.device)
+        self.stats = DeviceStats((d.server and f"server:{d.server}") or d.device)
         self.gen = 0
         self.closing = False
         if d.server is not None:
@@ -190,11 +191,11 @@ class Core:
                     self.procs[si] = [None] * d.workers
                     for w in range(d.workers):
                         starters.append(threading.Thread(
-                            target=guarded(lambda si=si, w=w, blob=blob, name=d.name:
-                                           self._spawn_proc(si, w, blob, name)), daemon=True))
+                            target=guarded(functools.partial(self._spawn_proc, si, w, blob,
+                                                             d.name)), daemon=True))
                 elif d.kind == "infer":
                     starters.append(threading.Thread(
-                        target=guarded(lambda si=si, d=d: self._open_link(si, d)), daemon=True))
+                        target=guarded(functools.partial(self._open_link, si, d)), daemon=True))
             for t in starters:
                 t.start()
             for t in starters:

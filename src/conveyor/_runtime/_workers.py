@@ -114,8 +114,8 @@ class ProcWorker:
             ) from exc
         if kind == OK:
             return True, payload, "", start, end
-        exc, tb = rebuild_error(payload)
-        return False, exc, tb, start, end
+        err, tb = rebuild_error(payload)
+        return False, err, tb, start, end
 
     def close(self, kill: bool = False, timeout: float = 0.5) -> None:
         """Stop the worker: close the link (it exits), wait, then SIGKILL; reaps it."""

@@ -75,7 +75,7 @@ class AutoDevice(Device):
             tpu = self._open_tpu()
             if tpu is not None:
                 runner = tpu.load(compiled or path)
-                self.choices[name] = (str(tpu.spec), f"Edge TPU {tpu.info.name} with {compiled}")
+                self.choices[name] = (f"edgetpu:{tpu.info.name}", f"Edge TPU {tpu.info.name}: {compiled}")
                 return runner
             why = self._tpu_error
         if plain is None:

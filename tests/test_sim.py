@@ -1,0 +1,238 @@
+"""The simulated Edge TPU: latency from the model, parameter switches, exclusivity, no CPU."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_edgetpu import fake_edgetpu_model
+
+from conveyor._errors import DeviceBusyError, DeviceError
+from conveyor._models import bundled_models
+from conveyor.backends import open_device, parse_device
+from conveyor.backends._base import zeros_like_specs
+from conveyor.backends.litert import LiteRTDevice
+from conveyor.backends.sim import (
+    CACHE_BYTES,
+    MOBILENET_V2,
+    PROFILES,
+    SimEdgeTPUDevice,
+    sim_latency,
+)
+
+SHORT, FULL, LANDMARK = "face_detection_short_range", "face_detection_full_range", "face_landmark"
+
+
+@pytest.fixture(autouse=True)
+def private_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "locks"
+    monkeypatch.setenv("CONVEYOR_LOCK_DIR", str(folder))
+    return folder
+
+
+def sim(profile: str = "usb3", index: int = 0) -> SimEdgeTPUDevice:
+    return SimEdgeTPUDevice(parse_device(f"sim-edgetpu:{profile}"), index=index)
+
+
+def test_calibration_matches_the_published_mobilenet_v2_figures() -> None:
+    usb3 = sim_latency(MOBILENET_V2, PROFILES["usb3"], MOBILENET_V2)
+    assert 2.3e-3 <= usb3.latency_s <= 2.6e-3
+    assert sim_latency(MOBILENET_V2, PROFILES["rpi4"], MOBILENET_V2).latency_s == pytest.approx(
+        4.6e-3
+    )
+    parts = usb3.fixed_s + usb3.compute_s + usb3.transfer_s + usb3.param_load_s
+    assert parts == pytest.approx(usb3.latency_s)
+    # slower bus, slower run; PCIe faster than USB 3
+    order = [sim_latency(MOBILENET_V2, PROFILES[p], MOBILENET_V2).latency_s
+             for p in ("pci", "usb3", "usb2")]
+    assert order == sorted(order)
+
+
+def test_parameters_beyond_the_cache_stream_every_run() -> None:
+    import dataclasses
+
+    big = dataclasses.replace(MOBILENET_V2, name="big", param_bytes=CACHE_BYTES + 3_200_000)
+    steady = sim_latency(big, PROFILES["usb3"], big)
+    assert steady.param_load_s == pytest.approx(3_200_000 / 320e6)
+    assert sim_latency(MOBILENET_V2, PROFILES["usb3"], MOBILENET_V2).param_load_s == 0
+
+
+def test_describe_says_simulation() -> None:
+    with_device = sim("pci")
+    try:
+        facts = with_device.describe()
+        assert facts["simulated"] is True and with_device.simulated
+        assert "simulation" in facts["description"] and facts["profile"] == "pci"
+    finally:
+        with_device.close()
+
+
+def test_outputs_have_the_model_specs_and_the_zero_input_values() -> None:
+    device = sim("pci")
+    cpu = LiteRTDevice()
+    try:
+        runner = device.load(SHORT)
+        reference = cpu.load(SHORT)
+        assert runner.inputs == reference.inputs and runner.outputs == reference.outputs
+        zeros = zeros_like_specs(runner.inputs)
+        first = runner.run(zeros)
+        expected = reference.run(zeros)
+        for got, want, spec in zip(first, expected, runner.outputs):
+            assert got.shape == spec.shape and got.dtype == spec.dtype
+            np.testing.assert_array_equal(got, want)
+        first[0][...] = 123  # callers own what they get
+        assert not np.array_equal(runner.run(zeros)[0], first[0])
+        with pytest.raises(DeviceError, match="expects inputs"):
+            runner.run([np.zeros((1, 3), np.float32)])
+    finally:
+        device.close()
+
+
+def test_a_compiled_only_model_gives_zero_point_outputs(tmp_path: Path) -> None:
+    path = tmp_path / "net_edgetpu.tflite"
+    path.write_bytes(fake_edgetpu_model())
+    device = sim("pci")
+    try:
+        runner = device.load(path)
+        (out,) = runner.run(zeros_like_specs(runner.inputs))
+        assert out.dtype == np.uint8 and out.shape == (1, 10) and set(out.ravel()) == {7}
+        assert device.timing().last is not None and device.timing().last.model == "net"
+    finally:
+        device.close()
+
+
+def _median_run(runner: object, arrays: list[np.ndarray], n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        runner.run(arrays)  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("model", [SHORT, FULL, LANDMARK])
+def test_measured_latency_matches_the_model_within_20_percent(model: str) -> None:
+    device = sim("usb2")
+    try:
+        runner = device.load(model)
+        arrays = zeros_like_specs(runner.inputs)
+        runner.run(arrays)  # the first run loads the parameters
+        expected = device.expected_latency(model, model).latency_s
+        measured = _median_run(runner, arrays, 5)
+        assert expected <= measured <= 1.2 * expected, (model, expected, measured)
+        assert device.timing().last.latency_s == pytest.approx(expected)  # type: ignore[union-attr]
+    finally:
+        device.close()
+
+
+def test_switch_cost_appears_only_when_the_model_changes() -> None:
+    device = sim("usb2")
+    try:
+        a, b = device.load(SHORT), device.load(LANDMARK)
+        xa, xb = zeros_like_specs(a.inputs), zeros_like_specs(b.inputs)
+        flags = []
+        for runner, arrays in ((a, xa), (a, xa), (b, xb), (b, xb), (a, xa)):
+            runner.run(arrays)
+            last = device.timing().last
+            assert last is not None
+            flags.append((last.model, last.switched, last.param_load_s > 0))
+        assert flags == [
+            (SHORT, True, True), (SHORT, False, False),
+            (LANDMARK, True, True), (LANDMARK, False, False),
+            (SHORT, True, True),
+        ]
+        assert device.timing().runs == 5 and device.timing().switches == 3
+
+        switch = device.expected_latency(LANDMARK, SHORT)
+        steady = device.expected_latency(LANDMARK, LANDMARK)
+        assert switch.latency_s - steady.latency_s == pytest.approx(switch.param_load_s)
+        start = time.perf_counter()
+        b.run(xb)  # after a run of SHORT: pays the switch, about 17 ms on USB 2
+        took = time.perf_counter() - start
+        assert switch.latency_s <= took <= 1.2 * switch.latency_s
+    finally:
+        device.close()
+
+
+def test_running_uses_no_cpu() -> None:
+    device = sim("usb2")
+    try:
+        runner = device.load(FULL)
+        arrays = zeros_like_specs(runner.inputs)
+        runner.run(arrays)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(20):  # about 110 ms of simulated work
+            runner.run(arrays)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        assert wall >= 20 * device.expected_latency(FULL, FULL).latency_s
+        assert cpu < 0.1 * wall, f"{cpu * 1e3:.1f} ms CPU in {wall * 1e3:.1f} ms"
+    finally:
+        device.close()
+
+
+def test_runs_on_one_device_are_serialised() -> None:
+    device = sim("usb2")
+    try:
+        runner = device.load(SHORT)
+        arrays = zeros_like_specs(runner.inputs)
+        runner.run(arrays)
+        each = device.expected_latency(SHORT, SHORT).latency_s
+
+        def work() -> None:
+            for _ in range(4):
+                runner.run(arrays)
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert time.perf_counter() - start >= 8 * each
+        assert device.timing().runs == 9
+    finally:
+        device.close()
+
+
+def test_exclusive_across_processes(private_locks: Path, src_env: dict[str, str]) -> None:
+    script = (
+        "import sys\n"
+        "from conveyor.backends import open_device\n"
+        "device = open_device('sim-edgetpu')\n"
+        "print('READY', flush=True)\n"
+        "sys.stdin.read()\n"
+        "device.close()\n"
+    )
+    env = {**src_env, "CONVEYOR_LOCK_DIR": str(private_locks)}
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=env,
+    ) as other:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "READY"
+        with pytest.raises(DeviceBusyError) as info:
+            open_device("sim-edgetpu:usb2")  # any profile: it is the same device 0
+        assert f"conveyor process {other.pid}" in str(info.value)
+        assert "conveyor serve" in str(info.value)
+        sim(index=1).close()  # another simulated device is free
+        other.communicate("", timeout=10)
+    device = open_device("sim-edgetpu")  # free once the holder has gone
+    device.close()
+
+
+def test_closed_device_refuses_work() -> None:
+    device = sim()
+    runner = device.load(SHORT)
+    device.close()
+    device.close()
+    with pytest.raises(DeviceError, match="closed"):
+        runner.run(zeros_like_specs(runner.inputs))
+    with pytest.raises(DeviceError, match="closed"):
+        device.load(SHORT)
+    assert SHORT in bundled_models()
