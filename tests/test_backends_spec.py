@@ -66,8 +66,22 @@ def test_libedgetpu_device_strings(text: str, device_string: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "  ", "gpu", "cpu:0", "cpu:x", "cpu:1:2", "edgetpu:usb:x", "edgetpu:pcie",
-     "edgetpu:usb:1:2", "onnx", "onnx:tpu", "onnx:cuda:x", "auto:1", "sim-edgetpu:a:b"],
+    [
+        "",
+        "  ",
+        "gpu",
+        "cpu:0",
+        "cpu:x",
+        "cpu:1:2",
+        "edgetpu:usb:x",
+        "edgetpu:pcie",
+        "edgetpu:usb:1:2",
+        "onnx",
+        "onnx:tpu",
+        "onnx:cuda:x",
+        "auto:1",
+        "sim-edgetpu:a:b",
+    ],
 )
 def test_bad_specs_list_the_valid_forms(text: str) -> None:
     with pytest.raises(DeviceSpecError) as info:

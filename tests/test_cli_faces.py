@@ -208,6 +208,106 @@ def test_detect_bad_device_spec(media: Path, capsys: pytest.CaptureFixture[str])
     assert err.startswith("conveyor: ")
 
 
+def _flat(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _flat(v)]
+    return [float(value)]
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every conveyor.Pipeline whose map() runs during the test, in order."""
+    from conveyor._pipeline import Pipeline
+
+    seen: list[Any] = []
+    original = Pipeline.map
+
+    def spy(self: Pipeline, inputs: Any) -> Any:
+        seen.append(self)
+        yield from original(self, inputs)
+
+    monkeypatch.setattr(Pipeline, "map", spy)
+    return seen
+
+
+@pytest.mark.parametrize("landmarks", [False, True], ids=["detect", "landmarks"])
+def test_detect_runs_through_the_pipeline(
+    landmarks: bool, pipelines: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every frame goes through one conveyor.Pipeline (process pre-processing, the device,
+    post-processing), and the faces are those FaceDetector finds in this thread."""
+    from conveyor.apps.faces import FaceDetector
+
+    samples = [str(p) for p in sample_images()]
+    flags = ["--landmarks"] if landmarks else []
+    assert main("detect", *samples, "--json", *flags) == 0
+    records = json_lines(capsys.readouterr().out)
+    (pipe,) = pipelines
+    stats = pipe.stats()
+    assert list(stats["stages"]) == ["preprocess", "detect", "postprocess"]
+    assert stats["stages"]["preprocess"]["kind"] == "process"
+    assert all(st["out"] == len(samples) for st in stats["stages"].values())
+    assert stats["device"]["items"] == len(samples)
+    with FaceDetector("short", landmarks=landmarks) as detector:
+        for path, record in zip(samples, records, strict=True):
+            expected = [face.to_json() for face in detector.detect(path)]
+            assert [list(face) for face in record["faces"]] == [list(f) for f in expected]
+            assert _flat(record["faces"]) == pytest.approx(_flat(expected), abs=1e-4)
+    assert sum(len(r["faces"]) for r in records) == 2
+
+
+def test_detect_keeps_a_bounded_backlog(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long video streams: the frames held for drawing stay within the pipeline's bound,
+    and every frame comes out, in order."""
+    from conveyor._cli import detect
+
+    frame = np.asarray(Image.open(ASTRONAUT).convert("RGB").resize((96, 96)))
+    total = 100
+
+    def long_video(path: Any) -> Any:
+        for i in range(total):
+            yield i, frame
+
+    backlog: list[int] = []
+    source = detect._frame_source
+
+    def watched(sources: Any, names: Any, events: Any) -> Any:
+        for item in source(sources, names, events):
+            backlog.append(len(events))
+            yield item
+
+    monkeypatch.setattr(detect, "iter_frames", long_video)
+    monkeypatch.setattr(detect, "_frame_source", watched)
+    out = tmp_path / "annotated"
+    assert main("detect", "long.mp4", "--json", "--out", out) == 0
+    assert [r["frame"] for r in json_lines(capsys.readouterr().out)] == list(range(total))
+    assert len(list((out / "long").iterdir())) == total
+    assert len(backlog) == total
+    assert max(backlog) <= 40
+
+
+def test_detect_stops_a_file_whose_output_cannot_be_written(
+    media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    gif, still = media / "anim.gif", media / "astronaut.png"
+    assert main("detect", gif, still, "--out", blocker / "out") == 1
+    out, err = capsys.readouterr()
+    assert [line.split(" (")[0] for line in out.splitlines()] == [
+        f"{gif} frame 0",
+        f"{still} frame 0",
+    ]
+    lines = err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"conveyor: cannot write the output for {gif}: ")
+    assert lines[1].startswith(f"conveyor: cannot write the output for {still}: ")
+
+
 # --- demo ---------------------------------------------------------------------------------
 
 

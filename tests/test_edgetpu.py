@@ -307,7 +307,10 @@ def lock_holder_process(private_locks: Path, src_env: dict[str, str]) -> Iterato
     def start(name: str) -> int:
         proc = subprocess.Popen(
             [sys.executable, "-c", script, name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         procs.append(proc)
         assert proc.stdout is not None
@@ -384,7 +387,9 @@ def test_delegate_failure_without_visible_holder(
 
     monkeypatch.setattr(ai_edge_litert.interpreter, "load_delegate", fail)
     add_pci(root, 0)
-    with pytest.raises(DeviceError, match="Failed to load delegate from libedgetpu.so.1") as info:
+    with pytest.raises(
+        DeviceError, match=r"Failed to load delegate from libedgetpu\.so\.1"
+    ) as info:
         open_device_at(root, "edgetpu")
     assert isinstance(info.value.__cause__, ValueError)
     assert lock_holder("edgetpu-pci-0") is None
@@ -423,7 +428,10 @@ def test_auto_uses_the_cpu_and_says_why(root: Path, library_present: None) -> No
 
 
 def test_auto_uses_the_edgetpu_for_a_compiled_pair(
-    root: Path, tmp_path: Path, library_present: None, delegates: list[FakeDelegate],
+    root: Path,
+    tmp_path: Path,
+    library_present: None,
+    delegates: list[FakeDelegate],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loaded: list[Path] = []

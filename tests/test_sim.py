@@ -49,8 +49,10 @@ def test_calibration_matches_the_published_mobilenet_v2_figures() -> None:
     parts = usb3.fixed_s + usb3.compute_s + usb3.transfer_s + usb3.param_load_s
     assert parts == pytest.approx(usb3.latency_s)
     # slower bus, slower run; PCIe faster than USB 3
-    order = [sim_latency(MOBILENET_V2, PROFILES[p], MOBILENET_V2).latency_s
-             for p in ("pci", "usb3", "usb2")]
+    order = [
+        sim_latency(MOBILENET_V2, PROFILES[p], MOBILENET_V2).latency_s
+        for p in ("pci", "usb3", "usb2")
+    ]
     assert order == sorted(order)
 
 
@@ -143,8 +145,10 @@ def test_switch_cost_appears_only_when_the_model_changes() -> None:
             assert last is not None
             flags.append((last.model, last.switched, last.param_load_s > 0))
         assert flags == [
-            (SHORT, True, True), (SHORT, False, False),
-            (LANDMARK, True, True), (LANDMARK, False, False),
+            (SHORT, True, True),
+            (SHORT, False, False),
+            (LANDMARK, True, True),
+            (LANDMARK, False, False),
             (SHORT, True, True),
         ]
         assert device.timing().runs == 5 and device.timing().switches == 3
@@ -211,8 +215,11 @@ def test_exclusive_across_processes(private_locks: Path, src_env: dict[str, str]
     )
     env = {**src_env, "CONVEYOR_LOCK_DIR": str(private_locks)}
     with subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True, env=env,
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     ) as other:
         assert other.stdout is not None
         assert other.stdout.readline().strip() == "READY"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -59,7 +60,11 @@ def sample_tensor(name: str, size: int, lo: float, hi: float) -> np.ndarray:
     """A bundled sample image resized to ``size`` and scaled to [lo, hi], batch of 1."""
     from PIL import Image
 
-    image = Image.open(SAMPLES / f"{name}.png").convert("RGB").resize((size, size), Image.BILINEAR)
+    image = (
+        Image.open(SAMPLES / f"{name}.png")
+        .convert("RGB")
+        .resize((size, size), Image.Resampling.BILINEAR)
+    )
     pixels = np.asarray(image, np.float32) / 255.0
     return (lo + pixels * (hi - lo))[np.newaxis].astype(np.float32)
 
@@ -103,6 +108,45 @@ def tflite_io_names(model: bytes) -> tuple[list[str], list[str]]:
 # --- ONNX ---------------------------------------------------------------------------------
 
 
+def canonical_names(model: Any) -> None:
+    """Make tf2onnx's output byte-for-byte reproducible.
+
+    tf2onnx numbers the tensors and nodes it creates (``const_fold_opt__509``) in an order
+    that changes from run to run, and when it merges equal constants or duplicate nodes,
+    which name survives varies too. So every node is named by its position and op
+    (``n012_Conv``), its outputs after it (``n012_Conv:0``), every initializer after its
+    first consumer and input slot (``n012_Conv/in1``), and initializers are listed in that
+    order. Graph input and output names are kept (they are the TFLite model's).
+    """
+    graph = model.graph
+    keep = {v.name for v in [*graph.input, *graph.output]}
+    constants = {t.name for t in graph.initializer}
+    mapping: dict[str, str] = {}
+    order: dict[str, tuple[int, int]] = {}
+    for position, node in enumerate(graph.node):
+        node.name = f"n{position:03d}_{node.op_type}"
+        for slot, name in enumerate(node.input):
+            if name in constants and name not in order:
+                order[name] = (position, slot)
+                mapping[name] = f"{node.name}/in{slot}"
+        for slot, name in enumerate(node.output):
+            if name and name not in keep:
+                mapping[name] = f"{node.name}:{slot}"
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+    ordered = sorted(graph.initializer, key=lambda t: order.get(t.name, (len(graph.node), 0)))
+    copies = []
+    for original in ordered:
+        copy = type(original)()
+        copy.CopyFrom(original)
+        copy.name = mapping.get(original.name, original.name)
+        copies.append(copy)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
+    del graph.value_info[:]  # shape hints only; onnxruntime infers them
+
+
 def convert_onnx(name: str) -> None:
     import onnx
     import onnxruntime as ort
@@ -110,10 +154,21 @@ def convert_onnx(name: str) -> None:
 
     src = MODELS / f"{name}.tflite"
     dst = MODELS / f"{name}.onnx"
-    command = [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(src),
-               "--output", str(dst), "--opset", str(OPSET)]
+    command = [
+        sys.executable,
+        "-m",
+        "tf2onnx.convert",
+        "--tflite",
+        str(src),
+        "--output",
+        str(dst),
+        "--opset",
+        str(OPSET),
+    ]
     print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, capture_output=True)
+    # A fixed hash seed makes tf2onnx pick the same survivor when it merges duplicate nodes.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(command, check=True, capture_output=True, env=env)
 
     data = src.read_bytes()
     want_in, want_out = tflite_io_names(data)
@@ -122,6 +177,7 @@ def convert_onnx(name: str) -> None:
     got_out = [o.name for o in model.graph.output]
     if (got_in, got_out) != (want_in, want_out):
         raise SystemExit(f"{name}: ONNX I/O {got_in} {got_out} != TFLite {want_in} {want_out}")
+    canonical_names(model)
     model.ir_version = ONNX_IR_VERSION
     del model.metadata_props[:]
     for key, value in (
@@ -174,7 +230,8 @@ def fold_float16_weights(data: bytes) -> bytes:
     graph.operators = kept
     used = sorted(
         {i for op in kept for i in [*op.inputs, *op.outputs] if i >= 0}
-        | set(graph.inputs) | set(graph.outputs)
+        | set(graph.inputs)
+        | set(graph.outputs)
     )
     new = {old: i for i, old in enumerate(used)}
     graph.tensors = [graph.tensors[i] for i in used]
@@ -214,9 +271,9 @@ def calibration_inputs(size: int, seed: int = 0) -> Iterator[dict[str, np.ndarra
             cw, ch = int(w * s), int(h * s)
             x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             view = image.crop((x0, y0, x0 + cw, y0 + ch))
-            views.append(view.transpose(Image.FLIP_LEFT_RIGHT) if k % 2 else view)
+            views.append(view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if k % 2 else view)
         for view in views:
-            pixels = np.asarray(view.resize((size, size), Image.BILINEAR), np.float32)
+            pixels = np.asarray(view.resize((size, size), Image.Resampling.BILINEAR), np.float32)
             yield {"input": (pixels / 127.5 - 1.0)[np.newaxis].astype(np.float32)}
 
 
@@ -236,7 +293,8 @@ def logit_chain(model_bytes: bytes, output: str) -> list[str]:
         op = producer.get(index)
         if op is not None and model.operatorCodes[op.opcodeIndex].builtinCode in passthrough:
             todo += [
-                i for i in op.inputs
+                i
+                for i in op.inputs
                 if i >= 0 and model.buffers[graph.tensors[i].buffer].data is None
             ]
     return chain
@@ -253,8 +311,10 @@ def build_int8() -> None:
     def min_max(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         if not old:
             return new
-        return {"min": np.minimum(old["min"], new["min"]),
-                "max": np.maximum(old["max"], new["max"])}
+        return {
+            "min": np.minimum(old["min"], new["min"]),
+            "max": np.maximum(old["max"], new["max"]),
+        }
 
     qt = quantizer.Quantizer(folded)
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
@@ -263,8 +323,10 @@ def build_int8() -> None:
     # face seen in one sample would then be clipped. The calibrator with min/max keeps it.
     calib.calibrate({"serving_default": list(calibration_inputs(size))}, qt._recipe_manager)
     ranges = calib.get_model_qsvs()
-    ranges["input"] = {"min": np.full_like(ranges["input"]["min"], -1.0),
-                       "max": np.full_like(ranges["input"]["max"], 1.0)}
+    ranges["input"] = {
+        "min": np.full_like(ranges["input"]["min"], -1.0),
+        "max": np.full_like(ranges["input"]["max"], 1.0),
+    }
     for tensor in logit_chain(folded, "classificators"):
         ranges[tensor]["min"] = np.maximum(ranges[tensor]["min"], LOGIT_FLOOR)
     result = qt.quantize(ranges, enable_progress_report=False)
@@ -277,8 +339,10 @@ def build_int8() -> None:
         got = litert_outputs(dst.read_bytes(), x)
         score_ref = 1 / (1 + np.exp(-np.clip(ref[1], -80, 80)))
         score_got = 1 / (1 + np.exp(-np.clip(got[1], -80, 80)))
-        print(f"{dst.name} {sample}: max score {score_ref.max():.3f} -> {score_got.max():.3f}, "
-              f"max |score diff| {np.abs(score_ref - score_got).max():.3f}")
+        print(
+            f"{dst.name} {sample}: max score {score_ref.max():.3f} -> {score_got.max():.3f}, "
+            f"max |score diff| {np.abs(score_ref - score_got).max():.3f}"
+        )
     print(f"{dst.name}: {dst.stat().st_size} bytes")
 
 

@@ -9,6 +9,7 @@ last process holding the descriptor or a mapping goes away, crash or not.
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 from typing import Any
@@ -83,7 +84,7 @@ class Segment:
         self, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]
     ) -> npt.NDArray[Any]:
         """A numpy view of the segment's bytes at ``offset`` (no copy)."""
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         assert self._map is not None
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
 

@@ -6,6 +6,7 @@ affine quantisation (``real = scale * (q - zero_point)``; ``scale == 0`` means n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Size of the tensor in bytes."""
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def describe(self) -> str:
         """``name float32[1, 128, 128, 3]`` and the quantisation, if any."""

@@ -1,8 +1,10 @@
-"""Detect faces in the bundled sample images and write annotated copies.
+"""Detect faces in the bundled sample images, through a conveyor pipeline.
 
-Runs MediaPipe's short-range face detector on each sample image, prints the faces found
-(box relative to the image, and score) and the throughput, and writes each image with its
-boxes and keypoints drawn into the output folder.
+Runs MediaPipe's short-range face detector on each sample image in a conveyor.Pipeline
+(pre-processing in worker processes, the model on the device, post-processing in a thread),
+prints the faces found (box relative to the image, and score), then the throughput of the
+pipeline over several passes and how busy it kept the device, and writes each image with
+its boxes and keypoints drawn into the output folder.
 
 examples:
   conveyor demo
@@ -16,12 +18,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .._errors import ConveyorError
-from ..apps.faces import FaceDetector, annotate, load_image, sample_images, save_image
-from .detect import frame_step
+from .._errors import ConveyorError, StageError
+from ..apps.faces import annotate, get_config, load_image, sample_images, save_image
+from ..backends import parse_device
+from .detect import FrameResult, face_pipeline, pre_workers
 
 __all__ = ["add_arguments", "run"]
+
+MODEL = "short"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,45 +49,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _device_words(spec: str) -> str:
+    return "the CPU device (cpu)" if parse_device(spec).kind == "cpu" else f"device {spec}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``conveyor demo``; 0 on success, 2 if the device or model cannot be opened, 1 if
-    the output cannot be written."""
+    an image fails or the output cannot be written."""
     if args.repeat < 1:
         print("conveyor: --repeat must be at least 1", file=sys.stderr)
         return 2
     try:
-        detector = FaceDetector("short", device=args.device)
+        where = _device_words(args.device)
+        pipe = face_pipeline(MODEL, args.device)
+        pipe.start()
     except ConveyorError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
-    with detector:
+    with pipe:
         images = [(path, load_image(path)) for path in sample_images()]
-        step = frame_step(detector)
-        print(f"face detection ({detector.config.model}) on {args.device}:")
-        results = []
-        for path, image in images:
-            result = step(image)
-            results.append(result)
-            faces = result.faces
-            print(f"  {path.name} ({result.width}x{result.height}): {len(faces)} face(s)")
-            for face in faces:
+        workers = pre_workers()
+        print(
+            f"face detection ({get_config(MODEL).model}) on {where}, through the conveyor "
+            f"pipeline: pre-processing in {workers} worker process{'es' * (workers != 1)}, "
+            f"inference in the device worker, post-processing in a thread"
+        )
+        results: list[Any] = list(pipe.map(image for _path, image in images))
+        error = next((r for r in results if isinstance(r, StageError)), None)
+        if error is not None:
+            print(f"conveyor: {error}", file=sys.stderr)
+            return 1
+        for (path, _image), result in zip(images, results, strict=True):
+            print(f"  {path.name} ({result.width}x{result.height}): {len(result.faces)} face(s)")
+            for face in result.faces:
                 print(
                     f"    box ({face.xmin:.3f}, {face.ymin:.3f})-({face.xmax:.3f}, {face.ymax:.3f})"
                     f"  score {face.score:.2f}"
                 )
+        # Throughput: every pass streams through the same running pipeline.
+        before = pipe.stats()["device"]
         start = time.perf_counter()
-        for _ in range(args.repeat):
-            for _path, image in images:
-                step(image)
+        passes = (image for _ in range(args.repeat) for _path, image in images)
+        count = 0
+        for result in pipe.map(passes):
+            count += 1
+            if isinstance(result, StageError):
+                print(f"conveyor: {result}", file=sys.stderr)
+                return 1
         elapsed = time.perf_counter() - start
-    count = args.repeat * len(images)
+        stats = pipe.stats()
+    busy = stats["device"]["busy_s"] - before["busy_s"]
     print(
-        f"throughput: {count / elapsed:.1f} images/s "
-        f"({count} images, {1000 * elapsed / count:.2f} ms each: "
-        f"pre-processing, inference and post-processing, one after another)"
+        f"throughput: {count / elapsed:.1f} images/s through the pipeline "
+        f"({args.repeat} passes, {count} images in {elapsed:.2f} s); "
+        f"device duty cycle {100 * busy / elapsed:.0f}% "
+        f"({1000 * busy / count:.2f} ms of inference per image)"
+    )
+    print(
+        "  stage latency p50/p99: "
+        + ", ".join(
+            f"{name} {st['p50_ms']:.2f}/{st['p99_ms']:.2f} ms"
+            for name, st in stats["stages"].items()
+        )
     )
     try:
         for (path, image), result in zip(images, results, strict=True):
+            assert isinstance(result, FrameResult)
             save_image(annotate(image, result.faces), args.out / f"{path.stem}.png")
     except OSError as exc:
         print(f"conveyor: cannot write to {args.out}: {exc}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Detect faces in images, animated GIFs and videos (every frame).
 
-A folder is searched recursively, in sorted order, for image and video files. Boxes and
-keypoints are relative to the image (0..1). A file that cannot be read is reported on stderr
-(conveyor: cannot read PATH: reason) and the others are still processed; the exit status is
-then 1.
+Frames go through a conveyor pipeline: pre-processing in worker processes, the detector on
+the device, post-processing (and, with --landmarks, the landmark model on the same device)
+in a thread. A folder is searched recursively, in sorted order, for image and video files.
+Boxes and keypoints are relative to the image (0..1). A file that cannot be read is reported
+on stderr (conveyor: cannot read PATH: reason) and the others are still processed; the exit
+status is then 1.
 
 examples:
   conveyor detect photo.jpg
@@ -17,8 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
@@ -28,22 +35,39 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import ConveyorError
+from .._device._client import DeviceClient, InferFuture
+from .._errors import ConveyorError, StageError
+from .._pipeline import Pipeline, infer, stage
 from ..apps.faces import (
     DETECTORS,
+    LANDMARK_MODEL,
     MEDIA_SUFFIXES,
     Face,
-    FaceDetector,
+    FaceRoi,
+    FrameMeta,
     ImageReadError,
     annotate,
+    get_config,
     iter_frames,
+    landmarks_preprocess,
     postprocess,
     preprocess,
-    run_model,
     save_image,
+    with_landmarks,
 )
+from ..backends import open_device, parse_device
 
-__all__ = ["FrameStep", "add_arguments", "frame_step", "run"]
+__all__ = [
+    "FrameResult",
+    "SharedDevice",
+    "add_arguments",
+    "face_pipeline",
+    "pre_workers",
+    "prepare",
+    "run",
+]
+
+Frame = npt.NDArray[np.uint8]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", metavar="SPEC", default="cpu", help="device (default: cpu)")
 
 
-# --- the per-frame work: preprocess -> model -> postprocess --------------------------------
+# --- the per-frame work, as a pipeline: preprocess -> model -> postprocess ---------------
 
 
 @dataclass(frozen=True)
@@ -75,27 +99,122 @@ class FrameResult:
     faces: list[Face]
 
 
-FrameStep = Callable[[npt.NDArray[np.uint8]], FrameResult]
+def pre_workers() -> int:
+    """Worker processes for pre-processing: the CPU count, bounded to 1..4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
-def frame_step(detector: FaceDetector) -> FrameStep:
-    """The per-frame work on ``detector``'s device, as three separable steps.
+def prepare(
+    frame: Frame, model: str, keep_frame: bool = False
+) -> tuple[npt.NDArray[np.float32], tuple[FrameMeta, Frame | None]]:
+    """The pre-processing stage (runs in a worker process): the detector's input tensor,
+    and the context post-processing needs: the frame's meta, and the frame itself when
+    ``keep_frame`` (the landmark model crops faces out of it)."""
+    tensor, meta = preprocess(frame, model)
+    return tensor, (meta, frame if keep_frame else None)
 
-    ``pre`` and ``post`` are picklable module-level functions (a pipeline can run them in
-    worker processes); only the model call needs the device.
-    """
-    pre = partial(preprocess, model=detector.config.name)
-    post = partial(postprocess, model=detector.config.name)
 
-    def step(frame: npt.NDArray[np.uint8]) -> FrameResult:
-        tensor, meta = pre(frame)
-        outputs = run_model(detector.runner, tensor)
-        faces = post(outputs, meta)
-        if detector.landmark_runner is not None:
-            faces = [detector.add_landmarks(frame, face) for face in faces]
+class _Finish:
+    """The post-processing stage (a thread): faces from the detector's outputs, then each
+    face's landmarks from the landmark model when a client to the device is given."""
+
+    def __init__(self, model: str, landmarks: DeviceClient | None) -> None:
+        self.model = model
+        self.landmarks = landmarks
+
+    def __call__(
+        self, item: tuple[list[npt.NDArray[Any]], tuple[FrameMeta, Frame | None]]
+    ) -> FrameResult:
+        outputs, (meta, frame) = item
+        faces = postprocess(outputs, meta, self.model)
+        if self.landmarks is not None and faces:
+            assert frame is not None
+            # Every face's crop is queued on the device before waiting for the first.
+            jobs: list[tuple[Face, FaceRoi, InferFuture]] = []
+            for face in faces:
+                tensor, roi = landmarks_preprocess(frame, face)
+                jobs.append(
+                    (face, roi, self.landmarks.submit(LANDMARK_MODEL, tensor, dequantize=True))
+                )
+            faces = [with_landmarks(face, fut.result(), roi) for face, roi, fut in jobs]
         return FrameResult(meta.width, meta.height, faces)
 
-    return step
+
+def face_pipeline(
+    model: str,
+    device: str,
+    *,
+    server: str | None = None,
+    landmarks: DeviceClient | None = None,
+    workers: int | None = None,
+) -> Pipeline:
+    """The face detection pipeline, not yet started: frames in, :class:`FrameResult` out.
+
+    ``server`` is the socket of a device server to run the detector on (instead of a
+    private device worker); ``landmarks`` a client to a server that has the landmark model;
+    ``workers`` the pre-processing processes (default :func:`pre_workers`). A failed frame
+    gives a :class:`StageError` in its place.
+    """
+    config = get_config(model)
+    pre = partial(prepare, model=config.name, keep_frame=landmarks is not None)
+    return Pipeline(
+        stage(pre, workers=workers or pre_workers(), kind="process", name="preprocess"),
+        infer(
+            config.model,
+            device=device,
+            server=server,
+            with_context=True,
+            dequantize=True,
+            name="detect",
+        ),
+        stage(_Finish(config.name, landmarks), name="postprocess"),
+        maxsize=8,
+        on_error="return",
+    )
+
+
+class SharedDevice:
+    """One device opened in this process and served on a private socket, so that the
+    pipeline's detector and the landmark model share it: a device such as an Edge TPU
+    serves one process at a time.
+
+    Raises:
+        DeviceError, ModelError: the device or a model could not be opened.
+    """
+
+    def __init__(self, spec: str, models: Sequence[str]) -> None:
+        from .._device._server import DeviceServer
+
+        device = open_device(spec)
+        try:
+            self._server = DeviceServer([device], models)
+        except BaseException:
+            device.close()
+            raise
+        self._dir = tempfile.mkdtemp(prefix="conveyor-detect-")
+        self.path = os.path.join(self._dir, "device.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen()
+        self._server.add_listener(listener)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="conveyor-detect-device", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.client = DeviceClient(path=self.path, name="conveyor detect landmarks")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop serving and close the device."""
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        self._server.shutdown(drain=False)
+        self._thread.join(timeout=5.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # --- sources and outputs -----------------------------------------------------------------
@@ -245,55 +364,148 @@ class Console:
 # --- the command -------------------------------------------------------------------------
 
 
-def _process(
-    source: Source,
-    step: FrameStep,
-    args: argparse.Namespace,
-    console: Console,
+# Suffixes of files that hold one frame (GIF, WebP and TIFF may hold many).
+_STILL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+
+
+class _File:
+    """One source being read: its output base name; ``failed`` once an error was reported."""
+
+    def __init__(self, source: Source, base: str) -> None:
+        self.source = source
+        self.base = base
+        self.failed = False
+
+
+@dataclass(frozen=True)
+class _FrameIn:
+    """A frame given to the pipeline; ``frame`` is kept only to draw on it (``--out``)."""
+
+    file: _File
+    index: int
+    single: bool
+    frame: Frame | None
+
+
+@dataclass(frozen=True)
+class _FileEnd:
+    """The end of a file, with the error that ended it early, if any."""
+
+    file: _File
+    error: ImageReadError | None
+
+
+def _frame_source(
+    sources: Sequence[Source],
     names: OutputNames | None,
-) -> None:
-    base = names.base(source.name) if names is not None else ""
-    with closing(iter_frames(source.path)) as frames:
-        for index, frame, single in frames_with_lookahead(frames):
-            result = step(frame)
-            line = json_line if args.json else text_line
-            console.out(line(source.display, index, result))
-            if names is not None:
-                save_image(annotate(frame, result.faces), names.path(base, index, single))
+    events: deque[_FrameIn | _FileEnd],
+) -> Iterator[Frame]:
+    """Every frame of every source, for the pipeline (it runs in the pipeline's feeder thread).
+
+    Each frame and each file's end is also recorded in ``events``, in order, for the
+    consumer to match with the pipeline's ordered results. A file that cannot be read does
+    not end the run: its error is recorded and the next file is read. ``events`` stays
+    bounded: the pipeline takes a new frame only when it has room for it.
+    """
+    keep = names is not None
+    for source in sources:
+        file = _File(source, names.base(source.name) if names is not None else "")
+        error = None
+        try:
+            with closing(iter_frames(source.path)) as frames:
+                for index, frame, single in frames_with_lookahead(frames):
+                    events.append(_FrameIn(file, index, single, frame if keep else None))
+                    yield frame
+        except ImageReadError as exc:
+            error = exc
+        events.append(_FileEnd(file, error))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``conveyor detect``; 0 if every file was read, 1 if any failed, 2 on a setup error."""
+    sources = expand_sources(args.paths)
+    # A few still images need no more worker processes than images: fewer to start.
+    stills = all(s.path.suffix.lower() in _STILL_SUFFIXES for s in sources)
+    workers = max(1, min(pre_workers(), len(sources))) if stills else pre_workers()
+    shared: SharedDevice | None = None
     try:
-        detector = FaceDetector(args.model, device=args.device, landmarks=args.landmarks)
-    except ConveyorError as exc:
+        parse_device(args.device)
+        if args.landmarks:
+            # Both models on one device opened here; the pipeline reaches it by its socket.
+            config = get_config(args.model)
+            shared = SharedDevice(args.device, [config.model, LANDMARK_MODEL])
+            pipe = face_pipeline(
+                args.model,
+                args.device,
+                server=shared.path,
+                landmarks=shared.client,
+                workers=workers,
+            )
+        else:
+            pipe = face_pipeline(args.model, args.device, workers=workers)
+        pipe.start()
+    except BaseException as exc:
+        if shared is not None:
+            shared.close()
+        if not isinstance(exc, ConveyorError):
+            raise
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
-    sources = expand_sources(args.paths)
     names = OutputNames(args.out) if args.out is not None else None
-    failed = 0
+    events: deque[_FrameIn | _FileEnd] = deque()
     console = Console(len(sources))
-    try:
-        step = frame_step(detector)
-        for source in sources:
+    line = json_line if args.json else text_line
+    failed = 0
+
+    def fail(file: _File, message: str) -> None:
+        nonlocal failed
+        failed += 1
+        file.failed = True
+        console.err(message)
+
+    def file_end(event: _FileEnd) -> None:
+        if event.error is not None and not event.file.failed:
+            fail(
+                event.file,
+                f"conveyor: cannot read {event.file.source.display}: {event.error.reason}",
+            )
+        console.advance()
+
+    def frame_done(event: _FrameIn, result: FrameResult | StageError) -> None:
+        file = event.file
+        if file.failed:
+            return  # the rest of a file that failed is not reported
+        display = file.source.display
+        if isinstance(result, StageError):
+            fail(file, f"conveyor: failed on {display}: {result.__cause__ or result}")
+            return
+        console.out(line(display, event.index, result))
+        if names is not None and event.frame is not None:
+            path = names.path(file.base, event.index, event.single)
             try:
-                _process(source, step, args, console, names)
-            except BrokenPipeError:
-                # The reader went away (``| head``): stop quietly, as Unix tools do. Point
-                # stdout at devnull so the interpreter's final flush does not fail again.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                return 1
-            except ImageReadError as exc:
-                failed += 1
-                console.err(f"conveyor: cannot read {source.display}: {exc.reason}")
+                save_image(annotate(event.frame, result.faces), path)
             except OSError as exc:
-                failed += 1
-                console.err(f"conveyor: cannot write the output for {source.display}: {exc}")
-            except ConveyorError as exc:
-                failed += 1
-                console.err(f"conveyor: failed on {source.display}: {exc}")
-            console.advance()
+                fail(file, f"conveyor: cannot write the output for {display}: {exc}")
+
+    try:
+        with pipe:
+            for result in pipe.map(_frame_source(sources, names, events)):
+                event = events.popleft()
+                while isinstance(event, _FileEnd):
+                    file_end(event)
+                    event = events.popleft()
+                frame_done(event, result)
+        while events:
+            event = events.popleft()
+            assert isinstance(event, _FileEnd)
+            file_end(event)
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as Unix tools do. Point stdout
+        # at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         console.close()
-        detector.close()
+        if shared is not None:
+            shared.close()
     return 1 if failed else 0

@@ -29,9 +29,7 @@ __all__ = ["add_arguments", "run", "survey"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``conveyor devices``'s arguments on ``parser``."""
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of text"
-    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def _version(package: str) -> str | None:
@@ -44,8 +42,15 @@ def _version(package: str) -> str | None:
 def _entry(
     spec: str, kind: str, available: bool, summary: str, why: str | None = None, **extra: Any
 ) -> dict[str, Any]:
-    return {"spec": spec, "kind": kind, "available": available, "simulated": False,
-            "summary": summary, "why": why, **extra}
+    return {
+        "spec": spec,
+        "kind": kind,
+        "available": available,
+        "simulated": False,
+        "summary": summary,
+        "why": why,
+        **extra,
+    }
 
 
 def _edgetpus(root: str) -> list[dict[str, Any]]:
@@ -56,25 +61,36 @@ def _edgetpus(root: str) -> list[dict[str, Any]]:
         why = f"no Edge TPU found: {what_was_searched()}"
         if not library.found:
             why += f"; {library.reason}"
-        return [_entry("edgetpu", "edgetpu", False, "not available", why=why,
-                       library=library.library)]
+        return [
+            _entry("edgetpu", "edgetpu", False, "not available", why=why, library=library.library)
+        ]
     out = []
     for dev in devices:
         holders = [str(h) for h in find_holders(dev.node, root)] if dev.node else []
         owner = lock_holder(f"edgetpu-{dev.bus}-{dev.index}")
         if owner is not None:
             holders.insert(0, f"conveyor pid {owner}")
-        why = None
+        reason: str | None = None
         if not library.found:
-            why = library.reason
+            reason = library.reason
         elif dev.node is None:
-            why = f"no device node for {dev.path} (is the apex driver loaded?)"
+            reason = f"no device node for {dev.path} (is the apex driver loaded?)"
         elif holders:
-            why = f"busy: held by {', '.join(holders)} (share it with `conveyor serve`)"
+            reason = f"busy: held by {', '.join(holders)} (share it with `conveyor serve`)"
         bus = f"USB {dev.usb_id}" if dev.bus == "usb" else "PCIe"
         summary = f"Edge TPU, {bus}, {dev.path}, {dev.state}; {lib_text}"
-        out.append(_entry(f"edgetpu:{dev.name}", "edgetpu", why is None, summary, why=why,
-                          holders=holders, library=library.library, **dev.to_json()))
+        out.append(
+            _entry(
+                f"edgetpu:{dev.name}",
+                "edgetpu",
+                reason is None,
+                summary,
+                why=reason,
+                holders=holders,
+                library=library.library,
+                **dev.to_json(),
+            )
+        )
     return out
 
 
@@ -87,8 +103,15 @@ def _cpu() -> dict[str, Any]:
     version = _version("ai-edge-litert")
     if version is None:
         return _entry("cpu", "cpu", False, "not available", why="ai-edge-litert is not installed")
-    return _entry("cpu", "cpu", True, f"LiteRT {version} on the CPU, {usable} of {cores} cores",
-                  litert=version, cores=cores, usable_cores=usable)
+    return _entry(
+        "cpu",
+        "cpu",
+        True,
+        f"LiteRT {version} on the CPU, {usable} of {cores} cores",
+        litert=version,
+        cores=cores,
+        usable_cores=usable,
+    )
 
 
 def _onnx() -> list[dict[str, Any]]:
@@ -96,21 +119,31 @@ def _onnx() -> list[dict[str, Any]]:
         import onnxruntime as ort
     except ImportError:
         why = "onnxruntime is not installed (pip install 'conveyor[onnx]')"
-        return [_entry("onnx:cpu", "onnx", False, "not available", why=why),
-                _entry("onnx:cuda", "onnx", False, "not available", why=why)]
+        return [
+            _entry("onnx:cpu", "onnx", False, "not available", why=why),
+            _entry("onnx:cuda", "onnx", False, "not available", why=why),
+        ]
     providers = list(ort.get_available_providers())
     version = str(ort.__version__)
     out = []
-    for spec, provider in (("onnx:cpu", "CPUExecutionProvider"),
-                           ("onnx:cuda", "CUDAExecutionProvider")):
+    for spec, provider in (
+        ("onnx:cpu", "CPUExecutionProvider"),
+        ("onnx:cuda", "CUDAExecutionProvider"),
+    ):
         ok = provider in providers
-        out.append(_entry(
-            spec, "onnx", ok,
-            f"ONNX Runtime {version}, {provider}" if ok else "not available",
-            why=None if ok else f"onnxruntime {version} has no {provider} "
-            f"(available: {', '.join(providers)})",
-            version=version, providers=providers,
-        ))
+        out.append(
+            _entry(
+                spec,
+                "onnx",
+                ok,
+                f"ONNX Runtime {version}, {provider}" if ok else "not available",
+                why=None
+                if ok
+                else f"onnxruntime {version} has no {provider} (available: {', '.join(providers)})",
+                version=version,
+                providers=providers,
+            )
+        )
     return out
 
 
@@ -118,10 +151,13 @@ def _sim() -> dict[str, Any]:
     profiles = [p + (" (default)" if p == DEFAULT_PROFILE else "") for p in PROFILES]
     owner = lock_holder("sim-edgetpu-0")
     entry = _entry(
-        "sim-edgetpu", "sim-edgetpu", True,
+        "sim-edgetpu",
+        "sim-edgetpu",
+        True,
         f"simulated Edge TPU (simulation, no hardware); profiles: {', '.join(profiles)}"
         + (f"; held by conveyor pid {owner}" if owner is not None else ""),
-        profiles=list(PROFILES), holder=owner,
+        profiles=list(PROFILES),
+        holder=owner,
     )
     entry["simulated"] = True
     return entry

@@ -106,6 +106,26 @@ class _DeviceLink:
             self.gen += 1
             self.stats.restarts += 1
 
+    def submit(self, value: Any) -> tuple[Any, int]:
+        """Queue one inference without waiting: returns (future, link generation).
+
+        Blocks only while the client has its whole credit in flight. Raises ServerGone
+        (the worker is gone: restart and submit again), InputError, ModelNotFoundError.
+        """
+        d = self.defn
+        with self._lock:
+            client, gen = self.client, self.gen
+        fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
+                            dequantize=d.dequantize)
+        return fut, gen
+
+    def restart(self, gen: int) -> bool:
+        """Replace a dead private worker (once per generation); False for a server link."""
+        if self.worker is None or self.closing:
+            return False
+        self._restart(gen)
+        return True
+
     def call(self, value: Any) -> tuple[Any, Any]:
         """One inference: returns (outputs, timing). Retries once after the worker died."""
         d = self.defn
@@ -167,6 +187,8 @@ class Core:
         self.links: dict[int, _DeviceLink] = {}
         self.source_dropped = 0
         self._lock = threading.Lock()
+        self._credit = [inflight] * len(stages)
+        self._credit_cv = threading.Condition()
 
     # --- start and stop -------------------------------------------------------------
 
@@ -203,7 +225,7 @@ class Core:
             if errors:
                 raise errors[0]
             for si, d in enumerate(self.defs):
-                count = self.inflight if d.kind == "infer" else d.workers
+                count = 1 if d.kind == "infer" else d.workers
                 for w in range(count):
                     t = threading.Thread(target=self._worker_loop, args=(si, w),
                                          name=f"conveyor-{d.name}-{w}", daemon=True)
@@ -225,6 +247,8 @@ class Core:
             if self.closing:
                 return
             self.closing = True
+        with self._credit_cv:
+            self._credit_cv.notify_all()
         for ch in self.channels:
             for item in ch.abort():
                 item.run.deliver(item.index, CANCEL)
@@ -390,8 +414,113 @@ class Core:
             log.exception("could not replace a worker of stage %r", d.name)
             self.procs[si][w] = None
 
+    # --- the inference stage: submit without waiting, finish in the reply callback ----
+
+    def _take_credit(self, si: int) -> bool:
+        with self._credit_cv:
+            while self._credit[si] <= 0:
+                if self.closing:
+                    return False
+                self._credit_cv.wait()
+            if self.closing:
+                return False
+            self._credit[si] -= 1
+            return True
+
+    def _give_credit(self, si: int) -> None:
+        with self._credit_cv:
+            self._credit[si] += 1
+            self._credit_cv.notify()
+
+    def _infer_loop(self, si: int) -> None:
+        """One thread per inference stage: take items and submit them, keeping up to
+        ``inflight`` requests at the device. Results are finished in the client's reply
+        callback (:meth:`_infer_done`), so no thread waits per request."""
+        st = self.stats[si]
+        inq = self.channels[si]
+        while True:
+            try:
+                item = inq.get()
+            except Aborted:
+                return
+            run = item.run
+            if run.cancelled:
+                run.deliver(item.index, CANCEL)
+                continue
+            with st.lock:
+                st.items_in += 1
+            if not self._take_credit(si):
+                run.deliver(item.index, CANCEL)
+                return
+            self._infer_submit(si, item, time.monotonic_ns(), 0)
+            del item, run
+
+    def _infer_submit(self, si: int, item: Item, start: int, attempt: int) -> None:
+        d = self.defs[si]
+        link = self.links[si]
+        value = item.value[0] if d.with_context else item.value
+        try:
+            fut, gen = link.submit(value)
+        except ServerGone as exc:
+            if attempt == 0 and link.restart(link.gen):
+                self._infer_submit(si, item, start, 1)
+                return
+            self._infer_failed(si, item, start, exc)
+            return
+        except ConveyorError as exc:
+            self._infer_failed(si, item, start, exc)
+            return
+        fut.add_done_callback(functools.partial(self._infer_done, si, item, start, gen, attempt))
+
+    def _infer_failed(self, si: int, item: Item, start: int, exc: BaseException) -> None:
+        self._give_credit(si)
+        if self.closing:
+            item.run.deliver(item.index, CANCEL)
+            return
+        self.stats[si].record(False, time.monotonic_ns() - start)
+        err = StageError(self.defs[si].name, item.index, f"{type(exc).__name__}: {exc}",
+                         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        err.__cause__ = exc
+        item.run.deliver(item.index, ERR, err)
+
+    def _infer_done(self, si: int, item: Item, start: int, gen: int, attempt: int,
+                    fut: Any) -> None:
+        """Reply callback (runs in the client's reader thread)."""
+        link = self.links[si]
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, ServerGone) and attempt == 0 and not self.closing \
+                    and link.restart(gen):
+                self._infer_submit(si, item, start, 1)
+                return
+            self._infer_failed(si, item, start, exc)
+            return
+        self._give_credit(si)
+        d = self.defs[si]
+        outs = fut.result()
+        timing = fut.timing
+        if timing is not None:
+            link.stats.record(timing.start_ns, timing.compute_ns)
+            if self.tracer is not None:
+                track = self.tracer.track(f"device {link.stats.spec}")
+                self.tracer.span(track, link.model, timing.start_ns,
+                                 timing.start_ns + timing.compute_ns, item=item.index)
+        self.stats[si].record(True, time.monotonic_ns() - start)
+        item.value = (outs, item.value[1]) if d.with_context else outs
+        run = item.run
+        if si + 1 >= len(self.channels):
+            run.deliver(item.index, OK, item.value)
+            return
+        try:
+            self.channels[si + 1].put(item, cancelled=lambda: run.cancelled)
+        except Aborted:
+            run.deliver(item.index, CANCEL)
+
     def _worker_loop(self, si: int, w: int) -> None:
         d = self.defs[si]
+        if d.kind == "infer":
+            self._infer_loop(si)
+            return
         st = self.stats[si]
         inq = self.channels[si]
         outq = self.channels[si + 1] if si + 1 < len(self.channels) else None

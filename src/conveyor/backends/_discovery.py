@@ -121,8 +121,14 @@ def _usb(root: str | os.PathLike[str]) -> list[EdgeTPUInfo]:
             continue
         busnum, devnum = _int(_read(entry / "busnum"), 0), _int(_read(entry / "devnum"), 0)
         node = f"/dev/bus/usb/{busnum:03d}/{devnum:03d}" if busnum and devnum else None
-        info = EdgeTPUInfo("usb", 0, f"/sys/bus/usb/devices/{entry.name}", state, node,
-                           f"{vendor.lower()}:{product.lower()}")
+        info = EdgeTPUInfo(
+            "usb",
+            0,
+            f"/sys/bus/usb/devices/{entry.name}",
+            state,
+            node,
+            f"{vendor.lower()}:{product.lower()}",
+        )
         found.append((busnum, devnum, entry.name, info))
     # libusb lists devices by bus and address; number them in that order.
     found.sort(key=lambda item: item[:3])

@@ -61,7 +61,10 @@ def _elements(shape: tuple[int, ...]) -> int:
 def _opcodes(model: Any, schema: Any) -> list[int]:
     # Old converters wrote only deprecated_builtin_code (values < 127); newer ones both.
     return [
-        max(int(model.OperatorCodes(i).BuiltinCode()), int(model.OperatorCodes(i).DeprecatedBuiltinCode()))
+        max(
+            int(model.OperatorCodes(i).BuiltinCode()),
+            int(model.OperatorCodes(i).DeprecatedBuiltinCode()),
+        )
         for i in range(model.OperatorCodesLength())
     ]
 
@@ -121,10 +124,7 @@ def _cost_cached(path: str, mtime_ns: int, size: int) -> ModelCost:
         codes = _opcodes(model, schema)
         ops = schema.BuiltinOperator
         io = [
-            sum(
-                _elements(_shape(subgraph.Tensors(int(get(j)))))
-                for j in range(length())
-            )
+            sum(_elements(_shape(subgraph.Tensors(int(get(j))))) for j in range(length()))
             for get, length in (
                 (subgraph.Inputs, subgraph.InputsLength),
                 (subgraph.Outputs, subgraph.OutputsLength),
@@ -136,8 +136,7 @@ def _cost_cached(path: str, mtime_ns: int, size: int) -> ModelCost:
                 p.stem, params, int(params * _MACS_PER_PARAM_COMPILED), io[0], io[1], True
             )
         macs = sum(
-            _op_macs(op, codes[int(op.OpcodeIndex())], subgraph, ops)
-            for op in _operators(subgraph)
+            _op_macs(op, codes[int(op.OpcodeIndex())], subgraph, ops) for op in _operators(subgraph)
         )
         return ModelCost(p.stem, _param_bytes(model, subgraph, schema), macs, io[0], io[1])
     except (IndexError, TypeError, ValueError, AttributeError) as exc:

@@ -16,7 +16,13 @@ from .._models import resolve_model
 from ._base import Device, Runner
 from ._discovery import discover_edgetpus, what_was_searched
 from ._spec import DeviceSpec
-from .edgetpu import COMPILED_SUFFIX, EdgeTPUDevice, edgetpu_pair, find_edgetpu_library
+from .edgetpu import (
+    COMPILED_SUFFIX,
+    EdgeTPUDevice,
+    base_name,
+    edgetpu_pair,
+    find_edgetpu_library,
+)
 from .litert import LiteRTDevice
 
 __all__ = ["AutoDevice"]
@@ -56,7 +62,7 @@ class AutoDevice(Device):
         return self._tpu
 
     def load(self, model: str | Path) -> Runner:
-        """Load ``model`` on the Edge TPU if it is usable and has an Edge TPU build, else on the CPU.
+        """Load ``model`` on the Edge TPU if usable and the model has a build for it, else the CPU.
 
         Blocks as the chosen backend's ``load`` (and, the first time the Edge TPU is chosen,
         while it opens).
@@ -67,7 +73,7 @@ class AutoDevice(Device):
         """
         path = resolve_model(model)
         plain, compiled = edgetpu_pair(path)
-        name = (plain or compiled or path).stem
+        name = base_name(plain or compiled or path)
         why = self._no_tpu
         if not why and compiled is None:
             why = f"the model has no Edge TPU build ({name}{COMPILED_SUFFIX}.tflite beside it)"
@@ -75,7 +81,10 @@ class AutoDevice(Device):
             tpu = self._open_tpu()
             if tpu is not None:
                 runner = tpu.load(compiled or path)
-                self.choices[name] = (f"edgetpu:{tpu.info.name}", f"Edge TPU {tpu.info.name}: {compiled}")
+                self.choices[name] = (
+                    f"edgetpu:{tpu.info.name}",
+                    f"Edge TPU {tpu.info.name}: {compiled}",
+                )
                 return runner
             why = self._tpu_error
         if plain is None:

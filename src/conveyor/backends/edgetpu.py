@@ -49,6 +49,7 @@ __all__ = [
     "LIBRARY_ENV",
     "EdgeTPUDevice",
     "LibraryStatus",
+    "base_name",
     "edgetpu_pair",
     "find_edgetpu_library",
     "select_edgetpu",
@@ -147,6 +148,12 @@ def edgetpu_pair(path: Path) -> tuple[Path | None, Path | None]:
     return (path if path.is_file() else None, compiled if compiled.is_file() else None)
 
 
+def base_name(path: Path) -> str:
+    """The model name of a plain or compiled file: ``name`` for ``name_edgetpu.tflite``."""
+    stem = path.stem
+    return stem[: -len(COMPILED_SUFFIX)] if stem.endswith(COMPILED_SUFFIX) else stem
+
+
 class EdgeTPURunner(Runner):
     """A compiled model on an Edge TPU: a LiteRT interpreter with its own delegate."""
 
@@ -223,7 +230,9 @@ class EdgeTPUDevice(Device):
             )
         self.info = info
         self.library = library.library
-        self._lock = acquire_device_lock(f"edgetpu-{info.bus}-{info.index}", f"Edge TPU {info.name}")
+        self._lock = acquire_device_lock(
+            f"edgetpu-{info.bus}-{info.index}", f"Edge TPU {info.name}"
+        )
         try:
             self._refuse_if_held()
             self._delegate = self._load_delegate()
@@ -289,9 +298,8 @@ class EdgeTPUDevice(Device):
                 f"{path.suffix} beside it (compile it with Coral's edgetpu_compiler), or run "
                 f"the plain model on the CPU (device 'cpu' or 'auto')"
             )
-        name = (plain or compiled).stem
         try:
-            return EdgeTPURunner(compiled, self._load_delegate(), name)
+            return EdgeTPURunner(compiled, self._load_delegate(), base_name(plain or compiled))
         except ModelError:
             raise
         except OSError as exc:

@@ -53,9 +53,19 @@ def _ort() -> Any:
 def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
     """ONNX Runtime's own exception types (they derive from Exception only)."""
     state = ort.capi.onnxruntime_pybind11_state
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError",
-             "RuntimeException", "InvalidProtobuf", "ModelLoaded", "NotImplemented",
-             "InvalidGraph", "EPFail")
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
     found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
     return (*found, RuntimeError, ValueError)
 

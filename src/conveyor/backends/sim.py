@@ -69,7 +69,7 @@ from ._base import Device, Runner
 from ._lock import DeviceLock, acquire_device_lock
 from ._modelcost import ModelCost, model_cost
 from ._spec import DeviceSpec
-from .edgetpu import edgetpu_pair
+from .edgetpu import base_name, edgetpu_pair
 from .litert import _specs, check_tflite_file, is_edgetpu_model
 
 __all__ = [
@@ -105,8 +105,11 @@ class SimProfile:
 
 #: MobileNet v2 1.0/224, the calibration model (see the module docstring).
 MOBILENET_V2 = ModelCost(
-    "mobilenet_v2_1.0_224", param_bytes=3_470_000, macs=300_000_000,
-    input_bytes=224 * 224 * 3, output_bytes=1001,
+    "mobilenet_v2_1.0_224",
+    param_bytes=3_470_000,
+    macs=300_000_000,
+    input_bytes=224 * 224 * 3,
+    output_bytes=1001,
 )
 _USB3_BYTES_PER_S = 320e6
 _USB3_FIXED_S = 0.3e-3
@@ -124,12 +127,20 @@ _RPI4_EXTRA_S = 4.6e-3 - _MOBILENET_V2_USB3_S
 PROFILES: dict[str, SimProfile] = {
     p.name: p
     for p in (
-        SimProfile("usb3", _USB3_BYTES_PER_S, _USB3_FIXED_S,
-                   "USB Accelerator on a USB 3 port of an x86 host"),
+        SimProfile(
+            "usb3",
+            _USB3_BYTES_PER_S,
+            _USB3_FIXED_S,
+            "USB Accelerator on a USB 3 port of an x86 host",
+        ),
         SimProfile("usb2", 35e6, 0.5e-3, "USB Accelerator on a USB 2 port"),
         SimProfile("pci", 500e6, 0.1e-3, "M.2 / PCIe Edge TPU (Gen2 x1)"),
-        SimProfile("rpi4", _USB3_BYTES_PER_S, _USB3_FIXED_S + _RPI4_EXTRA_S,
-                   "USB Accelerator on a Raspberry Pi 4 (USB 3)"),
+        SimProfile(
+            "rpi4",
+            _USB3_BYTES_PER_S,
+            _USB3_FIXED_S + _RPI4_EXTRA_S,
+            "USB Accelerator on a Raspberry Pi 4 (USB 3)",
+        ),
     )
 }
 DEFAULT_PROFILE = "usb3"
@@ -310,7 +321,7 @@ class SimEdgeTPUDevice(Device):
         # Either way the model is named after the plain file, so that switching between
         # the two names is not a switch.
         cost = model_cost(plain or path)
-        base = (plain or compiled or path).stem
+        base = base_name(plain or compiled or path)
         return replace(cost, name=base) if cost.name != base else cost
 
     def load(self, model: str | Path) -> SimRunner:
@@ -326,7 +337,7 @@ class SimEdgeTPUDevice(Device):
             raise DeviceError(f"{self.spec} (simulation) is closed")
         try:
             path = resolve_model(model)
-            plain, compiled = edgetpu_pair(path)
+            plain, _ = edgetpu_pair(path)
             # Run the plain model when there is one: its outputs stand in for the compiled one.
             return SimRunner(self, plain or path, self._cost(path))
         except ModelError:

@@ -1,0 +1,123 @@
+"""ONNX Runtime backend: the bundled .onnx conversions agree with LiteRT on real images.
+
+Tolerance (measured 2.1e-4 at most, on outputs up to about 260 in magnitude):
+``|onnx - litert| <= 5e-4 + 1e-5 * |litert|`` for every output of every bundled float model on
+every bundled sample image.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from conveyor._errors import DeviceNotFoundError, ModelNotFoundError
+from conveyor._models import BUNDLED_DIR
+from conveyor.backends import open_device
+from conveyor.backends.onnx import OnnxDevice, resolve_onnx_model
+
+SAMPLES = BUNDLED_DIR.parent / "samples"
+MODELS = {  # name -> (input size, value range)
+    "face_detection_short_range": (128, (-1.0, 1.0)),
+    "face_detection_full_range": (192, (-1.0, 1.0)),
+    "face_landmark": (192, (0.0, 1.0)),
+}
+ATOL, RTOL = 5e-4, 1e-5
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def image_tensor(name: str, size: int, lo: float, hi: float) -> np.ndarray:
+    image = Image.open(SAMPLES / f"{name}.png").convert("RGB").resize((size, size))
+    return (lo + np.asarray(image, np.float32) / 255.0 * (hi - lo))[np.newaxis]
+
+
+def sample_names() -> list[str]:
+    return sorted(p.stem for p in SAMPLES.glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def onnx_cpu() -> Any:
+    device = open_device("onnx:cpu")
+    yield device
+    device.close()
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_onnx_cpu_agrees_with_litert_on_real_images(model: str, onnx_cpu: Any) -> None:
+    onnx_runner = onnx_cpu.load(model)
+    litert_runner = open_device("cpu").load(model)
+    assert [(s.name, s.shape, s.dtype) for s in onnx_runner.inputs] == [
+        (s.name, s.shape, s.dtype) for s in litert_runner.inputs
+    ]
+    assert [(s.name, s.shape, s.dtype) for s in onnx_runner.outputs] == [
+        (s.name, s.shape, s.dtype) for s in litert_runner.outputs
+    ]
+    size, (lo, hi) = MODELS[model]
+    for name in sample_names():
+        x = image_tensor(name, size, lo, hi)
+        got, want = onnx_runner.run([x]), litert_runner.run([x])
+        for g, w, spec in zip(got, want, onnx_runner.outputs):
+            assert g.dtype == spec.dtype and g.shape == spec.shape
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=f"{model} {name}")
+
+
+def test_face_detector_on_onnx_finds_the_same_face(onnx_cpu: Any) -> None:
+    from conveyor.apps.faces import FaceDetector, load_image
+
+    image = load_image(SAMPLES / "astronaut.png")
+    with FaceDetector("short", device="cpu") as cpu:
+        want = cpu.detect(image)
+    with FaceDetector("short", device=onnx_cpu) as onnx:
+        got = onnx.detect(image)
+    assert len(got) == len(want) == 1
+    assert got[0].iou(want[0]) > 0.999
+    assert got[0].score == pytest.approx(want[0].score, abs=1e-4)
+
+
+def test_model_resolution(tmp_path: Path) -> None:
+    bundled = BUNDLED_DIR / "face_landmark.onnx"
+    assert resolve_onnx_model("face_landmark") == bundled
+    assert resolve_onnx_model("face_landmark.tflite") == bundled
+    assert resolve_onnx_model(BUNDLED_DIR / "face_landmark.tflite") == bundled
+    assert resolve_onnx_model(bundled) == bundled
+    mine = tmp_path / "mine.tflite"
+    shutil.copy(BUNDLED_DIR / "face_landmark.tflite", mine)
+    with pytest.raises(ModelNotFoundError, match="face_landmark"):
+        resolve_onnx_model(mine)  # no mine.onnx beside it, none bundled: lists the bundled
+    shutil.copy(bundled, tmp_path / "mine.onnx")
+    assert resolve_onnx_model(mine) == tmp_path / "mine.onnx"
+
+
+def test_describe(onnx_cpu: Any) -> None:
+    facts = onnx_cpu.describe()
+    assert facts["backend"] == "onnxruntime" and facts["provider"] == "CPUExecutionProvider"
+    assert facts["version"] == ort.__version__ and facts["simulated"] is False
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDAExecutionProvider")
+def test_onnx_cuda_missing_lists_the_providers() -> None:
+    with pytest.raises(DeviceNotFoundError) as info:
+        open_device("onnx:cuda")
+    message = str(info.value)
+    assert "CUDAExecutionProvider" in message
+    for provider in ort.get_available_providers():
+        assert provider in message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="onnxruntime has no CUDAExecutionProvider here")
+def test_onnx_cuda_agrees_with_onnx_cpu(onnx_cpu: Any) -> None:
+    cuda: OnnxDevice = open_device("onnx:cuda:0")  # type: ignore[assignment]
+    assert cuda.describe()["device_id"] == 0
+    for model, (size, (lo, hi)) in MODELS.items():
+        gpu_runner, cpu_runner = cuda.load(model), onnx_cpu.load(model)
+        for name in sample_names():
+            x = image_tensor(name, size, lo, hi)
+            for g, c in zip(gpu_runner.run([x]), cpu_runner.run([x])):
+                # cuDNN may pick TF32 or other algorithms: a looser, stated tolerance
+                np.testing.assert_allclose(g, c, rtol=1e-3, atol=1e-2, err_msg=f"{model} {name}")
