@@ -36,6 +36,19 @@ def children() -> list[psutil.Process]:
     ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_lock_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Device locks in a folder of this test session's own, so that a conveyor program
+    running beside the tests (or another test run) cannot make a device look taken."""
+    old = os.environ.get("CONVEYOR_LOCK_DIR")
+    os.environ["CONVEYOR_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))
+    yield
+    if old is None:
+        os.environ.pop("CONVEYOR_LOCK_DIR", None)
+    else:
+        os.environ["CONVEYOR_LOCK_DIR"] = old
+
+
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves child processes or /dev/shm entries behind."""

@@ -100,6 +100,7 @@ class _DeviceLink:
             log.warning("device worker pid %d for %s %s; restarting it", old.pid,
                         self.defn.device, old.process.describe_exit())
             old.process.kill()
+            old.client.close()
             self.worker = DeviceWorker(self.defn.device, [self.defn.model],
                                        max_inflight=self._inflight + 2)
             self.client = self.worker.client
@@ -120,10 +121,15 @@ class _DeviceLink:
         return fut, gen
 
     def restart(self, gen: int) -> bool:
-        """Replace a dead private worker (once per generation); False for a server link."""
+        """Replace a dead private worker (once per generation). False for a server link,
+        while closing, or if the new worker fails to start (that is logged)."""
         if self.worker is None or self.closing:
             return False
-        self._restart(gen)
+        try:
+            self._restart(gen)
+        except ConveyorError:
+            log.exception("could not restart the device worker for %s", self.defn.device)
+            return False
         return True
 
     def call(self, value: Any) -> tuple[Any, Any]:

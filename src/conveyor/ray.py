@@ -1,0 +1,105 @@
+"""Scale out with Ray Data when one machine is not enough.
+
+Ray Data already pipelines CPU and accelerator stages across machines with
+backpressure; conveyor does not build a second distributed engine. On each node, an actor
+runs one conveyor :class:`~conveyor.Pipeline` (process pre-processing, the device worker,
+post-processing), so the node's accelerator stays busy exactly as on one machine::
+
+    import ray, conveyor.ray
+    from conveyor.apps.faces import preprocess, postprocess
+
+    ds = ray.data.read_images("s3://bucket/frames/")        # a column "image"
+    faces = conveyor.ray.map_batches(
+        ds, "face_detection_short_range", device="edgetpu",
+        preprocess=preprocess, postprocess=postprocess, with_context=True,
+        column="image", concurrency=4, resources={"edgetpu": 1},
+    )
+
+Start each Ray node with ``--resources='{"edgetpu": N}'`` (N accelerators on it) so that
+one actor lands per accelerator; an Edge TPU serves one process. To share a node's device
+with other programs, run ``conveyor serve`` there and pass ``server=PATH`` instead of
+``device``. Needs ``pip install 'conveyor[ray]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._pipeline import Pipeline, infer, stage
+
+__all__ = ["Predictor", "map_batches"]
+
+
+class Predictor:
+    """A callable class for ``Dataset.map_batches``: one conveyor pipeline per actor.
+
+    Each batch's ``column`` is fed through ``preprocess`` (in ``workers`` processes),
+    the model, and ``postprocess``; the results go into the ``output`` column (an object
+    array when they are not arrays of one shape). A failed item raises
+    :class:`~conveyor.StageError` and fails the Ray task, as any error in map_batches.
+    The pipeline lives as long as the actor and is closed with it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        server: str | None = None,
+        preprocess: Callable[[Any], Any] | None = None,
+        postprocess: Callable[[Any], Any] | None = None,
+        with_context: bool = False,
+        workers: int = 1,
+        column: str = "item",
+        output: str = "output",
+        maxsize: int = 8,
+    ) -> None:
+        stages = []
+        if preprocess is not None:
+            stages.append(stage(preprocess, workers=workers, kind="process"))
+        stages.append(infer(model, device=device, server=server, with_context=with_context))
+        if postprocess is not None:
+            stages.append(stage(postprocess))
+        self.column = column
+        self.output = output
+        self.pipeline = Pipeline(*stages, maxsize=maxsize).start()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = list(self.pipeline.map(list(batch[self.column])))
+        column = np.empty(len(results), dtype=object)
+        for i, r in enumerate(results):
+            column[i] = r
+        return {**batch, self.output: column}
+
+    def __del__(self) -> None:
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
+
+
+def map_batches(
+    dataset: Any,
+    model: str,
+    *,
+    concurrency: int = 1,
+    batch_size: int = 32,
+    resources: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``dataset.map_batches`` with a :class:`Predictor` per actor.
+
+    ``concurrency`` actors run at once (one per accelerator); ``resources`` (for
+    example ``{"edgetpu": 1}``) pins each actor to a node that has one. Other keyword
+    arguments go to :class:`Predictor`. Returns the lazy Ray Dataset.
+    """
+    options: dict[str, Any] = {}
+    if resources:
+        options["resources"] = resources
+    return dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"model": model, **kwargs},
+        concurrency=concurrency, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        **options,
+    )

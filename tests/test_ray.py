@@ -1,0 +1,37 @@
+"""Scale-out on Ray Data: the same pipeline on each Ray actor (a local Ray here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import raystage
+
+import conveyor
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'conveyor[ray]'")
+pytest.importorskip("ray.data", reason="Ray Data needs pandas and pyarrow ('conveyor[ray]')")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+# Ray warns about its own deprecated settings while it starts; not conveyor's to fix.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_map_batches_runs_a_conveyor_pipeline_per_actor() -> None:
+    from conveyor.ray import map_batches
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": raystage.__file__.rsplit("/", 1)[0]}})
+    try:
+        ds = ray.data.from_items([{"item": i} for i in range(40)])
+        out = map_batches(
+            ds, "face_detection_short_range", preprocess=raystage.to_tensor,
+            postprocess=raystage.top_score, batch_size=8, concurrency=1,
+        )
+        rows = sorted(out.take_all(), key=lambda r: r["item"])
+    finally:
+        ray.shutdown()
+    runner = conveyor.open_device("cpu").load("face_detection_short_range")
+    want = [float(runner.run([raystage.to_tensor(i)])[1].max()) for i in range(40)]
+    assert [r["item"] for r in rows] == list(range(40))
+    np.testing.assert_allclose([r["output"] for r in rows], want, rtol=1e-5)
