@@ -471,3 +471,43 @@ def test_lock_helper_refuses_a_second_open_in_the_same_process() -> None:
             acquire_device_lock("thing", "the thing")
     assert not lock.held
     acquire_device_lock("thing", "the thing").release()
+
+
+# --- conveyor devices ---------------------------------------------------------------------
+
+
+def test_devices_survey_shows_bus_path_state_and_holder(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor._cli import devices
+
+    monkeypatch.setattr(devices, "find_edgetpu_library", lambda: LibraryStatus("libedgetpu.so.1"))
+    add_usb(root, "2-1", CORAL_UNPROGRAMMED, busnum=2, devnum=3)
+    add_pci(root, 0)
+    add_process(root, 999, "detector", {3: "/dev/apex_0"})
+    entries = {e["spec"]: e for e in devices.survey(str(root))}
+    usb, pci = entries["edgetpu:usb:0"], entries["edgetpu:pci:0"]
+    assert usb["available"] and usb["state"] == "unprogrammed"
+    assert usb["path"] == "/sys/bus/usb/devices/2-1" and "1a6e:089a" in usb["summary"]
+    assert not pci["available"] and "pid 999 (detector)" in pci["why"]
+    assert entries["sim-edgetpu"]["simulated"] and "simulation" in entries["sim-edgetpu"]["summary"]
+    assert entries["cpu"]["available"] and entries["cpu"]["litert"]
+
+
+def test_devices_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import conveyor.cli
+
+    assert conveyor.cli.main(["devices", "--json"]) == 0
+    entries = {e["spec"]: e for e in json.loads(capsys.readouterr().out)["devices"]}
+    assert {"cpu", "onnx:cpu", "onnx:cuda", "sim-edgetpu"} <= set(entries)
+    for entry in entries.values():
+        assert entry["available"] or entry["why"]  # every absent kind says why
+    if not discover_edgetpus():
+        assert (
+            "1a6e:089a" in entries["edgetpu"]["why"] and "/dev/apex_N" in entries["edgetpu"]["why"]
+        )
+    assert conveyor.cli.main(["devices"]) == 0
+    text = capsys.readouterr().out
+    assert "sim-edgetpu" in text and "simulation" in text and "LiteRT" in text

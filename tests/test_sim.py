@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import threading
@@ -109,13 +108,14 @@ def test_a_compiled_only_model_gives_zero_point_outputs(tmp_path: Path) -> None:
         device.close()
 
 
-def _median_run(runner: object, arrays: list[np.ndarray], n: int) -> float:
+def _best_run(runner: object, arrays: list[np.ndarray], n: int) -> float:
+    """The shortest of ``n`` runs: the simulated latency, free of scheduling delays."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
         runner.run(arrays)  # type: ignore[attr-defined]
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 @pytest.mark.parametrize("model", [SHORT, FULL, LANDMARK])
@@ -126,7 +126,7 @@ def test_measured_latency_matches_the_model_within_20_percent(model: str) -> Non
         arrays = zeros_like_specs(runner.inputs)
         runner.run(arrays)  # the first run loads the parameters
         expected = device.expected_latency(model, model).latency_s
-        measured = _median_run(runner, arrays, 5)
+        measured = _best_run(runner, arrays, 5)
         assert expected <= measured <= 1.2 * expected, (model, expected, measured)
         assert device.timing().last.latency_s == pytest.approx(expected)  # type: ignore[union-attr]
     finally:
@@ -156,10 +156,13 @@ def test_switch_cost_appears_only_when_the_model_changes() -> None:
         switch = device.expected_latency(LANDMARK, SHORT)
         steady = device.expected_latency(LANDMARK, LANDMARK)
         assert switch.latency_s - steady.latency_s == pytest.approx(switch.param_load_s)
-        start = time.perf_counter()
-        b.run(xb)  # after a run of SHORT: pays the switch, about 17 ms on USB 2
-        took = time.perf_counter() - start
-        assert switch.latency_s <= took <= 1.2 * switch.latency_s
+        took = []
+        for _ in range(3):
+            a.run(xa)
+            start = time.perf_counter()
+            b.run(xb)  # after a run of SHORT: pays the switch, about 17 ms on USB 2
+            took.append(time.perf_counter() - start)
+        assert switch.latency_s <= min(took) <= 1.2 * switch.latency_s
     finally:
         device.close()
 

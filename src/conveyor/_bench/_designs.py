@@ -25,12 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from ..backends import open_device
 from ._measure import DeviceClock, Result, Span, Timeline, cpu_seconds
-from ._workload import Workload, finish, prepare
+from ._workload import Workload, finish, lower_priority, prepare, prepare_in_worker
 
 __all__ = [
     "Setup",
@@ -59,6 +56,10 @@ class Setup:
         warmup: items run before the window (caches, worker start-up).
         progress: called with a count of items just completed.
         trace: where conveyor's scenario writes its Chrome trace (None: a temporary file).
+        run_ns: for a simulated device, its modelled time per run: spans that other
+            processes report are cut to it, as :class:`DeviceClock` does here (what a
+            process reports also counts its own late wake-up after the run).
+        exclude: processes (with their children) whose CPU time is not the design's.
     """
 
     device: str
@@ -68,6 +69,14 @@ class Setup:
     warmup: int = 16
     progress: Progress = field(default=lambda n: None)
     trace: Path | None = None
+    run_ns: int | None = None
+    exclude: tuple[int, ...] = ()
+
+    def cap(self, spans: list[Span]) -> list[Span]:
+        """``spans`` cut to :attr:`run_ns` where it is known."""
+        if self.run_ns is None:
+            return spans
+        return [(s, min(e, s + self.run_ns)) for s, e in spans]
 
 
 class _Done:
@@ -105,7 +114,7 @@ class _Device:
             self._stack.close()
             raise
         self._stack.callback(self.runner.close)
-        self.clock = DeviceClock(self.device, self.runner, timeline.track("device"))
+        self.clock = DeviceClock(self.device, self.runner, timeline)
 
     def __enter__(self) -> DeviceClock:
         return self.clock
@@ -118,13 +127,14 @@ def _warm(setup: Setup, clock: DeviceClock) -> None:
     """Run a few items through every step in this thread, then forget their spans."""
     for i in range(setup.warmup):
         finish(setup.work, i, clock.run(prepare(setup.work, i)))
-    clock.spans.clear()
+    clock.forget()
 
 
-def _result(name: str, setup: Setup, done: _Done, start: int, cpu0: float,
-            timeline: Timeline, notes: str) -> Result:
+def _result(
+    name: str, setup: Setup, done: _Done, start: int, cpu0: float, timeline: Timeline, notes: str
+) -> Result:
     end = time.monotonic_ns()
-    cpu = cpu_seconds() - cpu0
+    cpu = cpu_seconds(setup.exclude) - cpu0
     done.flush()
     return Result(name, len(done.latencies), start, end, done.latencies, cpu, timeline, notes)
 
@@ -133,25 +143,39 @@ def _result(name: str, setup: Setup, done: _Done, start: int, cpu0: float,
 
 
 def device_alone(setup: Setup, runs: int | None = None) -> Result:
-    """The physical bound: the model run back to back on one input, nothing else."""
+    """The physical bound: the model run back to back on one input, nothing else.
+
+    For a simulated device this also sets ``setup.run_ns`` (see :class:`Setup`).
+    """
     timeline = Timeline()
     runs = runs or max(100, setup.items // 4)
     with _Device(setup, timeline) as clock:
         tensor = prepare(setup.work, 0)
         for _ in range(5):
             clock.run(tensor)
-        clock.spans.clear()
+        clock.forget()
         lat: list[int] = []
-        cpu0 = cpu_seconds()
+        cpu0 = cpu_seconds(setup.exclude)
         start = time.monotonic_ns()
         for _ in range(runs):
             t = time.monotonic_ns()
             clock.run(tensor)
             lat.append(time.monotonic_ns() - t)
         end = time.monotonic_ns()
-        cpu = cpu_seconds() - cpu0
-    return Result("device_alone", runs, start, end, lat, cpu, timeline,
-                  "the model back to back on one input, one thread")
+        cpu = cpu_seconds(setup.exclude) - cpu0
+        if clock.simulated:
+            durations = sorted(e - s for s, e in clock.spans)
+            setup.run_ns = durations[len(durations) // 2]
+    return Result(
+        "device_alone",
+        runs,
+        start,
+        end,
+        lat,
+        cpu,
+        timeline,
+        "the model back to back on one input, one thread",
+    )
 
 
 # --- tutorial designs -----------------------------------------------------------------
@@ -165,7 +189,7 @@ def sequential(setup: Setup) -> Result:
     cpu_track = timeline.track("main")
     with _Device(setup, timeline) as clock:
         _warm(setup, clock)
-        cpu0 = cpu_seconds()
+        cpu0 = cpu_seconds(setup.exclude)
         start = time.monotonic_ns()
         for i in range(setup.items):
             t0 = done.t_in[i] = time.monotonic_ns()
@@ -191,8 +215,9 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
     done = _Done(setup)
     cpu_track = timeline.track("event loop")
 
-    async def worker(source: Iterator[int], clock: DeviceClock,
-                     executor: ThreadPoolExecutor) -> None:
+    async def worker(
+        source: Iterator[int], clock: DeviceClock, executor: ThreadPoolExecutor
+    ) -> None:
         loop = asyncio.get_running_loop()
         for i in source:
             t0 = done.t_in[i] = time.monotonic_ns()
@@ -211,113 +236,147 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
 
     with _Device(setup, timeline) as clock:
         _warm(setup, clock)
-        cpu0 = cpu_seconds()
+        cpu0 = cpu_seconds(setup.exclude)
         start = time.monotonic_ns()
         asyncio.run(main(clock))
-        return _result("asyncio", setup, done, start, cpu0, timeline,
-                       f"{depth} coroutines, device via run_in_executor (1 thread)")
+        return _result(
+            "asyncio",
+            setup,
+            done,
+            start,
+            cpu0,
+            timeline,
+            f"{depth} coroutines, device via run_in_executor (1 thread)",
+        )
 
 
 _END = None
 
 
-def _device_thread(clock: DeviceClock, inq: queue.Queue[Any], outq: queue.Queue[Any],
-                   producers: int) -> None:
-    """Run the model on each item from ``inq``; pass one end marker on after ``producers``."""
-    ended = 0
-    while ended < producers:
-        item = inq.get()
-        if item is _END:
-            ended += 1
-            continue
-        i, x = item
-        outq.put((i, clock.run(x)))
-    outq.put(_END)
+class _Handoff:
+    """CPU threads -> bounded queue -> one device thread -> bounded queue -> the caller.
+
+    On an error (or Ctrl-C) anywhere, ``failed`` is set: producers stop at their next item,
+    the device thread and the caller keep draining until every end marker has passed, so
+    no thread stays blocked on a full queue; the first error is raised by :meth:`run`.
+    """
+
+    def __init__(
+        self, setup: Setup, clock: DeviceClock, timeline: Timeline, producers: int, size: int
+    ) -> None:
+        self.setup = setup
+        self.clock = clock
+        self.timeline = timeline
+        self.producers = producers
+        self.inq: queue.Queue[Any] = queue.Queue(size)
+        self.outq: queue.Queue[Any] = queue.Queue(size)
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        self._source = iter(range(setup.items))
+        self._source_lock = threading.Lock()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.failed.set()
+
+    def _produce(self, done: _Done, track: list[Span]) -> None:
+        work = self.setup.work
+        lower_priority(work.nice)
+        try:
+            while not self.failed.is_set():
+                with self._source_lock:
+                    i = next(self._source, -1)
+                if i < 0:
+                    break
+                t0 = done.t_in[i] = time.monotonic_ns()
+                x = prepare(work, i)
+                track.append((t0, time.monotonic_ns()))
+                self.inq.put((i, x))
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self.inq.put(_END)
+
+    def _device(self) -> None:
+        ended = 0
+        while ended < self.producers:
+            item = self.inq.get()
+            if item is _END:
+                ended += 1
+            elif not self.failed.is_set():
+                try:
+                    i, x = item
+                    self.outq.put((i, self.clock.run(x)))
+                except BaseException as exc:
+                    self._fail(exc)
+        self.outq.put(_END)
+
+    def run(self, done: _Done) -> None:
+        """Start the threads, finish every result in this thread, join; blocks till the end."""
+        threads = [
+            threading.Thread(
+                target=self._produce,
+                args=(done, self.timeline.track(f"cpu thread {w}")),
+                name=f"bench-cpu-{w}",
+                daemon=True,  # joined below; daemon only so a second Ctrl-C can still exit
+            )
+            for w in range(self.producers)
+        ]
+        threads.append(threading.Thread(target=self._device, name="bench-device", daemon=True))
+        for thread in threads:
+            thread.start()
+        track = self.timeline.track("main")
+        try:
+            while (item := self.outq.get()) is not _END:
+                if self.failed.is_set():
+                    continue
+                i, outs = item
+                began = time.monotonic_ns()
+                finish(self.setup.work, i, outs)
+                track.append((began, time.monotonic_ns()))
+                done.done(i)
+        except BaseException as exc:
+            self._fail(exc)
+            while self.outq.get() is not _END:
+                pass
+        finally:
+            for thread in threads:
+                thread.join()
+        if self.errors:
+            raise self.errors[0]
 
 
-def _consume(setup: Setup, done: _Done, outq: queue.Queue[Any], track: list[Span]) -> None:
-    """The calling thread: finish each result until the end marker."""
-    while (item := outq.get()) is not _END:
-        i, outs = item
-        t = time.monotonic_ns()
-        finish(setup.work, i, outs)
-        track.append((t, time.monotonic_ns()))
-        done.done(i)
+def _thread_design(setup: Setup, name: str, producers: int) -> Result:
+    timeline = Timeline()
+    done = _Done(setup)
+    size = 2 * producers
+    with _Device(setup, timeline) as clock:
+        _warm(setup, clock)
+        cpu0 = cpu_seconds(setup.exclude)
+        start = time.monotonic_ns()
+        _Handoff(setup, clock, timeline, producers, size).run(done)
+        cpu_threads = f"{producers} CPU thread{'s' if producers > 1 else ''}"
+        return _result(
+            name,
+            setup,
+            done,
+            start,
+            cpu0,
+            timeline,
+            f"{cpu_threads} + 1 device thread, queues of {size}",
+        )
 
 
 def threads(setup: Setup) -> Result:
     """A CPU thread prepares items, a device thread runs them, the caller finishes them;
-    hand-offs through queues of size 2."""
-    timeline = Timeline()
-    work = setup.work
-    done = _Done(setup)
-    inq: queue.Queue[Any] = queue.Queue(2)
-    outq: queue.Queue[Any] = queue.Queue(2)
-    cpu_track = timeline.track("cpu thread")
-
-    def produce() -> None:
-        for i in range(setup.items):
-            t0 = done.t_in[i] = time.monotonic_ns()
-            x = prepare(work, i)
-            cpu_track.append((t0, time.monotonic_ns()))
-            inq.put((i, x))
-        inq.put(_END)
-
-    with _Device(setup, timeline) as clock:
-        _warm(setup, clock)
-        cpu0 = cpu_seconds()
-        start = time.monotonic_ns()
-        ts = [threading.Thread(target=produce, name="bench-cpu"),
-              threading.Thread(target=_device_thread, args=(clock, inq, outq, 1),
-                               name="bench-device")]
-        for t in ts:
-            t.start()
-        _consume(setup, done, outq, timeline.track("main"))
-        for t in ts:
-            t.join()
-        return _result("threads", setup, done, start, cpu0, timeline,
-                       "1 CPU thread + 1 device thread, queues of 2")
+    they hand items on through queues of 2."""
+    return _thread_design(setup, "threads", 1)
 
 
 def threads_queues(setup: Setup) -> Result:
-    """``workers`` CPU threads prepare items into a bounded queue; one device thread runs
-    them into another; the caller finishes them."""
-    timeline = Timeline()
-    work = setup.work
-    done = _Done(setup)
-    n = setup.workers
-    inq: queue.Queue[Any] = queue.Queue(2 * n)
-    outq: queue.Queue[Any] = queue.Queue(2 * n)
-    source = iter(range(setup.items))
-    source_lock = threading.Lock()
-
-    def produce(track: list[Span]) -> None:
-        while True:
-            with source_lock:
-                i = next(source, -1)
-            if i < 0:
-                break
-            t0 = done.t_in[i] = time.monotonic_ns()
-            x = prepare(work, i)
-            track.append((t0, time.monotonic_ns()))
-            inq.put((i, x))
-        inq.put(_END)
-
-    with _Device(setup, timeline) as clock:
-        _warm(setup, clock)
-        cpu0 = cpu_seconds()
-        start = time.monotonic_ns()
-        ts = [threading.Thread(target=produce, args=(timeline.track(f"cpu thread {w}"),),
-                               name=f"bench-cpu-{w}") for w in range(n)]
-        ts.append(threading.Thread(target=_device_thread, args=(clock, inq, outq, n),
-                                   name="bench-device"))
-        for t in ts:
-            t.start()
-        _consume(setup, done, outq, timeline.track("main"))
-        for t in ts:
-            t.join()
-        return _result("threads_queues", setup, done, start, cpu0, timeline,
-                       f"{n} CPU threads + 1 device thread, queues of {2 * n}")
+    """``setup.workers`` CPU threads prepare items into a bounded queue (2 per worker); one
+    device thread runs them into another; the caller finishes them."""
+    return _thread_design(setup, "threads_queues", setup.workers)
 
 
 # --- conveyor -------------------------------------------------------------------------
@@ -335,15 +394,23 @@ def _read_trace(path: Path, t0_ns: int) -> Timeline:
             start = t0_ns + int(ev["ts"] * 1e3)
             spans.setdefault(ev["tid"], []).append((start, start + int(ev["dur"] * 1e3)))
     timeline = Timeline()
+    timeline.track("device")
     for tid in sorted(names):
         name = names[tid]
-        label = "device" if name.startswith("device") else name.split(" (pid")[0]
-        timeline.add(label, spans.get(tid, []))
+        if name.startswith("device"):
+            timeline.add("device", spans.get(tid, []))
+        elif spans.get(tid):  # the inference stage's threads record no spans of their own
+            timeline.add(name.split(" (pid")[0], spans[tid])
     return timeline
 
 
-def conveyor_design(setup: Setup, name: str = "conveyor",
-                    pre_workers: int | None = None) -> Result:
+def conveyor_design(
+    setup: Setup,
+    name: str = "conveyor",
+    pre_workers: int | None = None,
+    inflight: int = 3,
+    maxsize: int = 8,
+) -> Result:
     """conveyor's pipeline: a process stage of ``workers`` prepares items, the inference
     stage runs them in the device worker process, the caller finishes them in order."""
     from .._pipeline import Pipeline, infer, stage
@@ -360,9 +427,10 @@ def conveyor_design(setup: Setup, name: str = "conveyor",
             trace = Path(tmp) / "trace.json"
         before = time.monotonic_ns()
         pipe = Pipeline(
-            stage(partial(prepare, work), workers=n, kind="process", name="preprocess"),
+            stage(partial(prepare_in_worker, work), workers=n, kind="process", name="preprocess"),
             infer(work.model, device=setup.device),
-            maxsize=8,
+            maxsize=maxsize,
+            inflight=inflight,
             trace=trace,
         )
         # The trace's clock starts when the pipeline is made: within these two readings.
@@ -376,24 +444,34 @@ def conveyor_design(setup: Setup, name: str = "conveyor",
                     done.t_in[i] = time.monotonic_ns()
                     yield i
 
-            cpu0 = cpu_seconds()
+            cpu0 = cpu_seconds(setup.exclude)
             start = time.monotonic_ns()
             for i, outs in enumerate(pipe.map(source())):
                 t = time.monotonic_ns()
                 finish(work, i, outs)
                 main_track.append((t, time.monotonic_ns()))
                 done.done(i)
-            result = _result(name, setup, done, start, cpu0, Timeline(),
-                             f"{n} pre-processing processes + device worker process, "
-                             f"finish in the caller")
+            result = _result(
+                name,
+                setup,
+                done,
+                start,
+                cpu0,
+                Timeline(),
+                f"{n} pre-processing processes + device worker process, finish in the caller",
+            )
         result.timeline = _read_trace(trace, t0)
+    device = result.timeline.track("device")
+    inside = sum(1 for s, e in device if before <= s and e <= result.end_ns)
+    if device and inside < 0.9 * len(device):
+        raise RuntimeError(
+            "the conveyor trace's times do not line up with this run: has the trace "
+            "format's time origin changed?"
+        )
+    result.timeline.add("device calls", device)
+    device[:] = setup.cap(device)
     result.timeline.add("main", main_track)
     return result
-
-
-def tensor_nbytes(x: npt.NDArray[Any]) -> int:
-    """Bytes of one model input (for the report)."""
-    return int(np.asarray(x).nbytes)
 
 
 def usable_cores() -> int:

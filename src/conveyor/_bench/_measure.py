@@ -34,6 +34,7 @@ __all__ = [
     "Timeline",
     "busy_within",
     "cpu_seconds",
+    "machine_busy_seconds",
     "machine_facts",
     "percentiles_ms",
 ]
@@ -59,27 +60,37 @@ class Timeline:
 class DeviceClock:
     """Runs a model on a device opened in this process and records each run's busy span.
 
-    For the simulated Edge TPU the span is the simulated latency, read from the device after
-    the run; for other devices, the time around :meth:`Runner.run`. One thread at a time.
+    Two tracks of ``timeline``: ``"device calls"``, the time around :meth:`Runner.run`, and
+    ``"device"``, the device's own account: for the simulated Edge TPU, the simulated
+    latency (read from the device after the run); for other devices, the same as the call.
+    One thread at a time.
     """
 
-    def __init__(self, device: Device, runner: Runner, spans: list[Span]) -> None:
+    def __init__(self, device: Device, runner: Runner, timeline: Timeline) -> None:
         self.runner = runner
-        self.spans = spans
+        self.spans = timeline.track("device")
+        self.calls = timeline.track("device calls")
+        self.simulated = bool(getattr(device, "simulated", False))
         timing = getattr(device, "timing", None)
-        self._sim_timing = timing if getattr(device, "simulated", False) else None
+        self._sim_timing = timing if self.simulated else None
 
     def run(self, tensor: npt.NDArray[Any]) -> list[npt.NDArray[Any]]:
-        """Run the model once on ``tensor`` and record the span. Blocks for the run."""
+        """Run the model once on ``tensor`` and record the spans. Blocks for the run."""
         start = time.monotonic_ns()
         outputs = self.runner.run([tensor])
         end = time.monotonic_ns()
+        self.calls.append((start, end))
         if self._sim_timing is not None:
             last = self._sim_timing().last
             if last is not None:
-                end = start + int(last.latency_s * 1e9)
+                end = min(end, start + int(last.latency_s * 1e9))
         self.spans.append((start, end))
         return outputs
+
+    def forget(self) -> None:
+        """Drop the spans recorded so far (after a warm-up)."""
+        self.spans.clear()
+        self.calls.clear()
 
 
 def busy_within(spans: Iterable[Span], start_ns: int, end_ns: int) -> int:
@@ -135,11 +146,15 @@ class Result:
         """Throughput over the window."""
         return self.items / self.wall_s
 
+    def busy_fraction(self, track: str) -> float:
+        """Time covered by ``track``'s spans in the window, over the window."""
+        spans = self.timeline.tracks.get(track, [])
+        return busy_within(spans, self.start_ns, self.end_ns) / max(self.end_ns - self.start_ns, 1)
+
     @property
     def duty_cycle(self) -> float:
-        """Device busy time in the window over the window."""
-        spans = self.timeline.tracks.get("device", [])
-        return busy_within(spans, self.start_ns, self.end_ns) / max(self.end_ns - self.start_ns, 1)
+        """Device busy time in the window over the window (the device's own account)."""
+        return self.busy_fraction("device")
 
     def summary(self, device_alone: float) -> dict[str, Any]:
         """The scenario's JSON object: throughput, duty cycle, latency, CPU, ratio."""
@@ -147,11 +162,13 @@ class Result:
         out: dict[str, Any] = {
             "items_per_s": round(self.items_per_s, 2),
             "duty_cycle": round(self.duty_cycle, 4),
+            "duty_cycle_calls": round(self.busy_fraction("device calls"), 4),
             "p50_ms": round(p50, 3),
             "p99_ms": round(p99, 3),
             "cpu_cores": round(self.cpu_s / self.wall_s, 3),
             "ratio_to_device_alone": round(self.items_per_s / device_alone, 4)
-            if device_alone > 0 else 0.0,
+            if device_alone > 0
+            else 0.0,
             "items": self.items,
             "wall_s": round(self.wall_s, 3),
             "design": self.notes,
@@ -208,6 +225,18 @@ def cpu_seconds(exclude: Iterable[int] = ()) -> float:
         total += table[pid][1]
         stack.extend(children.get(pid, ()))
     return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (0.0 without /proc)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    ticks = [int(v) for v in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
 
 
 # --- the machine ------------------------------------------------------------------------

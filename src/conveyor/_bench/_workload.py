@@ -18,6 +18,8 @@ moves the same few bytes into its workers.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -28,7 +30,15 @@ import numpy.typing as npt
 
 from ..apps.faces import DETECTORS, FrameMeta, load_image, postprocess, preprocess, sample_images
 
-__all__ = ["Workload", "calibrate_python_loops", "finish", "frames", "prepare"]
+__all__ = [
+    "Workload",
+    "calibrate_python_loops",
+    "finish",
+    "frames",
+    "lower_priority",
+    "prepare",
+    "prepare_in_worker",
+]
 
 Outputs = list[npt.NDArray[Any]]
 
@@ -41,11 +51,14 @@ class Workload:
         detector: ``"short"`` (128x128 input) or ``"full"`` (192x192).
         python_loops: iterations of the pure-Python step per item (0: none).
         python_ms: what those iterations took per item where they were calibrated.
+        nice: niceness of the threads and processes that only do CPU work (0: unchanged),
+            so that whatever feeds the device wins a core the moment it wakes up.
     """
 
     detector: str = "short"
     python_loops: int = 0
     python_ms: float = 0.0
+    nice: int = 0
 
     @property
     def model(self) -> str:
@@ -95,6 +108,34 @@ def prepare(work: Workload, index: int) -> npt.NDArray[np.float32]:
     if work.python_loops:
         _histogram(_lumas()[which], work.python_loops)
     return tensor
+
+
+_lowered = threading.local()
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness, once per thread (Linux: per thread).
+
+    A no-op where the platform has no per-thread priority or refuses the change.
+    """
+    if nice <= 0 or getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice,
+        )
+    except (AttributeError, OSError):
+        pass
+
+
+def prepare_in_worker(work: Workload, index: int) -> npt.NDArray[np.float32]:
+    """:func:`prepare` for a thread or process that does nothing else: it first lowers its
+    own priority by ``work.nice`` (once)."""
+    lower_priority(work.nice)
+    return prepare(work, index)
 
 
 def finish(work: Workload, index: int, outputs: Outputs) -> int:

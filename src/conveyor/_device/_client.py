@@ -2,7 +2,13 @@
 
 A pipeline's inference stage and any program using ``conveyor.connect`` go through this
 class. Inputs are checked and converted here, written into this client's memfd arena,
-and only a 36-byte request crosses the socket.
+and only a 48-byte request crosses the socket.
+
+Who reads the socket: the thread that waits. A thread blocked in :meth:`infer` (or in
+``InferFuture.result()``) takes the *reader role*, receives replies and hands other
+threads theirs, so a synchronous call costs no thread switch in this process. Requests
+nobody is waiting on yet (futures, asyncio) are read by a background thread, which takes
+the role only while such requests exist.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 import socket
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,6 @@ from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
 from ._protocol import (
-    INFER,
     PROTOCOL_VERSION,
     RESULT,
     SEGMENT,
@@ -44,12 +51,21 @@ from ._protocol import (
     MsgType,
     Status,
     encode,
+    encode_infer,
     json_body,
 )
 
-__all__ = ["DeviceClient", "InferFuture", "Timing", "connect", "default_socket_path"]
+__all__ = [
+    "DeviceClient",
+    "InferFuture",
+    "Timing",
+    "connect",
+    "default_socket_path",
+    "query_status",
+]
 
 Outputs = list[npt.NDArray[Any]]
+Views = tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
 
 
 def default_socket_path() -> Path:
@@ -73,9 +89,29 @@ class Timing:
 
 
 class InferFuture(Future[Outputs]):
-    """A Future of one inference's outputs; ``timing`` is set once it is done."""
+    """A Future of one inference's outputs; ``timing`` is set once it is done.
+
+    It cannot be cancelled (the request is already on its way); a result nobody wants
+    is dropped when it arrives. :meth:`result` lets the waiting thread read the reply
+    itself (see the module docstring).
+    """
 
     timing: Timing | None = None
+    _client: DeviceClient | None = None
+    _entry: _Pending | None = None
+
+    def result(self, timeout: float | None = None) -> Outputs:
+        """The outputs; blocks until they arrive, at most ``timeout`` seconds.
+
+        Raises TimeoutError, or the request's error (Busy, DeadlineExceeded,
+        DeviceError, ServerGone...).
+        """
+        client = self._client
+        if client is None:
+            return super().result(timeout)
+        if not self.done():
+            client._wait(self, self._entry, timeout)
+        return super().result(timeout=0)
 
 
 _STATUS_ERRORS: dict[int, type[ConveyorError]] = {
@@ -98,13 +134,36 @@ def error_from_name(name: str, message: str) -> ConveyorError:
 
 
 class _Pending:
-    __slots__ = ("dequantize", "future", "info", "slot")
+    """A request in flight. ``waited``: a thread waits on it (so the background reader
+    need not); ``gone``: no longer in the pending table (answered or lost). Both change
+    under the client's lock."""
 
-    def __init__(self, future: InferFuture, info: ModelInfo, slot: int, deq: bool) -> None:
+    __slots__ = ("dequantize", "future", "gone", "info", "slot", "waited")
+
+    def __init__(self, future: Future[Any], info: ModelInfo | None, slot: int, deq: bool,
+                 waited: bool) -> None:
         self.future = future
         self.info = info
         self.slot = slot
         self.dequantize = deq
+        self.waited = waited
+        self.gone = False
+
+
+class _Link:
+    """One connection: socket, reader and arena (replaced as a whole on reconnect)."""
+
+    __slots__ = ("arena", "free", "gen", "reader", "slot_size", "sock", "views")
+
+    def __init__(self, gen: int, sock: socket.socket, reader: FrameReader,
+                 arena: Segment | None, slot_size: int, slots: int) -> None:
+        self.gen = gen
+        self.sock = sock
+        self.reader = reader
+        self.arena = arena
+        self.slot_size = slot_size
+        self.free = list(range(slots))
+        self.views: dict[tuple[int, int], Views] = {}
 
 
 class DeviceClient:
@@ -117,10 +176,13 @@ class DeviceClient:
         sock: a connected stream Unix socket, or None to connect to ``path``.
         path: the server's socket path (also used to reconnect).
         reconnect: after the server goes away, the next call connects again.
-        timeout: seconds to wait for the handshake.
+        timeout: seconds to wait for the connection and the handshake.
+        name: shown by ``conveyor status``.
+        monitor: only watch (``status()``): no shared memory, not counted as a client.
 
     Raises:
         ServerGone: no server answers at ``path``.
+        ServerError: the server refused this user.
         ProtocolError: the peer does not speak this protocol (version mismatch included).
     """
 
@@ -132,184 +194,306 @@ class DeviceClient:
         reconnect: bool = False,
         timeout: float = 10.0,
         name: str = "",
+        monitor: bool = False,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.reconnect = reconnect
         self.timeout = timeout
         self.name = name or f"pid{os.getpid()}"
+        self.monitor = monitor
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._connect_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._slots_cv = threading.Condition(self._lock)
         self._ids = itertools.count(1)
-        self._closed = False
         self._gen = 0
-        self._sock: socket.socket | None = None
+        self._closed = False
+        self._link: _Link | None = None
         self._pending: dict[int, _Pending] = {}
-        self._status_waiters: dict[int, Future[Any]] = {}
-        self._reader: threading.Thread | None = None
-        self._arena: Segment | None = None
-        self._free: list[int] = []
-        self.models: dict[str, ModelInfo] = {}
+        self._unwaited = 0
+        self._reading = False
+        self._bg: threading.Thread | None = None
+        self._models: dict[str, ModelInfo] = {}
         self.welcome: dict[str, Any] = {}
         self._connect(sock)
 
     # --- connection -----------------------------------------------------------------
 
+    def _open(self) -> socket.socket:
+        if self.path is None:
+            raise ServerGone("no socket and no path to connect to")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise ServerGone(
+                f"no conveyor server at {self.path}: {exc.strerror or exc}; "
+                f"start one with `conveyor serve --socket {self.path}`"
+            ) from exc
+        return sock
+
     def _connect(self, sock: socket.socket | None) -> None:
         if sock is None:
-            if self.path is None:
-                raise ServerGone("no socket and no path to connect to")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self.timeout)
-                sock.connect(str(self.path))
-            except OSError as exc:
-                sock.close()
-                raise ServerGone(
-                    f"no conveyor server at {self.path}: {exc.strerror or exc}; "
-                    f"start one with `conveyor serve --socket {self.path}`"
-                ) from exc
+            sock = self._open()
         sock.settimeout(self.timeout)
-        reader = FrameReader(sock)
+        reader = FrameReader(sock, fds=False)
+        arena: Segment | None = None
         try:
-            hello = {"version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name}
-            sock.sendall(encode(MsgType.HELLO, json_body(hello)))
+            hello = {"version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name,
+                     "monitor": self.monitor}
+            try:
+                sock.sendall(encode(MsgType.HELLO, json_body(hello)))
+            except OSError:
+                pass  # a refusal arrives as ERROR before the close: read it below
             frame = reader.read_frame()
             if frame.type is MsgType.ERROR:
-                data = frame.body.decode("utf-8", "replace")
-                if data.startswith("{"):
+                text = frame.body.decode("utf-8", "replace")
+                if text.startswith("{"):
                     err = frame.json()
                     raise error_from_name(str(err.get("error")), str(err.get("message")))
-                raise ServerError(f"the server refused the connection: {data}")
+                raise ServerError(f"the server refused the connection: {text}")
             if frame.type is not MsgType.WELCOME:
                 raise ProtocolError(f"expected WELCOME, got {frame.type.name}")
             welcome = frame.json()
             models = {m["name"]: ModelInfo.from_json(m) for m in welcome["models"]}
             inflight = int(welcome["max_inflight"])
             slot = max(m.slot_size for m in models.values())
-            arena = Segment.create(slot * inflight, name="conveyor-client")
-            socket.send_fds(sock, [encode(MsgType.SEGMENT, SEGMENT.pack(0, arena.size))],
-                            [arena.fd])
-            arena.close_fd()
-        except ConveyorError:
-            sock.close()
-            raise
-        except socket.timeout as exc:
+            if not self.monitor:
+                if not 0 < inflight <= 4096:
+                    raise ValueError(f"max_inflight {inflight}")
+                arena = Segment.create(slot * inflight, name="conveyor-client")
+                socket.send_fds(sock, [encode(MsgType.SEGMENT, SEGMENT.pack(0, arena.size))],
+                                [arena.fd])
+                arena.close_fd()
+        except TimeoutError as exc:
             sock.close()
             raise ServerGone(f"the device server did not answer within {self.timeout} s") from exc
+        except ConveyorError:
+            sock.close()
+            if arena is not None:
+                arena.close()
+            raise
         except (OSError, KeyError, TypeError, ValueError) as exc:
             sock.close()
+            if arena is not None:
+                arena.close()
             raise ProtocolError(f"bad handshake with the device server: {exc}") from exc
-        except BaseException:
-            sock.close()
-            raise
         sock.settimeout(None)
         with self._lock:
             self._gen += 1
-            self._sock = sock
+            self._link = _Link(self._gen, sock, reader, arena, slot,
+                               0 if self.monitor else inflight)
             self.welcome = welcome
-            self.models = models
-            self._slot_size = slot
-            self._arena = arena
-            self._free = list(range(inflight))
-            self._reader = threading.Thread(
-                target=self._read_loop, args=(sock, reader, self._gen),
-                name="conveyor-client-reader", daemon=True,
-            )
-            self._reader.start()
+            self._models = models
+            self._cv.notify_all()
 
-    def _ensure(self) -> socket.socket:
-        with self._lock:
-            if self._closed:
-                raise ServerGone("the client is closed")
-            sock = self._sock
-        if sock is None:
+    def _current(self) -> _Link:
+        """The live link, connecting again first if allowed. Raises ServerGone."""
+        link = self._link
+        if link is not None:
+            return link
+        with self._connect_lock:
+            with self._lock:
+                if self._closed:
+                    raise ServerGone("the client is closed")
+                link = self._link
+            if link is not None:
+                return link
             if not self.reconnect:
                 raise ServerGone("the device server went away (connect with reconnect=True "
                                  "to reconnect automatically)")
             self._connect(None)
-            with self._lock:
-                sock = self._sock
-            assert sock is not None
-        return sock
+            link = self._link
+            if link is None:
+                raise ServerGone("the device server went away")
+            return link
 
-    def _read_loop(self, sock: socket.socket, reader: FrameReader, gen: int) -> None:
-        why: ConveyorError = ServerGone("the device server closed the connection")
-        try:
-            while True:
-                frame = reader.read_frame()
-                if frame.type is MsgType.RESULT:
-                    self._on_result(frame.req_id, frame.body)
-                elif frame.type is MsgType.STATUS_REPLY:
-                    with self._lock:
-                        fut = self._status_waiters.pop(frame.req_id, None)
-                    if fut is not None:
-                        fut.set_result(frame.json())
-                elif frame.type is MsgType.ERROR:
-                    why = ServerGone(
-                        "the device server closed the connection: "
-                        + frame.body.decode("utf-8", "replace"))
-                    break
-                else:
-                    why = ProtocolError(f"unexpected {frame.type.name} from the server")
-                    break
-        except ServerGone as exc:
-            why = exc
-        except ProtocolError as exc:
-            why = exc
-        finally:
-            reader.close()
-            self._lost(gen, why)
-
-    def _lost(self, gen: int, why: ConveyorError) -> None:
+    def _lost(self, link: _Link, why: ConveyorError) -> None:
+        """The connection ``link`` is finished: fail what waits on it."""
         with self._lock:
-            if gen != self._gen:
+            if self._link is not link:
                 return
-            sock, self._sock = self._sock, None
+            self._link = None
             pending, self._pending = self._pending, {}
-            waiters, self._status_waiters = self._status_waiters, {}
-            self._free = []
-            self._slots_cv.notify_all()
-        if sock is not None:
-            sock.close()
+            for p in pending.values():
+                p.gone = True
+            self._unwaited = 0
+            link.free.clear()
+            self._cv.notify_all()
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        link.sock.close()
         for p in pending.values():
-            p.future.set_exception(why)
-        for f in waiters.values():
-            f.set_exception(why)
+            if not p.future.done():
+                p.future.set_exception(why)
+        link.views.clear()
+        if link.arena is not None:
+            link.arena.close()
 
-    def _on_result(self, req_id: int, body: bytes) -> None:
+    # --- reading ----------------------------------------------------------------------
+
+    def _read_step(self, link: _Link, timeout: float | None) -> None:
+        """Holding the reader role: wait for data (at most ``timeout``), then deliver
+        every complete message received."""
+        try:
+            if timeout is not None:
+                poller = select.poll()
+                poller.register(link.sock, select.POLLIN)
+                if not poller.poll(max(0, int(timeout * 1000) + 1)):
+                    return
+            link.reader.feed_from_socket()
+            while True:
+                frame = link.reader.next_frame()
+                if frame is None:
+                    break
+                if frame.type is MsgType.RESULT:
+                    self._on_result(link, frame.req_id, frame.body)
+                elif frame.type is MsgType.STATUS_REPLY:
+                    self._on_status(frame.req_id, frame.json())
+                elif frame.type is MsgType.ERROR:
+                    text = frame.body.decode("utf-8", "replace")
+                    raise ServerGone(f"the device server closed the connection: {text}")
+                else:
+                    raise ProtocolError(f"unexpected {frame.type.name} from the server")
+            if link.reader.eof:
+                raise ServerGone("the device server closed the connection")
+        except (ServerGone, ProtocolError) as exc:
+            self._lost(link, exc)
+        except OSError as exc:
+            self._lost(link, ServerGone(f"the connection to the device server broke: {exc}"))
+
+    def _wait(self, fut: Future[Any], p: _Pending | None, timeout: float | None) -> None:
+        """Block until ``fut`` (of pending entry ``p``) is done, reading the socket when no
+        other thread does.
+
+        Raises TimeoutError after ``timeout`` seconds; the request stays pending.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            if p is not None and not p.waited and not p.gone:
+                p.waited = True
+                self._unwaited -= 1
+            try:
+                while not fut.done():
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise FutureTimeout()
+                    link = self._link
+                    if link is None or self._reading:
+                        self._cv.wait(left)
+                        continue
+                    self._reading = True
+                    self._cv.release()
+                    try:
+                        self._read_step(link, left)
+                    finally:
+                        self._cv.acquire()
+                        self._reading = False
+                        self._cv.notify_all()
+            except BaseException:
+                if p is not None and p.waited and not p.gone:
+                    p.waited = False
+                    self._unwaited += 1
+                    self._cv.notify_all()
+                raise
+
+    def _background(self) -> None:
+        """Read replies nobody waits for yet (futures, asyncio); idle otherwise."""
+        while True:
+            with self._cv:
+                while not self._closed and (
+                    self._reading or self._link is None or self._unwaited <= 0
+                ):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                link = self._link
+                assert link is not None
+                self._reading = True
+            try:
+                self._read_step(link, None)
+            finally:
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()
+
+    def _on_result(self, link: _Link, req_id: int, body: bytes) -> None:
         status, device, queue_ns, compute_ns, start_ns = RESULT.unpack_from(body)
         with self._lock:
             p = self._pending.pop(req_id, None)
-            arena = self._arena
-        if p is None or arena is None:
+            if p is not None:
+                p.gone = True
+                if not p.waited:
+                    self._unwaited -= 1
+        if p is None or p.info is None:
             return
         fut, info = p.future, p.info
+        assert isinstance(fut, InferFuture)
         fut.timing = Timing(device, queue_ns, compute_ns, start_ns)
         try:
             if status == Status.OK:
-                base = p.slot * self._slot_size
                 outs: Outputs = []
-                for off, spec in zip(info.out_offsets, info.outputs):
-                    arr = arena.array(base + off, spec.shape, spec.dtype).copy()
-                    outs.append(dequantize(arr, spec) if p.dequantize and spec.quantized else arr)
-                self._release(p.slot)
+                for arr, spec in zip(self._views(link, info, p.slot)[1], info.outputs):
+                    out = arr.copy()
+                    outs.append(dequantize(out, spec) if p.dequantize and spec.quantized
+                                else out)
+                self._release(link, p.slot)
                 fut.set_result(outs)
             else:
-                self._release(p.slot)
+                self._release(link, p.slot)
                 text = body[RESULT.size:].decode("utf-8", "replace")
                 cls = _STATUS_ERRORS.get(status, ServerError)
                 fut.set_exception(cls(f"{info.name}: {text or Status(status).name}"))
-        except Exception as exc:  # never let the reader thread die on one bad reply
+        except Exception as exc:  # never let one bad reply stop the reader
             if not fut.done():
                 fut.set_exception(ServerError(f"bad reply: {exc}"))
 
-    def _release(self, slot: int) -> None:
+    def _on_status(self, req_id: int, data: Any) -> None:
         with self._lock:
-            self._free.append(slot)
-            self._slots_cv.notify()
+            p = self._pending.pop(req_id, None)
+            if p is not None:
+                p.gone = True
+                if not p.waited:
+                    self._unwaited -= 1
+        if p is not None and not p.future.done():
+            p.future.set_result(data)
+
+    def _release(self, link: _Link, slot: int) -> None:
+        with self._lock:
+            if self._link is link:
+                link.free.append(slot)
+                self._cv.notify_all()
+
+    def _views(self, link: _Link, info: ModelInfo, slot: int) -> Views:
+        views = link.views.get((info.id, slot))
+        if views is None:
+            arena = link.arena
+            assert arena is not None
+            base = slot * link.slot_size
+            views = (
+                [arena.array(base + off, s.shape, s.dtype)
+                 for off, s in zip(info.in_offsets, info.inputs)],
+                [arena.array(base + off, s.shape, s.dtype)
+                 for off, s in zip(info.out_offsets, info.outputs)],
+            )
+            link.views[(info.id, slot)] = views
+        return views
 
     # --- the API --------------------------------------------------------------------
+
+    def _lookup(self, model: str) -> ModelInfo:
+        info = self._models.get(model)
+        if info is None:
+            info = self._models.get(Path(model).stem)
+        if info is None:
+            raise ModelNotFoundError(
+                f"the device server does not serve {model!r}; it serves {sorted(self._models)}"
+            )
+        return info
 
     def submit(
         self,
@@ -323,57 +507,82 @@ class DeviceClient:
         """Queue one inference and return a Future of its outputs (a list in model order).
 
         ``deadline`` is in seconds from now: if the request cannot start on the device by
-        then it fails with DeadlineExceeded without running. Blocks while this client has
-        its full credit of requests in flight (flow control), at most until the deadline.
+        then it fails with DeadlineExceeded without running. ``priority``: higher runs
+        first. Blocks while this client has its full credit of requests in flight (flow
+        control), at most until the deadline.
 
         Raises (at once): ModelNotFoundError, InputError, ServerGone.
         The Future raises: Busy, DeadlineExceeded, DeviceError, ServerGone.
         """
-        info = self.models.get(model)
-        if info is None:
-            stem = Path(model).stem
-            info = self.models.get(stem)
-            if info is None:
-                self._ensure()
-                info = self.models.get(model) or self.models.get(stem)
-        if info is None:
-            raise ModelNotFoundError(
-                f"the device server does not serve {model!r}; it serves {sorted(self.models)}"
-            )
+        return self._submit(model, inputs, deadline, priority, dequantize, waited=False)
+
+    def _submit(self, model: str, inputs: Inputs, deadline: float | None, priority: int,
+                deq: bool, *, waited: bool) -> InferFuture:
+        if self.monitor:
+            raise ServerError("a monitoring client cannot run inferences")
+        link = self._current()
+        info = self._lookup(model)
         arrays = prepare_inputs(info.inputs, inputs, info.name)
         deadline_ns = 0
         if deadline is not None:
-            deadline_ns = time.monotonic_ns() + int(deadline * 1e9)
-        sock = self._ensure()
-        fut = InferFuture()
-        with self._lock:
-            while not self._free:
-                if self._sock is None or self._closed:
+            deadline_ns = time.monotonic_ns() + max(int(deadline * 1e9), 0) or 1
+        if not -(2**31) <= priority < 2**31:
+            raise InputError(f"priority must fit in 32 bits, got {priority}")
+        for attempt in (0, 1):
+            fut = InferFuture()
+            fut._client = self
+            fut.set_running_or_notify_cancel()
+            with self._cv:
+                while not link.free:
+                    if self._link is not link or self._closed:
+                        break
+                    wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+                    if wait is not None and wait <= 0:
+                        fut.set_exception(DeadlineExceeded(
+                            f"{info.name}: no free slot before the deadline"))
+                        return fut
+                    self._cv.wait(wait)
+                slot = link.free.pop() if self._link is link and link.free else -1
+            if slot < 0:
+                if self._closed or attempt == 1:
                     raise ServerGone("the device server went away")
-                wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
-                if wait is not None and wait <= 0:
-                    fut.set_exception(DeadlineExceeded(f"{info.name}: no free slot before the deadline"))
-                    return fut
-                self._slots_cv.wait(wait)
-            slot = self._free.pop()
-            arena = self._arena
-            gen = self._gen
-        assert arena is not None
-        base = slot * self._slot_size
-        for arr, off, spec in zip(arrays, info.in_offsets, info.inputs):
-            np.copyto(arena.array(base + off, spec.shape, spec.dtype), arr)
-        req_id = next(self._ids)
-        with self._lock:
-            if gen != self._gen:
-                raise ServerGone("the device server went away")
-            self._pending[req_id] = _Pending(fut, info, slot, dequantize)
-        msg = encode(MsgType.INFER, INFER.pack(info.id, 0, base, deadline_ns, priority), req_id)
-        try:
-            with self._send_lock:
-                sock.sendall(msg)
-        except OSError as exc:
-            self._lost(gen, ServerGone(f"the device server went away: {exc}"))
-        return fut
+                link = self._current()
+                info = self._lookup(model)
+                continue
+            ins = self._views(link, info, slot)[0]
+            for dst, arr in zip(ins, arrays):
+                np.copyto(dst, arr)
+            req_id = next(self._ids)
+            entry = fut._entry = _Pending(fut, info, slot, deq, waited)
+            with self._lock:
+                if self._link is not link:
+                    continue
+                self._pending[req_id] = entry
+                if not waited:
+                    self._unwaited += 1
+                    self._start_background()
+            msg = encode_infer(req_id, info.id, 0, slot * link.slot_size, deadline_ns, priority)
+            try:
+                with self._send_lock:
+                    link.sock.sendall(msg)
+            except OSError as exc:
+                self._lost(link, ServerGone(f"the device server went away: {exc}"))
+                if not self.reconnect or attempt == 1:
+                    break
+                link = self._current()
+                info = self._lookup(model)
+                continue
+            return fut
+        raise ServerGone("the device server went away")
+
+    def _start_background(self) -> None:
+        # Under self._lock.
+        if self._bg is None:
+            self._bg = threading.Thread(target=self._background, name="conveyor-client-reader",
+                                        daemon=True)
+            self._bg.start()
+        else:
+            self._cv.notify_all()
 
     def infer(
         self,
@@ -386,12 +595,12 @@ class DeviceClient:
     ) -> Outputs:
         """Run one inference and wait for its outputs (a list of arrays in model order).
 
-        Blocks until the result arrives. Raises ModelNotFoundError, InputError, Busy,
-        DeadlineExceeded, DeviceError or ServerGone. See :meth:`submit`.
+        Blocks until the result arrives (the calling thread reads the reply itself).
+        Raises ModelNotFoundError, InputError, Busy, DeadlineExceeded, DeviceError or
+        ServerGone. See :meth:`submit`.
         """
-        return self.submit(
-            model, inputs, deadline=deadline, priority=priority, dequantize=dequantize
-        ).result()
+        fut = self._submit(model, inputs, deadline, priority, dequantize, waited=True)
+        return fut.result()
 
     async def ainfer(
         self,
@@ -402,66 +611,91 @@ class DeviceClient:
         priority: int = 0,
         dequantize: bool = False,
     ) -> Outputs:
-        """The asyncio form of :meth:`infer`. Cancelling the await abandons the result."""
-        fut = await asyncio.to_thread(
-            self.submit, model, inputs, deadline=deadline, priority=priority,
-            dequantize=dequantize,
-        ) if self._would_block() else self.submit(
-            model, inputs, deadline=deadline, priority=priority, dequantize=dequantize)
+        """The asyncio form of :meth:`infer`.
+
+        Does not block the event loop (when this client's credit is used up, the wait for
+        a free slot runs in a worker thread). Cancelling the await abandons the result.
+        """
+        if self._would_block():
+            fut = await asyncio.to_thread(
+                self.submit, model, inputs, deadline=deadline, priority=priority,
+                dequantize=dequantize,
+            )
+        else:
+            fut = self.submit(model, inputs, deadline=deadline, priority=priority,
+                              dequantize=dequantize)
         return await asyncio.wrap_future(fut)
 
     def _would_block(self) -> bool:
-        with self._lock:
-            return not self._free
+        link = self._link
+        return link is None or not link.free
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The server's status snapshot (see ``conveyor status --json``)."""
-        sock = self._ensure()
+        """The server's status snapshot (see ``conveyor status --json``).
+
+        Blocks for one round trip, at most ``timeout`` seconds. Raises ServerGone, or
+        ServerError if no answer came in time.
+        """
+        link = self._current()
         fut: Future[Any] = Future()
         req_id = next(self._ids)
+        entry = _Pending(fut, None, -1, False, True)
         with self._lock:
-            self._status_waiters[req_id] = fut
-        with self._send_lock:
-            sock.sendall(encode(MsgType.STATUS, b"", req_id))
-        result: dict[str, Any] = fut.result(timeout)
+            if self._link is not link:
+                raise ServerGone("the device server went away")
+            self._pending[req_id] = entry
+        try:
+            with self._send_lock:
+                link.sock.sendall(encode(MsgType.STATUS, b"", req_id))
+        except OSError as exc:
+            self._lost(link, ServerGone(f"the device server went away: {exc}"))
+        try:
+            self._wait(fut, entry, timeout)
+        except FutureTimeout:
+            with self._lock:
+                if self._pending.pop(req_id, None) is not None:
+                    entry.gone = True
+            raise ServerError(f"the device server did not answer within {timeout} s") from None
+        result: dict[str, Any] = fut.result(timeout=0)
         return result
 
+    def models(self) -> dict[str, ModelInfo]:
+        """The models the server serves, by name (their tensors and slot layout)."""
+        self._current()
+        return dict(self._models)
+
     def model_info(self, model: str) -> ModelInfo:
-        """The specs of a served model."""
-        try:
-            return self.models[model]
-        except KeyError:
-            raise ModelNotFoundError(
-                f"the device server does not serve {model!r}; it serves {sorted(self.models)}"
-            ) from None
+        """The specs of a served model (a bundled name or a path's stem).
+
+        Raises ModelNotFoundError.
+        """
+        return self._lookup(model)
 
     @property
     def connected(self) -> bool:
-        return self._sock is not None
+        return self._link is not None
 
     def close(self) -> None:
-        """Say goodbye and close; pending requests fail with ServerGone."""
+        """Say goodbye and close; pending requests fail with ServerGone. Idempotent.
+
+        Waits (briefly) for the background reader thread to end.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            sock = self._sock
-            reader = self._reader
-        if sock is not None:
+            link = self._link
+            bg = self._bg
+            self._cv.notify_all()
+        if link is not None:
             try:
                 with self._send_lock:
-                    sock.sendall(encode(MsgType.BYE))
+                    link.sock.sendall(encode(MsgType.BYE))
             except OSError:
                 pass
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(timeout=2.0)
-        self._lost(self._gen, ServerGone("the client was closed"))
-        if self._arena is not None:
-            self._arena.close()
+            self._lost(link, ServerGone("the client was closed"))
+        if bg is not None and bg is not threading.current_thread():
+            bg.join(timeout=2.0)
 
     def __enter__(self) -> DeviceClient:
         return self
@@ -482,6 +716,7 @@ def connect(
     ``path`` defaults to :func:`default_socket_path` (``$XDG_RUNTIME_DIR/conveyor.sock``
     or ``/tmp/conveyor-<uid>/conveyor.sock``). With ``reconnect=True`` a call made after
     the server went away connects again (it fails with ServerGone while none is there).
+    Blocks for the handshake, at most ``timeout`` seconds.
 
     Raises:
         ServerGone: nothing is listening at ``path``.
@@ -492,3 +727,18 @@ def connect(
         path=default_socket_path() if path is None else path,
         reconnect=reconnect, timeout=timeout, name=name,
     )
+
+
+def query_status(path: str | os.PathLike[str] | None = None, timeout: float = 5.0
+                 ) -> dict[str, Any]:
+    """One status snapshot from the server at ``path`` (as a monitor: not a client).
+
+    Blocks for the connection and one round trip, at most about ``timeout`` seconds each.
+    Raises ServerGone (no server), ServerError, ProtocolError.
+    """
+    client = DeviceClient(path=default_socket_path() if path is None else path,
+                          timeout=timeout, name="conveyor status", monitor=True)
+    try:
+        return client.status(timeout)
+    finally:
+        client.close()

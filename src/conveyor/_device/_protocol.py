@@ -6,7 +6,7 @@ Every message is a fixed 20-byte header followed by a body of ``body_len`` bytes
     version B   PROTOCOL_VERSION
     type    B   a MsgType
     flags   H   0 (reserved)
-    length  I   body length, at most MAX_BODY
+    length  I   body length, at most the reader's ``max_body``
     req_id  Q   request id chosen by the client (0 for control messages)
 
 Bodies are fixed ``struct`` layouts, UTF-8 text, or JSON (server to client, and the
@@ -14,18 +14,36 @@ client's HELLO). Nothing is pickled and nothing a peer sends is evaluated. Tenso
 travel on the socket: they sit in memfd segments (see :mod:`conveyor._shm`) whose file
 descriptors are passed once with ``SCM_RIGHTS`` (the SEGMENT message).
 
+A conversation::
+
+    client                                server
+    HELLO {"version", "pid", "name"}  ->
+                                      <-  WELCOME {"client_id", "models", "max_inflight"}
+    SEGMENT (id, size) + fd           ->
+    INFER (model, segment, offset,    ->
+           deadline, priority)
+                                      <-  RESULT (status, device, queue, compute, start)
+    STATUS                            ->
+                                      <-  STATUS_REPLY {...}
+    BYE                               ->
+
+A client that only watches (``conveyor status``, ``conveyor top``) says
+``"monitor": true`` in its HELLO, sends no SEGMENT and no INFER, and is not counted as a
+client. Versions: the header's version byte must match exactly; a peer of another version
+is answered with ERROR and closed.
+
 The stream framing lives in :class:`FrameReader`; anything malformed raises
 :class:`~conveyor.ProtocolError`, after which the connection must be closed.
 """
 
 from __future__ import annotations
 
+import array
 import enum
 import json
+import os
 import socket
 import struct
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from .._errors import ProtocolError, ServerGone
@@ -33,23 +51,31 @@ from .._errors import ProtocolError, ServerGone
 __all__ = [
     "HEADER",
     "INFER",
+    "INFER_MSG",
     "MAX_BODY",
     "PROTOCOL_VERSION",
     "RESULT",
+    "RESULT_MSG",
     "SEGMENT",
     "Frame",
     "FrameReader",
     "MsgType",
     "Status",
     "encode",
+    "encode_infer",
+    "encode_result",
     "json_body",
 ]
 
 MAGIC = b"CVYR"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sBBHIQ")
+#: The largest body a reader accepts unless told otherwise (STATUS_REPLY can be large).
 MAX_BODY = 1 << 20
+#: File descriptors one ``recvmsg`` may carry; more is a protocol error.
 MAX_FDS = 4
+#: Received descriptors waiting for their SEGMENT message; more is a protocol error.
+MAX_PENDING_FDS = 8
 
 #: INFER body: model id, segment id, offset in segment, deadline (CLOCK_MONOTONIC ns, 0 for
 #: none), priority.
@@ -59,18 +85,28 @@ INFER = struct.Struct("<IIQqi")
 RESULT = struct.Struct("<HHqqq")
 #: SEGMENT body: segment id, size. Carries exactly one fd.
 SEGMENT = struct.Struct("<IQ")
+#: A whole INFER message and a whole RESULT message (header and body), packed in one go.
+INFER_MSG = struct.Struct(HEADER.format + INFER.format[1:])
+RESULT_MSG = struct.Struct(HEADER.format + RESULT.format[1:])
+
+_FDS_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FDS_SIZE)
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 class MsgType(enum.IntEnum):
-    HELLO = 1  # c->s, JSON {"version", "pid", "name"}
+    HELLO = 1  # c->s, JSON {"version", "pid", "name", "monitor"}
     WELCOME = 2  # s->c, JSON {"client_id", "models", "max_inflight", ...}
     SEGMENT = 3  # c->s, SEGMENT + fd
     INFER = 4  # c->s, INFER
     RESULT = 5  # s->c, RESULT (+ text)
     STATUS = 6  # c->s, empty
     STATUS_REPLY = 7  # s->c, JSON
-    ERROR = 8  # s->c, UTF-8 text, then the server closes the connection
+    ERROR = 8  # s->c, UTF-8 text or JSON {"error", "message"}, then the server closes
     BYE = 9  # c->s, empty
+
+
+_TYPES = {int(t): t for t in MsgType}
 
 
 class Status(enum.IntEnum):
@@ -84,18 +120,22 @@ class Status(enum.IntEnum):
     SHUTTING_DOWN = 7
 
 
-@dataclass
 class Frame:
-    type: MsgType
-    req_id: int
-    body: bytes
-    fd: int | None = None
+    """One received message; ``fd`` is set for SEGMENT (the receiver owns it)."""
+
+    __slots__ = ("body", "fd", "req_id", "type")
+
+    def __init__(self, type: MsgType, req_id: int, body: bytes, fd: int | None = None) -> None:
+        self.type = type
+        self.req_id = req_id
+        self.body = body
+        self.fd = fd
 
     def json(self) -> Any:
         """The body parsed as JSON; ProtocolError if it is not."""
         try:
             return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ProtocolError(f"{self.type.name} body is not valid JSON: {exc}") from exc
 
 
@@ -104,81 +144,146 @@ def encode(msg: MsgType, body: bytes = b"", req_id: int = 0) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, msg, 0, len(body), req_id) + body
 
 
+def encode_infer(
+    req_id: int, model: int, segment: int, offset: int, deadline_ns: int, priority: int
+) -> bytes:
+    """A whole INFER message."""
+    return INFER_MSG.pack(MAGIC, PROTOCOL_VERSION, MsgType.INFER, 0, INFER.size, req_id,
+                          model, segment, offset, deadline_ns, priority)
+
+
+def encode_result(
+    req_id: int, status: int, device: int, queue_ns: int, compute_ns: int, start_ns: int,
+    text: str = "",
+) -> bytes:
+    """A whole RESULT message; ``text`` (at most 4 kB are kept) explains an error."""
+    extra = text.encode("utf-8", "replace")[:4096] if text else b""
+    return RESULT_MSG.pack(MAGIC, PROTOCOL_VERSION, MsgType.RESULT, 0, RESULT.size + len(extra),
+                           req_id, status, device & 0xFFFF, queue_ns, compute_ns, start_ns) + extra
+
+
 def json_body(obj: Any) -> bytes:
     """Compact UTF-8 JSON."""
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
 class FrameReader:
-    """Reads framed messages (and passed fds) from a stream socket.
+    """Reads framed messages (and, with ``fds``, passed descriptors) from a stream socket.
 
-    Not thread-safe: one reader per socket. Received fds that no message claims are
-    closed by :meth:`close`.
+    Receives into one reusable buffer, so reading a message allocates only its body.
+    Not thread-safe: one reader per socket at a time. Received descriptors that no
+    message claims are closed by :meth:`close`.
+
+    Args:
+        sock: a connected stream socket.
+        max_body: the largest body accepted; a larger announced size is a ProtocolError
+            raised from the header alone, before the body is read.
+        fds: accept descriptors (``SCM_RIGHTS``); without, any that arrive are closed
+            and the message carrying them is a ProtocolError.
     """
 
-    def __init__(self, sock: socket.socket, max_body: int = MAX_BODY) -> None:
+    def __init__(self, sock: socket.socket, max_body: int = MAX_BODY, *, fds: bool = True) -> None:
         self._sock = sock
-        self._buf = bytearray()
-        self._fds: deque[int] = deque()
         self._max_body = max_body
+        self._want_fds = fds
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+        self._lo = 0
+        self._hi = 0
+        self._fds: list[int] = []
         self.eof = False
 
     def feed_from_socket(self) -> int:
-        """One ``recv`` into the buffer; returns the bytes read (0 at end of stream).
+        """One receive into the buffer; returns the bytes read (0 at end of stream).
 
-        Blocks if the socket is blocking and nothing is ready. Raises OSError from the socket.
+        Blocks if the socket is blocking and nothing is ready; raises BlockingIOError if
+        it is not and nothing is ready, OSError from the socket, and ProtocolError for
+        descriptors that were not asked for or too many of them.
         """
-        data, fds, flags, _ = socket.recv_fds(self._sock, 1 << 16, MAX_FDS)
-        self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("too many file descriptors in one message")
-        if not data:
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        elif len(self._buf) - self._hi < 4096:
+            # Move the partial message to the front to make room.
+            n = self._hi - self._lo
+            self._buf[:n] = self._buf[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+        if self._hi == len(self._buf):
+            self._grow(len(self._buf) * 2)
+        if not self._want_fds:
+            n = self._sock.recv_into(self._view[self._hi :])
+        else:
+            n, anc, flags, _ = self._sock.recvmsg_into(
+                [self._view[self._hi :]], _ANC_SIZE, _CMSG_CLOEXEC
+            )
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - len(data) % _FDS_SIZE])
+                    self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("too many file descriptors in one message")
+            if len(self._fds) > MAX_PENDING_FDS:
+                raise ProtocolError(f"{len(self._fds)} file descriptors sent without SEGMENT")
+        if n == 0:
             self.eof = True
-        self._buf += data
-        return len(data)
+        self._hi += n
+        return n
+
+    def _grow(self, size: int) -> None:
+        data = self._buf[self._lo : self._hi]
+        self._view.release()
+        self._buf = bytearray(size)
+        self._buf[: len(data)] = data
+        self._view = memoryview(self._buf)
+        self._lo, self._hi = 0, len(data)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame in the buffer, or None if more bytes are needed.
 
         Raises:
-            ProtocolError: bad magic, version, type or size, or a SEGMENT without an fd.
+            ProtocolError: bad magic, version, type or size, a stream that ends inside a
+                message, or a SEGMENT without a descriptor.
         """
-        if len(self._buf) < HEADER.size:
-            if self.eof and self._buf:
-                raise ProtocolError(f"truncated header: {len(self._buf)} bytes then end of stream")
+        avail = self._hi - self._lo
+        if avail < HEADER.size:
+            if self.eof and avail:
+                raise ProtocolError(f"truncated header: {avail} bytes then end of stream")
             return None
-        magic, version, mtype, _flags, length, req_id = HEADER.unpack_from(self._buf)
+        magic, version, mtype, _flags, length, req_id = HEADER.unpack_from(self._buf, self._lo)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})"
             )
-        try:
-            kind = MsgType(mtype)
-        except ValueError:
-            raise ProtocolError(f"unknown message type {mtype}") from None
+        kind = _TYPES.get(mtype)
+        if kind is None:
+            raise ProtocolError(f"unknown message type {mtype}")
         if length > self._max_body:
             raise ProtocolError(f"message body of {length} bytes exceeds {self._max_body}")
-        end = HEADER.size + length
-        if len(self._buf) < end:
+        end = self._lo + HEADER.size + length
+        if end > self._hi:
             if self.eof:
-                raise ProtocolError(f"truncated {kind.name}: {len(self._buf)} of {end} bytes")
+                raise ProtocolError(
+                    f"truncated {kind.name}: {avail} of {HEADER.size + length} bytes"
+                )
+            if HEADER.size + length > len(self._buf):
+                self._grow(HEADER.size + length)
             return None
-        body = bytes(self._buf[HEADER.size : end])
-        del self._buf[:end]
+        body = bytes(self._buf[self._lo + HEADER.size : end])
+        self._lo = end
         fd = None
         if kind is MsgType.SEGMENT:
             if not self._fds:
                 raise ProtocolError("SEGMENT message without a file descriptor")
-            fd = self._fds.popleft()
+            fd = self._fds.pop(0)
         return Frame(kind, req_id, body, fd)
 
     def read_frame(self) -> Frame:
-        """Block until one whole frame has arrived (blocking socket).
+        """Block until one whole frame has arrived (blocking socket, or one with a timeout).
 
         Raises:
-            ServerGone: the peer closed the stream.
+            ServerGone: the peer closed the stream, the socket failed or timed out.
             ProtocolError: malformed data.
         """
         while True:
@@ -193,8 +298,7 @@ class FrameReader:
                 raise ServerGone(f"the connection broke: {exc}") from exc
 
     def close(self) -> None:
-        """Close any received fds nobody claimed."""
-        import os
-
-        while self._fds:
-            os.close(self._fds.popleft())
+        """Close any received descriptors nobody claimed."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)

@@ -2,22 +2,32 @@
 
 Policy, in order:
 
-1. **Priority.** A request of a higher ``priority`` runs before any of a lower one.
+1. **Priority.** A request of a higher ``priority`` runs before any of a lower one
+   (strict: a steady stream of high-priority work delays lower priorities indefinitely).
 2. **Fair share.** Among clients with work at that priority, the one that has used the
    least device time (its *virtual time*, in nanoseconds of compute) goes first. A client
    that was idle rejoins at the smallest virtual time of the active clients, so idling
    banks no credit. Equal busy clients therefore get equal device time.
 3. **Model grouping.** Switching models on an Edge TPU reloads its parameter cache, so a
-   request for the model the device already holds may jump ahead, but only from a client
-   whose virtual time is within ``group_slack_ns`` of the least: fairness bounds how long
-   grouping can delay anyone. Each device counts its model switches.
+   request for the model the device already holds may jump ahead of the fair choice, but
+   only from a client whose virtual time is within ``group_slack_ns`` of the least (so
+   grouping moves at most that much device time between clients), and at most
+   ``group_limit`` times in a row (so a request for another model waits at most that many
+   extra inferences). Within one client, requests for the current model may overtake
+   older requests for another model; results are matched by request id, so callers see no
+   difference but timing. Each device counts its model switches.
 4. **Deadlines.** A request whose deadline has passed is answered ``DEADLINE_EXCEEDED``
-   without running, both when a device would pick it and when the server's loop wakes at
-   the earliest deadline.
+   without running: at admission, when a device would pick it, and when the server's
+   I/O loop wakes at the earliest deadline.
 5. **Bounded admission.** At most ``max_queue`` requests wait in total; past that a
-   request is refused with ``BUSY`` at once.
+   request is refused with ``BUSY`` at once. (Each client is further limited to its
+   in-flight credit by the server.)
+6. **Several devices.** Devices pull work when free, so a request goes to a free device
+   that has its model. A device taken out of service no longer pulls; requests for models
+   no remaining device has are failed.
 
-All state changes happen under one lock; no I/O is done under it.
+All state changes happen under one lock (a Condition, on which idle devices wait); no I/O
+is done under it.
 """
 
 from __future__ import annotations
@@ -37,22 +47,40 @@ __all__ = ["ClientState", "DeviceState", "Request", "Scheduler"]
 QUEUED, RUNNING, DONE = 0, 1, 2
 
 
-@dataclass(eq=False)
 class Request:
-    """One inference request waiting for, or running on, a device."""
+    """One inference request waiting for, or running on, a device.
 
-    client: ClientState
-    req_id: int
-    model_id: int
-    offset: int
-    segment: Any
-    deadline_ns: int
-    priority: int
-    enqueued_ns: int = 0
-    seq: int = 0
-    retried: bool = False
-    state: int = QUEUED
-    conn: Any = None
+    ``inputs`` and ``outputs`` are numpy views of the client's shared memory.
+    """
+
+    __slots__ = (
+        "client", "conn", "deadline_ns", "enqueued_ns", "inputs", "model_id", "outputs",
+        "priority", "req_id", "retried", "seq", "state",
+    )
+
+    def __init__(
+        self,
+        client: ClientState,
+        req_id: int,
+        model_id: int,
+        inputs: Any,
+        outputs: Any,
+        deadline_ns: int = 0,
+        priority: int = 0,
+        conn: Any = None,
+    ) -> None:
+        self.client = client
+        self.req_id = req_id
+        self.model_id = model_id
+        self.inputs = inputs
+        self.outputs = outputs
+        self.deadline_ns = deadline_ns
+        self.priority = priority
+        self.conn = conn
+        self.enqueued_ns = 0
+        self.seq = 0
+        self.retried = False
+        self.state = QUEUED
 
 
 @dataclass(eq=False)
@@ -72,7 +100,7 @@ class ClientState:
     busy: int = 0
     expired: int = 0
     device_ns: int = 0
-    connected_at: float = field(default_factory=time.time)
+    connected_at: float = field(default_factory=time.monotonic)
 
     @property
     def outstanding(self) -> int:
@@ -88,22 +116,74 @@ class DeviceState:
     current_model: int | None = None
     switches: int = 0
     failed: str | None = None
+    grouped: int = 0
 
 
 class Scheduler:
-    """Queues per client; devices pull the next request with :meth:`next`."""
+    """Queues per client; devices pull the next request with :meth:`next` or :meth:`pick`.
 
-    def __init__(self, max_queue: int = 256, group_slack_ns: int = 2_000_000) -> None:
+    Args:
+        max_queue: requests waiting in total before new ones are refused with BUSY.
+        group_slack_ns: how far ahead of the least-served client (in device time) a client
+            may be and still have its request for the current model run first.
+        group_limit: how many times in a row grouping may pass over the fair choice.
+    """
+
+    def __init__(
+        self, max_queue: int = 256, group_slack_ns: int = 2_000_000, group_limit: int = 8
+    ) -> None:
         self.max_queue = max_queue
         self.group_slack_ns = group_slack_ns
-        self._cv = threading.Condition()
+        self.group_limit = group_limit
+        self.lock = threading.Lock()
+        self._cv = threading.Condition(self.lock)
         self._clients: dict[int, ClientState] = {}
+        self._active: dict[int, ClientState] = {}
+        self._devices: list[DeviceState] = []
+        self._served: dict[int, int] = {}
         self._queued = 0
+        self._running = 0
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
         self._closed = False
+        self._idle_waiters = 0
 
-    # --- clients ---------------------------------------------------------------------
+    @property
+    def cv(self) -> threading.Condition:
+        """The scheduler's lock and condition (idle devices wait on it)."""
+        return self._cv
+
+    # --- devices and clients -------------------------------------------------------------
+
+    def add_device(self, dev: DeviceState) -> None:
+        with self._cv:
+            self._devices.append(dev)
+            for m in dev.models:
+                self._served[m] = self._served.get(m, 0) + 1
+
+    def take_out(self, dev: DeviceState, why: str) -> list[Request]:
+        """Mark a device failed; returns queued requests that no device can run any more
+        (removed from their queues: the caller answers them)."""
+        with self._cv:
+            if dev.failed is not None:
+                return []
+            dev.failed = why
+            for m in dev.models:
+                self._served[m] -= 1
+            orphans = [
+                r for c in self._active.values() for q in c.queues.values() for r in q
+                if not self._served.get(r.model_id)
+            ]
+            for r in orphans:
+                self._unlink(r)
+                r.state = DONE
+                r.client.failed += 1
+            self._cv.notify_all()
+            return orphans
+
+    def serves(self, model_id: int) -> bool:
+        """True if a device in service has the model."""
+        return bool(self._served.get(model_id))
 
     def add_client(self, client: ClientState) -> None:
         with self._cv:
@@ -113,12 +193,16 @@ class Scheduler:
         """Forget a client; returns its queued requests, which will not run."""
         with self._cv:
             self._clients.pop(client.id, None)
+            self._active.pop(client.id, None)
             dropped = [r for q in client.queues.values() for r in q]
             for r in dropped:
                 r.state = DONE
             self._queued -= len(dropped)
             client.queues.clear()
             client.queued = 0
+            if dropped:
+                self._prune_deadlines()
+                self._cv.notify_all()
             return dropped
 
     def clients(self) -> list[ClientState]:
@@ -127,7 +211,17 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
+        """Requests waiting for a device."""
         return self._queued
+
+    @property
+    def running(self) -> int:
+        """Requests on a device now."""
+        return self._running
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # --- admission -------------------------------------------------------------------
 
@@ -141,20 +235,28 @@ class Scheduler:
             if req.deadline_ns and req.deadline_ns <= now:
                 client.expired += 1
                 return Status.DEADLINE_EXCEEDED
+            if not self._served.get(req.model_id):
+                client.failed += 1
+                return Status.DEVICE_ERROR
             if self._queued >= self.max_queue:
                 client.busy += 1
                 return Status.BUSY
             if client.queued == 0 and client.running == 0:
-                active = [
-                    c.vtime for c in self._clients.values() if c.outstanding and c is not client
-                ]
-                if active:
-                    client.vtime = max(client.vtime, min(active))
+                least = min(
+                    (c.vtime for c in self._clients.values() if c.outstanding and c is not client),
+                    default=None,
+                )
+                if least is not None:
+                    client.vtime = max(client.vtime, least)
             req.enqueued_ns = now
             req.seq = next(self._seq)
             req.state = QUEUED
-            client.queues.setdefault(req.priority, deque()).append(req)
+            q = client.queues.get(req.priority)
+            if q is None:
+                q = client.queues[req.priority] = deque()
+            q.append(req)
             client.queued += 1
+            self._active[client.id] = client
             self._queued += 1
             if req.deadline_ns:
                 heapq.heappush(self._deadlines, (req.deadline_ns, req.seq, req))
@@ -162,25 +264,43 @@ class Scheduler:
             return None
 
     def requeue(self, req: Request) -> None:
-        """Put a request back at the head of its client's queue (a retry elsewhere)."""
+        """Put a running request back at the head of its client's queue (a retry elsewhere)."""
         with self._cv:
             req.state = QUEUED
             req.retried = True
-            req.client.queues.setdefault(req.priority, deque()).appendleft(req)
-            req.client.queued += 1
-            req.client.running -= 1
+            client = req.client
+            client.running -= 1
+            self._running -= 1
+            if client.id not in self._clients:
+                req.state = DONE
+                return
+            client.queues.setdefault(req.priority, deque()).appendleft(req)
+            client.queued += 1
+            self._active[client.id] = client
             self._queued += 1
+            if req.deadline_ns:
+                heapq.heappush(self._deadlines, (req.deadline_ns, req.seq, req))
             self._cv.notify_all()
 
     # --- dispatch --------------------------------------------------------------------
 
     def _unlink(self, req: Request) -> None:
-        q = req.client.queues[req.priority]
-        q.remove(req)
+        client = req.client
+        q = client.queues[req.priority]
+        if q[0] is req:
+            q.popleft()
+        else:
+            q.remove(req)
         if not q:
-            del req.client.queues[req.priority]
-        req.client.queued -= 1
+            del client.queues[req.priority]
+            if not client.queues:
+                self._active.pop(client.id, None)
+        client.queued -= 1
         self._queued -= 1
+
+    def _prune_deadlines(self) -> None:
+        self._deadlines = [e for e in self._deadlines if e[2].state == QUEUED]
+        heapq.heapify(self._deadlines)
 
     def _expire_locked(self, now: int) -> list[Request]:
         out = []
@@ -195,62 +315,101 @@ class Scheduler:
 
     def expire(self, now_ns: int | None = None) -> list[Request]:
         """Remove and return the queued requests whose deadline has passed."""
+        if not self._deadlines:
+            return []
         with self._cv:
             return self._expire_locked(time.monotonic_ns() if now_ns is None else now_ns)
 
     def next_deadline_ns(self) -> int | None:
         """The earliest deadline among queued requests, if any."""
+        if not self._deadlines:
+            return None
         with self._cv:
             while self._deadlines and self._deadlines[0][2].state != QUEUED:
                 heapq.heappop(self._deadlines)
             return self._deadlines[0][0] if self._deadlines else None
 
-    def _pick_locked(self, dev: DeviceState) -> Request | None:
-        best: int | None = None
-        for c in self._clients.values():
+    def _candidates(self, dev: DeviceState) -> tuple[int, list[ClientState]] | None:
+        """The highest priority with work ``dev`` can run, and the clients that have it."""
+        if len(self._served) == len(dev.models):  # the device has every model: no filter
+            best = max(max(c.queues) for c in self._active.values())
+            return best, [c for c in self._active.values() if best in c.queues]
+        found: int | None = None
+        cands: list[ClientState] = []
+        for c in self._active.values():
             for prio, q in c.queues.items():
-                if (best is None or prio > best) and any(r.model_id in dev.models for r in q):
-                    best = prio
-        if best is None:
+                if (found is None or prio >= found) and any(
+                    r.model_id in dev.models for r in q
+                ):
+                    if found is None or prio > found:
+                        found, cands = prio, []
+                    cands.append(c)
+        return None if found is None else (found, cands)
+
+    def _pick_locked(self, dev: DeviceState) -> Request | None:
+        if not self._active or dev.failed is not None:
             return None
-        cands = [c for c in self._clients.values() if best in c.queues]
-        cands = [c for c in cands if any(r.model_id in dev.models for r in c.queues[best])]
-        least = min(c.vtime for c in cands)
-        chosen: Request | None = None
-        if dev.current_model is not None:
-            near = sorted(
-                (c for c in cands if c.vtime <= least + self.group_slack_ns),
-                key=lambda c: c.vtime,
-            )
-            for c in near:
-                chosen = next((r for r in c.queues[best] if r.model_id == dev.current_model), None)
-                if chosen is not None:
+        found = self._candidates(dev)
+        if found is None:
+            return None
+        prio, cands = found
+        models = dev.models
+        fair = cands[0] if len(cands) == 1 else min(cands, key=lambda c: (c.vtime, c.id))
+        head = fair.queues[prio][0]
+        chosen = head if head.model_id in models else next(
+            r for r in fair.queues[prio] if r.model_id in models
+        )
+        current = dev.current_model
+        if (
+            current is not None
+            and chosen.model_id != current
+            and dev.grouped < self.group_limit
+        ):
+            limit = fair.vtime + self.group_slack_ns
+            for c in sorted((c for c in cands if c.vtime <= limit), key=lambda c: c.vtime):
+                alt = next((r for r in c.queues[prio] if r.model_id == current), None)
+                if alt is not None:
+                    chosen = alt
+                    dev.grouped += 1
                     break
-        if chosen is None:
-            client = min(cands, key=lambda c: (c.vtime, c.id))
-            chosen = next(r for r in client.queues[best] if r.model_id in dev.models)
+        if chosen.model_id != current or chosen is head:
+            dev.grouped = 0
         self._unlink(chosen)
         chosen.state = RUNNING
         chosen.client.running += 1
-        if dev.current_model is not None and dev.current_model != chosen.model_id:
+        self._running += 1
+        if current is not None and current != chosen.model_id:
             dev.switches += 1
         dev.current_model = chosen.model_id
         return chosen
+
+    def take_locked(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
+        """Like :meth:`next` but never waits: ``(None, [])`` when there is nothing to do.
+
+        The caller holds :attr:`cv` (so it can wait on it for other reasons too).
+        """
+        expired = self._expire_locked(time.monotonic_ns()) if self._deadlines else []
+        return self._pick_locked(dev), expired
+
+    def pick(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
+        """Like :meth:`next` but never waits: ``(None, [])`` when there is nothing to do."""
+        with self._cv:
+            return self.take_locked(dev)
 
     def next(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
         """Block until there is a request ``dev`` can run.
 
         Returns ``(request, expired)``: ``expired`` are requests whose deadline passed and
         must be answered DEADLINE_EXCEEDED by the caller. ``request`` is None once the
-        scheduler is closed and nothing this device can run is left (drained).
+        scheduler is closed and nothing this device can run is left (drained), or the
+        device was taken out.
         """
         with self._cv:
             while True:
-                expired = self._expire_locked(time.monotonic_ns())
-                req = self._pick_locked(dev)
+                req, expired = self.take_locked(dev)
                 if req is not None or expired:
                     return req, expired
-                if self._closed:
+                if self._closed or dev.failed is not None:
                     return None, []
                 self._cv.wait()
 
@@ -260,13 +419,17 @@ class Scheduler:
             req.state = DONE
             c = req.client
             c.running -= 1
+            self._running -= 1
             c.vtime += compute_ns
             c.device_ns += compute_ns
             if ok:
                 c.completed += 1
             else:
                 c.failed += 1
-            self._cv.notify_all()
+            if len(self._deadlines) > 64 and len(self._deadlines) > 4 * self._queued:
+                self._prune_deadlines()
+            if self._closed or self._idle_waiters:
+                self._cv.notify_all()
 
     def close(self) -> None:
         """Refuse new requests; devices drain what is queued, then :meth:`next` returns None."""
@@ -274,13 +437,30 @@ class Scheduler:
             self._closed = True
             self._cv.notify_all()
 
+    def abort(self) -> list[Request]:
+        """Refuse new requests and drop every queued one; returns the dropped requests."""
+        with self._cv:
+            self._closed = True
+            dropped = [r for c in list(self._active.values()) for q in c.queues.values()
+                       for r in q]
+            for r in dropped:
+                self._unlink(r)
+                r.state = DONE
+            self._deadlines.clear()
+            self._cv.notify_all()
+            return dropped
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or running; True if so before ``timeout``."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._queued or any(c.running for c in self._clients.values()):
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cv.wait(left)
-            return True
+            self._idle_waiters += 1
+            try:
+                while self._queued or self._running:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left)
+                return True
+            finally:
+                self._idle_waiters -= 1

@@ -5,13 +5,15 @@ The same class is the private device worker of a pipeline (one pre-connected soc
 
 Threads: the caller of :meth:`DeviceServer.serve_forever` runs the I/O loop (accepts,
 reads and checks messages, queues requests, answers control messages and expired
-deadlines); one thread per device takes requests from the scheduler, copies inputs in,
-invokes, copies outputs out and sends the reply. Nothing else runs in this process, so
-the device never waits for a GIL held by user code.
+deadlines); one thread per device takes requests from the scheduler, runs them on the
+shared-memory tensors in place and sends the reply itself. Nothing else runs in this
+process, so the device never waits for a GIL held by user code. No socket write ever
+blocks (see :mod:`conveyor._device._conn`), so one stuck client cannot stall the others.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -26,98 +28,71 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import ConveyorError, DeviceError, ModelError, ProtocolError
 from .._version import __version__
-from .._errors import ConveyorError, DeviceError, ProtocolError
-from .._shm import Segment
 from ..backends import Device, Runner
 from ._catalog import ModelInfo
+from ._conn import Conn
 from ._protocol import (
     INFER,
-    RESULT,
+    PROTOCOL_VERSION,
     SEGMENT,
     Frame,
-    FrameReader,
     MsgType,
     Status,
     encode,
+    encode_result,
     json_body,
 )
-from ._scheduler import ClientState, DeviceState, Request, Scheduler
+from ._scheduler import RUNNING, ClientState, DeviceState, Request, Scheduler
+from ._stats import WINDOW_S, ServerStats
 
 __all__ = ["DeviceServer"]
 
 log = logging.getLogger("conveyor.server")
 
-MAX_SEGMENTS = 16
-MAX_SEGMENT_BYTES = 1 << 30
-SEND_TIMEOUT = 5.0
+#: Seconds a new connection has to say HELLO.
 HANDSHAKE_TIMEOUT = 10.0
-
-
-def _percentiles(values: Sequence[int]) -> tuple[float, float]:
-    if not values:
-        return 0.0, 0.0
-    arr = np.fromiter(values, dtype=np.float64)
-    p50, p99 = np.percentile(arr, [50, 99])
-    return float(p50) / 1e6, float(p99) / 1e6
-
-
-class _Conn:
-    """One client connection."""
-
-    def __init__(self, sock: socket.socket, client: ClientState, trusted: bool) -> None:
-        self.sock = sock
-        self.reader = FrameReader(sock)
-        self.client = client
-        self.trusted = trusted
-        self.welcomed = False
-        self.segments: dict[int, Segment] = {}
-        self.send_lock = threading.Lock()
-        self.alive = True
-        self.opened = time.monotonic()
-
-    def send(self, data: bytes) -> bool:
-        """Send a whole message; on failure mark the connection dead (the I/O loop closes it)."""
-        with self.send_lock:
-            if not self.alive:
-                return False
-            try:
-                self.sock.sendall(data)
-                return True
-            except OSError:
-                self.alive = False
-                return False
+_NO_DEVICE = 0xFFFF
+_MAIN = -1  # the serve_forever thread, as holder of the I/O role
+#: How long a device may run one request while holding the I/O role before the
+#: serve_forever thread takes the I/O over (and how often it looks while devices work).
+IO_GRACE_S = 0.005
+_GRACE_NS = int(IO_GRACE_S * 1e9)
+_TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
 class _Dev:
-    """A device, its loaded models and its accounting."""
+    """A device, its loaded models and its thread."""
 
     def __init__(self, index: int, device: Device, runners: dict[int, Runner]) -> None:
         self.index = index
         self.device = device
         self.runners = runners
         self.state = DeviceState(index, frozenset(runners))
-        self.busy_ns = 0
-        self.items = 0
-        self.errors = 0
-        self.recent: deque[tuple[int, int]] = deque(maxlen=50_000)  # (end_ns, compute_ns)
-        self.latency: deque[int] = deque(maxlen=4096)
         self.thread: threading.Thread | None = None
 
 
 class DeviceServer:
     """Serve inference on ``devices`` for ``models`` to clients on Unix sockets.
 
+    Each model is loaded on every device that can load it; the server refuses to start
+    only if some model loads on no device. The server owns ``devices`` from here on and
+    closes them when it stops (or when this constructor fails).
+
     Args:
-        devices: opened devices; every model is loaded on each.
+        devices: opened devices.
         models: bundled names or paths.
         max_queue: requests waiting in total before new ones get BUSY.
         max_inflight: requests one client may have queued or running (its credit).
         allowed_uids, allowed_gids: peers (checked with SO_PEERCRED) allowed besides the
             server's own user.
+        group_slack_ns, group_limit: the model-grouping bounds (see the scheduler).
+        max_clients: connections served at once; more are refused.
 
     Raises:
-        ModelError, DeviceError: a model could not be loaded.
+        ModelError, DeviceError: a model could not be loaded on any device.
+        ValueError: no devices, no models, or a model given twice.
     """
 
     def __init__(
@@ -130,68 +105,117 @@ class DeviceServer:
         allowed_uids: Sequence[int] = (),
         allowed_gids: Sequence[int] = (),
         group_slack_ns: int = 2_000_000,
+        group_limit: int = 8,
+        max_clients: int = 256,
     ) -> None:
         if not devices:
             raise ValueError("a device server needs at least one device")
         if not models:
             raise ValueError("a device server needs at least one model")
-        self.scheduler = Scheduler(max_queue=max_queue, group_slack_ns=group_slack_ns)
+        if max_queue < 1 or max_inflight < 1:
+            raise ValueError("max_queue and max_inflight must be at least 1")
+        self.scheduler = Scheduler(max_queue, group_slack_ns, group_limit)
         self.max_inflight = max_inflight
+        self.max_clients = max_clients
         self.allowed_uids = {os.getuid(), *allowed_uids}
         self.allowed_gids = set(allowed_gids)
         self.models: dict[int, ModelInfo] = {}
         self.devices: list[_Dev] = []
-        for index, device in enumerate(devices):
-            runners: dict[int, Runner] = {}
-            for model_id, model in enumerate(models):
-                runner = device.load(model)
-                runners[model_id] = runner
-                if model_id not in self.models:
-                    self.models[model_id] = ModelInfo(
-                        model_id, runner.model, runner.inputs, runner.outputs
-                    )
-            self.devices.append(_Dev(index, device, runners))
+        try:
+            self._load(devices, models)
+        except BaseException:
+            for dev in self.devices:
+                for runner in dev.runners.values():
+                    runner.close()
+            for device in devices:
+                device.close()
+            raise
+        for dev in self.devices:
+            self.scheduler.add_device(dev.state)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self._conns: dict[int, _Conn] = {}
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._conns: dict[int, Conn] = {}
         self._listeners: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self._trouble: deque[Conn] = deque()
+        self._handshakes: dict[int, Conn] = {}
         self._next_client = 1
-        self._stopping = False
-        self._drain = True
+        self._stop_level = 0  # 0 running, 1 draining, 2 stopping at once (set by signals)
+        self._stop_seen = 0
         self._exit_when_no_clients = False
+        self._accept_paused_until = 0.0
+        self._served = False
+        # The I/O role (under scheduler.cv): who polls now, idle devices that would take
+        # the role, whether the serve_forever thread was asked to hand it over, exit.
+        self._poller: int | None = None
+        self._io_wanted = 0
+        self._handover = False
+        self._exiting = False
+        self._busy_since = 0  # when the role holder started running a request (0: polling)
+        self._last_run_ns = 0
+        self._main_asleep = False
+        self._role_cv = threading.Condition(self.scheduler.lock)
         self.started = time.monotonic()
         self.started_ns = time.monotonic_ns()
-        self.counts: dict[str, int] = {s.name.lower(): 0 for s in Status}
-        self.queue_ns_sum = 0
-        self.compute_ns_sum = 0
-        self.rejected_connections = 0
-        self.protocol_errors = 0
+        self.stats = ServerStats(len(self.devices), list(self.models), self.started_ns)
         self.socket_path: str | None = None
+
+    def _load(self, devices: Sequence[Device], models: Sequence[str | Path]) -> None:
+        errors: dict[int, ConveyorError] = {}
+        names: set[str] = set()
+        for index, device in enumerate(devices):
+            runners: dict[int, Runner] = {}
+            self.devices.append(_Dev(index, device, runners))
+            for model_id, model in enumerate(models):
+                try:
+                    runner = device.load(model)
+                except (ModelError, DeviceError) as exc:
+                    log.warning("device %d (%s) cannot load %s: %s", index, device.spec, model,
+                                exc)
+                    errors.setdefault(model_id, exc)
+                    continue
+                info = self.models.get(model_id)
+                if info is None:
+                    if runner.model in names:
+                        runner.close()
+                        raise ValueError(f"model {runner.model!r} given twice")
+                    names.add(runner.model)
+                    info = self.models[model_id] = ModelInfo(
+                        model_id, runner.model, runner.inputs, runner.outputs
+                    )
+                elif (runner.inputs, runner.outputs) != (info.inputs, info.outputs):
+                    log.warning("device %d (%s) loads %s with other tensors; not used there",
+                                index, device.spec, model)
+                    runner.close()
+                    continue
+                runners[model_id] = runner
+            self.devices[-1].state = DeviceState(index, frozenset(runners))
+        for model_id in range(len(models)):
+            if model_id not in self.models:
+                raise errors[model_id]
+        self.models = dict(sorted(self.models.items()))
 
     # --- set-up -------------------------------------------------------------------------
 
     def add_listener(self, sock: socket.socket) -> None:
-        """Accept clients on a listening Unix socket."""
+        """Accept clients on a listening Unix socket (made non-blocking)."""
         sock.setblocking(False)
         self._listeners.append(sock)
-        self._sel.register(sock, selectors.EVENT_READ, ("listen", sock))
+        self._sel.register(sock, selectors.EVENT_READ, sock)
 
     def add_connection(self, sock: socket.socket, *, trusted: bool = True) -> None:
         """Serve one already-connected socket (a pipeline's private link)."""
         self._register(sock, trusted=trusted, pid=os.getppid(), uid=os.getuid())
 
-    def _register(self, sock: socket.socket, *, trusted: bool, pid: int, uid: int) -> _Conn:
-        with self._lock:
-            cid = self._next_client
-            self._next_client += 1
-        sock.settimeout(SEND_TIMEOUT)
-        conn = _Conn(sock, ClientState(cid, pid=pid, uid=uid), trusted)
-        self._conns[sock.fileno()] = conn
-        self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+    def _register(self, sock: socket.socket, *, trusted: bool, pid: int, uid: int) -> Conn:
+        cid = self._next_client
+        self._next_client += 1
+        conn = Conn(sock, ClientState(cid, pid=pid, uid=uid), trusted, self._on_trouble)
+        self._conns[conn.fileno] = conn
+        self._handshakes[conn.fileno] = conn
+        self._sel.register(sock, selectors.EVENT_READ, conn)
         return conn
 
     def start_devices(self) -> None:
@@ -199,116 +223,292 @@ class DeviceServer:
         for dev in self.devices:
             if dev.thread is None:
                 dev.thread = threading.Thread(
-                    target=self._device_loop, args=(dev,), name=f"device-{dev.index}", daemon=True
+                    target=self._device_loop, args=(dev,), name=f"conveyor-device-{dev.index}",
+                    daemon=True,
                 )
                 dev.thread.start()
 
     # --- the I/O loop -------------------------------------------------------------------
 
     def serve_forever(self, *, exit_when_no_clients: bool = False) -> None:
-        """Run the I/O loop until :meth:`shutdown` (or, with ``exit_when_no_clients``,
-        until the last connection closes). Blocks the calling thread.
+        """Run the server until :meth:`shutdown` (or, with ``exit_when_no_clients``,
+        until the last connection closes), then stop the devices and close everything.
+
+        Blocks the calling thread, which does the I/O whenever no idle device thread does
+        (see :meth:`_device_step`). Cancellation: :meth:`shutdown` or :meth:`request_stop`
+        from any thread or a signal handler; KeyboardInterrupt stops at once.
         """
+        if self._served:
+            raise RuntimeError("serve_forever can run only once")
+        self._served = True
         self._exit_when_no_clients = exit_when_no_clients
         self.start_devices()
         try:
-            while True:
-                if self._stopping and self._stop_ready():
-                    break
-                if exit_when_no_clients and not self._conns and not self._listeners:
-                    break
-                timeout = None
-                deadline = self.scheduler.next_deadline_ns()
-                if deadline is not None:
-                    timeout = max(0.0, (deadline - time.monotonic_ns()) / 1e9)
-                for key, _ in self._sel.select(timeout):
-                    kind, obj = key.data
-                    if kind == "wake":
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                    elif kind == "listen":
-                        self._accept(obj)
-                    else:
-                        self._on_readable(obj)
-                for req in self.scheduler.expire():
-                    self._answer(req, Status.DEADLINE_EXCEEDED, 0, 0, 0, -1, "deadline exceeded")
-                for conn in [c for c in self._conns.values() if not c.alive]:
-                    self._close_conn(conn, "connection broke")
+            while self._main_turn():
+                try:
+                    self._io_round()
+                finally:
+                    self._release_role(_MAIN)
         finally:
             self._finish()
 
-    def _stop_ready(self) -> bool:
-        if not self._drain:
+    def _main_turn(self) -> bool:
+        """Wait until the serve_forever thread should do I/O; False when it is time to exit.
+
+        It takes the I/O role when nobody holds it and no idle device wants it, or takes
+        it over from a device that has been running one request for more than
+        :data:`IO_GRACE_S` (so a slow or stuck device never stalls the I/O for long).
+        While devices are active it checks every :data:`IO_GRACE_S`; while the server is
+        idle it sleeps until a device starts work.
+        """
+        with self.scheduler.lock:
+            while not self._exiting:
+                holder = self._poller
+                now = time.monotonic_ns()
+                busy = self._busy_since
+                if holder is None and not self._io_wanted:
+                    break
+                if holder is not None and holder != _MAIN and busy and now - busy >= _GRACE_NS:
+                    break
+                active = holder is not None and holder != _MAIN and (
+                    busy or now - self._last_run_ns < 1_000_000_000)
+                self._main_asleep = not active
+                self._role_cv.wait(IO_GRACE_S if active else None)
+                self._main_asleep = False
+            else:
+                return False
+            self._poller = _MAIN
+            self._busy_since = 0
+            self._handover = False
             return True
-        return self.scheduler.queued == 0 and not any(
-            c.client.running for c in self._conns.values()
-        )
+
+    def _release_role(self, holder: int) -> None:
+        with self.scheduler.lock:
+            if self._poller == holder:
+                self._poller = None
+                self._busy_since = 0
+                self.scheduler.cv.notify_all()
+            self._role_cv.notify_all()
+
+    def _io_round(self) -> None:
+        """One round of I/O by the thread holding the I/O role: service, then poll."""
+        if self._exiting:
+            return
+        self._service()
+        if self._should_exit():
+            with self.scheduler.lock:
+                self._exiting = True
+                self.scheduler.cv.notify_all()
+                self._role_cv.notify_all()
+            return
+        if self._poller == _MAIN and self._handover:
+            return
+        self._poll(self._poll_timeout())
+        self._service()
+
+    def _poll_timeout(self) -> float | None:
+        now = time.monotonic()
+        ends = []
+        deadline = self.scheduler.next_deadline_ns()
+        if deadline is not None:
+            ends.append(deadline / 1e9)
+        if self._handshakes:
+            ends.append(min(c.opened for c in self._handshakes.values()) + HANDSHAKE_TIMEOUT)
+        if self._accept_paused_until:
+            ends.append(self._accept_paused_until)
+        if not ends:
+            return None
+        return max(0.0, min(ends) - now)
+
+    def _poll(self, timeout: float | None) -> None:
+        for key, mask in self._sel.select(timeout):
+            obj = key.data
+            if isinstance(obj, Conn):
+                if mask & selectors.EVENT_READ:
+                    self._on_readable(obj)
+                if mask & selectors.EVENT_WRITE and obj.fileno in self._conns:
+                    self._on_writable(obj)
+            elif obj is None:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                self._accept(obj)
+
+    def _service(self) -> None:
+        """Work between polls: stop requests, connections in trouble, deadlines, timeouts."""
+        if self._stop_level != self._stop_seen:
+            self._begin_stop()
+        while self._trouble:
+            conn = self._trouble.popleft()
+            if self._conns.get(conn.fileno) is not conn:
+                continue
+            if not conn.alive:
+                self._close_conn(conn, "connection broke or stopped reading its replies")
+            elif conn.has_outbox and not conn.writing:
+                conn.writing = True
+                self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        for req in self.scheduler.expire():
+            self._reply_request(req, Status.DEADLINE_EXCEEDED)
+        if self._handshakes:
+            limit = time.monotonic() - HANDSHAKE_TIMEOUT
+            for conn in [c for c in self._handshakes.values() if c.opened < limit]:
+                self._close_conn(conn, f"no HELLO within {HANDSHAKE_TIMEOUT:g} s")
+        if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            for sock in self._listeners:
+                self._sel.register(sock, selectors.EVENT_READ, sock)
+
+    def _should_exit(self) -> bool:
+        if self._stop_seen == 2:
+            return True
+        if self._stop_seen == 1:
+            return self.scheduler.queued == 0 and self.scheduler.running == 0
+        return self._exit_when_no_clients and not self._conns and not self._listeners
+
+    def request_stop(self, *, drain: bool = True) -> None:
+        """Ask the I/O loop to stop. Safe from any thread and from signal handlers: it only
+        sets a flag and writes one byte to a pipe.
+
+        With ``drain``, queued and running requests finish and are answered first, while
+        new requests get SHUTTING_DOWN. Without, the loop stops at once (in-flight
+        requests are lost: their clients see the connection close).
+        """
+        self._stop_level = max(self._stop_level, 1 if drain else 2)
+        self._wake()
 
     def shutdown(self, *, drain: bool = True) -> None:
-        """Ask the I/O loop to stop; safe from any thread and from signal handlers.
+        """Same as :meth:`request_stop`."""
+        self.request_stop(drain=drain)
 
-        With ``drain``, queued and running requests finish first; new requests get
-        SHUTTING_DOWN. Without, the loop stops at once.
-        """
-        self._drain = self._drain and drain
-        self._stopping = True
-        self.scheduler.close()
-        self._wake()
+    @property
+    def stopping(self) -> bool:
+        return self._stop_level > 0
+
+    def _begin_stop(self) -> None:
+        level = self._stop_level
+        if self._stop_seen == 0:
+            log.info("stopping: %d queued and %d running requests to finish",
+                     self.scheduler.queued, self.scheduler.running)
+            self.scheduler.close()
+            for sock in self._listeners:
+                if not self._accept_paused_until:
+                    self._sel.unregister(sock)
+                sock.close()
+            self._listeners.clear()
+        if level == 2:
+            if self._stop_seen == 1:
+                log.info("stopping at once")
+            for req in self.scheduler.abort():
+                self._reply_request(req, Status.SHUTTING_DOWN)
+        self._stop_seen = level
 
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
+        except OSError:  # full (a wake is pending anyway) or closed (stopped)
             pass
 
+    def _on_trouble(self, conn: Conn) -> None:
+        self._trouble.append(conn)
+        self._wake()
+
     def _finish(self) -> None:
-        self.scheduler.close()
+        drained = self._stop_seen < 2
+        sched = self.scheduler
+        for req in sched.abort():
+            self._reply_request(req, Status.SHUTTING_DOWN)
+        with sched.lock:
+            self._exiting = True
+            sched.cv.notify_all()
+        self._wake()
+        # Take the I/O role back from a device thread in the middle of a round.
+        end = time.monotonic() + 2.0
+        with sched.lock:
+            while (self._poller not in (None, _MAIN) and not self._busy_since
+                   and (left := end - time.monotonic()) > 0):
+                self._role_cv.wait(left)
+            self._poller = _MAIN
         for sock in self._listeners:
-            self._sel.unregister(sock)
             sock.close()
         self._listeners.clear()
         for conn in list(self._conns.values()):
-            self._close_conn(conn, "server stopping")
+            if conn.has_outbox:
+                conn.flush()
+            self._close_conn(conn, None)
         for dev in self.devices:
             if dev.thread is not None:
-                dev.thread.join(timeout=2.0)
+                dev.thread.join(timeout=5.0 if drained else 0.2)
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         for dev in self.devices:
+            if dev.thread is not None and dev.thread.is_alive():
+                log.warning("device %d is still running a request; not closing it", dev.index)
+                continue
             for runner in dev.runners.values():
                 runner.close()
             dev.device.close()
 
+    def close(self) -> None:
+        """Release everything of a server that never served (serve_forever cleans up after
+        itself). Idempotent."""
+        if self._served:
+            return
+        self._served = True
+        self._stop_seen = 2
+        self._finish()
+
+    def devices_idle(self) -> bool:
+        """True when every device thread has ended (after :meth:`serve_forever` returned)."""
+        return not any(d.thread is not None and d.thread.is_alive() for d in self.devices)
+
+    # --- connections --------------------------------------------------------------------
+
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        if self._stopping:
-            sock.close()
-            return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
-        if not self._permitted(pid, uid, gid):
-            self.rejected_connections += 1
-            log.warning("refused connection from pid %d: uid %d gid %d not allowed", pid, uid, gid)
+        for _ in range(64):
             try:
-                sock.settimeout(1.0)
-                sock.sendall(
-                    encode(MsgType.ERROR, f"permission denied for uid {uid}".encode())
-                )
-            except OSError:
-                pass
-            sock.close()
-            return
-        self._register(sock, trusted=False, pid=pid, uid=uid)
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors: stop accepting for a moment instead of spinning.
+                log.warning("cannot accept a connection: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._accept_paused_until = time.monotonic() + 0.1
+                    for s in self._listeners:
+                        self._sel.unregister(s)
+                return
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", creds)
+            why = None
+            if not self._permitted(pid, uid, gid):
+                why = f"permission denied: uid {uid} (gid {gid}) is not allowed by this server"
+            elif len(self._conns) >= self.max_clients:
+                why = f"too many connections (at most {self.max_clients})"
+            if why is not None:
+                self.stats.count("rejected_connections")
+                log.warning("refused connection from pid %d (uid %d): %s", pid, uid, why)
+                self._refuse(sock, why)
+                continue
+            self._register(sock, trusted=False, pid=pid, uid=uid)
+
+    @staticmethod
+    def _refuse(sock: socket.socket, why: str) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(encode(MsgType.ERROR, json_body({"error": "ServerError", "message": why})))
+        except OSError:
+            pass
+        sock.close()
 
     def _permitted(self, pid: int, uid: int, gid: int) -> bool:
         if uid in self.allowed_uids:
             return True
+        if not self.allowed_gids:
+            return False
         groups = {gid}
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -318,37 +518,60 @@ class DeviceServer:
             pass
         return bool(groups & self.allowed_gids)
 
-    def _on_readable(self, conn: _Conn) -> None:
+    def _on_readable(self, conn: Conn) -> None:
         try:
             conn.reader.feed_from_socket()
-            while True:
+            while conn.alive:
                 frame = conn.reader.next_frame()
                 if frame is None:
                     break
                 self._handle(conn, frame)
             if conn.reader.eof:
                 self._close_conn(conn, None)
+        except (BlockingIOError, InterruptedError):
+            pass
         except ProtocolError as exc:
-            self.protocol_errors += 1
-            log.warning(
-                "closing connection of client %d (pid %d): %s", conn.client.id, conn.client.pid, exc
-            )
-            conn.send(encode(MsgType.ERROR, str(exc).encode()))
-            self._close_conn(conn, str(exc))
+            self.stats.count("protocol_errors")
+            log.warning("closing the connection of client %d (pid %d): protocol error: %s",
+                        conn.client.id, conn.client.pid, exc)
+            conn.send(encode(MsgType.ERROR, json_body(
+                {"error": "ProtocolError", "message": str(exc)})))
+            self._close_conn(conn, None)
         except OSError as exc:
             self._close_conn(conn, f"socket error: {exc}")
+        except Exception:
+            log.exception("internal error serving client %d (pid %d); closing its connection",
+                          conn.client.id, conn.client.pid)
+            self._close_conn(conn, None)
 
-    def _handle(self, conn: _Conn, frame: Frame) -> None:
+    def _on_writable(self, conn: Conn) -> None:
+        if conn.flush():
+            if not conn.alive:
+                self._close_conn(conn, "connection broke")
+                return
+            conn.writing = False
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _handle(self, conn: Conn, frame: Frame) -> None:
         kind = frame.type
-        if not conn.welcomed:
+        if kind is MsgType.INFER:
+            if conn.monitor or not conn.welcomed:
+                raise ProtocolError("INFER before HELLO" if not conn.welcomed
+                                    else "INFER from a monitoring connection")
+            self._infer(conn, frame)
+        elif not conn.welcomed:
             if kind is not MsgType.HELLO:
+                if frame.fd is not None:
+                    os.close(frame.fd)
                 raise ProtocolError(f"expected HELLO first, got {kind.name}")
             self._hello(conn, frame)
-            return
-        if kind is MsgType.INFER:
-            self._infer(conn, frame)
         elif kind is MsgType.SEGMENT:
-            self._segment(conn, frame)
+            assert frame.fd is not None
+            if conn.monitor or len(frame.body) != SEGMENT.size:
+                os.close(frame.fd)
+                raise ProtocolError("bad SEGMENT message")
+            seg_id, size = SEGMENT.unpack(frame.body)
+            conn.add_segment(seg_id, frame.fd, size)
         elif kind is MsgType.STATUS:
             conn.send(encode(MsgType.STATUS_REPLY, json_body(self.status()), frame.req_id))
         elif kind is MsgType.BYE:
@@ -356,173 +579,227 @@ class DeviceServer:
         else:
             raise ProtocolError(f"unexpected message {kind.name} from a client")
 
-    def _hello(self, conn: _Conn, frame: Frame) -> None:
+    def _hello(self, conn: Conn, frame: Frame) -> None:
         data = frame.json()
         if not isinstance(data, dict):
             raise ProtocolError("HELLO body must be a JSON object")
+        version = data.get("version", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"client speaks protocol {version!r}, server {PROTOCOL_VERSION}")
         conn.client.name = str(data.get("name", ""))[:64]
+        conn.monitor = data.get("monitor") is True
         if conn.trusted and isinstance(data.get("pid"), int):
             conn.client.pid = int(data["pid"])
         conn.welcomed = True
-        self.scheduler.add_client(conn.client)
+        del self._handshakes[conn.fileno]
+        if not conn.monitor:
+            self.scheduler.add_client(conn.client)
+            log.info("client %d connected: pid %d uid %d %s", conn.client.id, conn.client.pid,
+                     conn.client.uid, conn.client.name)
         welcome = {
             "client_id": conn.client.id,
             "server_pid": os.getpid(),
             "version": __version__,
+            "protocol": PROTOCOL_VERSION,
             "max_inflight": self.max_inflight,
             "models": [m.to_json() for m in self.models.values()],
             "devices": [self._describe(d) for d in self.devices],
         }
         conn.send(encode(MsgType.WELCOME, json_body(welcome)))
 
-    def _segment(self, conn: _Conn, frame: Frame) -> None:
-        assert frame.fd is not None
-        if len(frame.body) != SEGMENT.size:
-            os.close(frame.fd)
-            raise ProtocolError(f"SEGMENT body must be {SEGMENT.size} bytes")
-        seg_id, size = SEGMENT.unpack(frame.body)
-        total = sum(s.size for s in conn.segments.values()) + size
-        if len(conn.segments) >= MAX_SEGMENTS or total > MAX_SEGMENT_BYTES or seg_id in conn.segments:
-            os.close(frame.fd)
-            raise ProtocolError(f"segment {seg_id} refused: duplicate id or over the limits")
-        try:
-            conn.segments[seg_id] = Segment.attach(frame.fd, size)
-        except ValueError as exc:
-            raise ProtocolError(f"bad segment: {exc}") from exc
-
-    def _infer(self, conn: _Conn, frame: Frame) -> None:
+    def _infer(self, conn: Conn, frame: Frame) -> None:
         if len(frame.body) != INFER.size:
             raise ProtocolError(f"INFER body must be {INFER.size} bytes, got {len(frame.body)}")
         model_id, seg_id, offset, deadline_ns, priority = INFER.unpack(frame.body)
         info = self.models.get(model_id)
-        seg = conn.segments.get(seg_id)
         if info is None:
-            self._reply(conn, frame.req_id, Status.UNKNOWN_MODEL, text=f"no model {model_id}")
+            self._reply(conn, frame.req_id, Status.UNKNOWN_MODEL, None,
+                        text=f"no model with id {model_id}")
             return
-        if seg is None or offset + info.slot_size > seg.size:
-            self._reply(conn, frame.req_id, Status.BAD_REQUEST, text="slot outside the segments")
+        ins, outs = conn.views(info, seg_id, offset)
+        client = conn.client
+        if client.queued + client.running >= self.max_inflight:
+            client.busy += 1
+            self._reply(conn, frame.req_id, Status.BUSY, model_id,
+                        text=f"over the client's credit of {self.max_inflight} requests")
             return
-        if conn.client.outstanding >= self.max_inflight:
-            conn.client.busy += 1
-            self._reply(conn, frame.req_id, Status.BUSY, text="client over its in-flight credit")
-            return
-        req = Request(
-            conn.client, frame.req_id, model_id, offset, seg, deadline_ns, priority, conn=conn
-        )
+        req = Request(client, frame.req_id, model_id, ins, outs, deadline_ns, priority, conn)
         status = self.scheduler.submit(req)
         if status is not None:
-            self._reply(conn, frame.req_id, status, text=status.name.lower().replace("_", " "))
+            self._reply(conn, frame.req_id, status, model_id)
 
-    def _close_conn(self, conn: _Conn, why: str | None) -> None:
-        fd = conn.sock.fileno()
-        if fd in self._conns:
-            del self._conns[fd]
-            self._sel.unregister(conn.sock)
-        with conn.send_lock:
-            conn.alive = False
+    def _close_conn(self, conn: Conn, why: str | None) -> None:
+        if self._conns.get(conn.fileno) is not conn:
+            return
+        del self._conns[conn.fileno]
+        self._handshakes.pop(conn.fileno, None)
+        self._sel.unregister(conn.sock)
+        conn.mark_dead()
         conn.sock.close()
         conn.reader.close()
-        self.scheduler.remove_client(conn.client)
-        if why:
-            log.info("client %d (pid %d) closed: %s", conn.client.id, conn.client.pid, why)
-        # Segments are unmapped when the last request using them is gone (garbage collected).
-        conn.segments.clear()
+        if conn.welcomed and not conn.monitor:
+            self.scheduler.remove_client(conn.client)
+            log.info("client %d (pid %d) disconnected%s", conn.client.id, conn.client.pid,
+                     f": {why}" if why else "")
+        elif why:
+            log.info("connection of pid %d closed: %s", conn.client.pid, why)
+        if conn.client.running == 0:
+            conn.release()
         if self._exit_when_no_clients and not self._conns:
-            self._stopping = True
-            self._drain = False
-            self.scheduler.close()
+            self._stop_level = max(self._stop_level, 2)
 
     # --- replies ------------------------------------------------------------------------
 
-    def _reply(
-        self,
-        conn: _Conn,
-        req_id: int,
-        status: Status,
-        queue_ns: int = 0,
-        compute_ns: int = 0,
-        start_ns: int = 0,
-        device: int = 0xFFFF,
-        text: str = "",
-    ) -> None:
-        self.counts[status.name.lower()] += 1
-        body = RESULT.pack(status, device & 0xFFFF, queue_ns, compute_ns, start_ns)
-        conn.send(encode(MsgType.RESULT, body + text.encode()[:4096], req_id))
+    def _reply(self, conn: Conn, req_id: int, status: Status, model_id: int | None,
+               device: int = _NO_DEVICE, text: str = "") -> None:
+        self.stats.failed(model_id, status)
+        conn.send(encode_result(req_id, status, device, 0, 0, 0, text or _TEXT[status]))
 
-    def _answer(
-        self, req: Request, status: Status, queue_ns: int, compute_ns: int, start_ns: int,
-        device: int, text: str = "",
-    ) -> None:
-        self._reply(req.conn, req.req_id, status, queue_ns, compute_ns, start_ns, device, text)
+    def _reply_request(self, req: Request, status: Status, device: int = _NO_DEVICE,
+                       text: str = "") -> None:
+        self._reply(req.conn, req.req_id, status, req.model_id, device, text)
 
     # --- the device threads -------------------------------------------------------------
 
     def _device_loop(self, dev: _Dev) -> None:
-        sched = self.scheduler
-        while True:
-            req, expired = sched.next(dev.state)
-            for r in expired:
-                self._answer(r, Status.DEADLINE_EXCEEDED, 0, 0, 0, dev.index, "deadline exceeded")
-            if req is None:
-                if not expired:
-                    break
-                continue
-            conn = req.conn
-            if not conn.alive:
-                sched.done(req, 0, ok=False)
-                continue
-            info = self.models[req.model_id]
-            seg: Segment = req.segment
-            start = time.monotonic_ns()
-            queue_ns = start - req.enqueued_ns
-            try:
-                arrays = [
-                    seg.array(req.offset + off, spec.shape, spec.dtype)
-                    for off, spec in zip(info.in_offsets, info.inputs)
-                ]
-                outs = dev.runners[req.model_id].run(arrays)
-                end = time.monotonic_ns()
-                for out, off, spec in zip(outs, info.out_offsets, info.outputs):
-                    np.copyto(seg.array(req.offset + off, spec.shape, spec.dtype), out)
-                del arrays
-            except DeviceError as exc:
-                end = time.monotonic_ns()
-                self._device_failed(dev, req, exc)
-                if dev.state.failed:
-                    return
-                continue
-            except (ConveyorError, ValueError, RuntimeError) as exc:
-                end = time.monotonic_ns()
-                sched.done(req, end - start, ok=False)
-                dev.errors += 1
-                self._answer(req, Status.DEVICE_ERROR, queue_ns, end - start, start, dev.index,
-                             f"{type(exc).__name__}: {exc}")
-                continue
-            compute = end - start
-            dev.busy_ns += compute
-            dev.items += 1
-            dev.recent.append((end, compute))
-            dev.latency.append(end - req.enqueued_ns)
-            self.queue_ns_sum += queue_ns
-            self.compute_ns_sum += compute
-            sched.done(req, compute, ok=True)
-            self._answer(req, Status.OK, queue_ns, compute, start, dev.index)
-            if self._stopping:
+        try:
+            while self._device_step(dev):
+                pass
+        finally:
+            self._release_role(dev.index)
+            if self._stop_level:
                 self._wake()
 
-    def _device_failed(self, dev: _Dev, req: Request, exc: Exception) -> None:
-        dev.errors += 1
-        others = [d for d in self.devices if d is not dev and not d.state.failed
-                  and req.model_id in d.state.models]
-        if others:
-            dev.state.failed = f"{type(exc).__name__}: {exc}"
-            log.error("device %d (%s) failed and was taken out: %s", dev.index,
-                      dev.device.spec, exc)
-        if others and not req.retried:
-            self.scheduler.requeue(req)
+    def _device_step(self, dev: _Dev) -> bool:
+        """Run one request, answer expired ones, or do one round of I/O; False when the
+        device is done (drained, stopped or taken out).
+
+        An idle device thread takes the I/O role itself and keeps it while it runs what
+        it read, so a request that reaches an idle device runs without a thread switch
+        and the server wakes no other thread. The serve_forever thread takes the role
+        over during long runs (see :meth:`_main_turn`); another idle device takes it at
+        once. A separate function so that no reference to a finished request (and so to
+        its client's memory) survives while the device waits for the next one.
+        """
+        sched = self.scheduler
+        me = dev.index
+        with sched.lock:
+            while True:
+                req, expired = sched.take_locked(dev.state)
+                if req is not None or expired:
+                    if self._poller == me and req is not None:
+                        if self._io_wanted:
+                            # More work is waiting (a pipelining client) or another device
+                            # is idle: hand the I/O to another thread, to overlap the run.
+                            self._poller = None
+                            sched.cv.notify_all()
+                            self._role_cv.notify_all()
+                        else:
+                            self._busy_since = time.monotonic_ns()
+                            if self._main_asleep:
+                                self._role_cv.notify_all()
+                    break
+                if dev.state.failed is not None or sched.closed or self._exiting:
+                    if self._poller == me:
+                        self._poller = None
+                        self._busy_since = 0
+                        sched.cv.notify_all()
+                        self._role_cv.notify_all()
+                    if dev.state.failed is not None or sched.closed:
+                        return False
+                elif self._poller in (None, me) or (self._poller != _MAIN and self._busy_since):
+                    self._poller = me
+                    self._busy_since = 0
+                    break
+                elif self._poller == _MAIN and not self._handover:
+                    self._handover = True
+                    self._wake()  # the I/O thread's poll returns and it hands the role over
+                self._io_wanted += 1
+                sched.cv.wait()
+                self._io_wanted -= 1
+                if not self._io_wanted and self._poller is None:
+                    # The serve_forever thread may be waiting for an idle device to take
+                    # the role; this one might not (it may have work): let it look again.
+                    self._role_cv.notify_all()
+        if req is None and not expired:
+            try:
+                self._io_round()
+            except BaseException:
+                self._release_role(me)
+                raise
+            return True
+        for r in expired:
+            self._reply_request(r, Status.DEADLINE_EXCEEDED, me)
+        if req is None:
+            return True
+        try:
+            self._run(dev, req)
+        except BaseException as exc:  # a bug here must not leave a request unanswered
+            log.exception("device %d failed unexpectedly", me)
+            if req.state == RUNNING:
+                self._device_failed(dev, req, exc)
+        with sched.lock:
+            self._last_run_ns = time.monotonic_ns()
+            if self._poller == me:
+                self._busy_since = 0
+        return dev.state.failed is None
+
+    def _run(self, dev: _Dev, req: Request) -> None:
+        conn = req.conn
+        if not conn.alive:
+            self.scheduler.done(req, 0, ok=False)
+            if conn.client.running == 0:
+                conn.release()
             return
+        start = time.monotonic_ns()
+        try:
+            outs = dev.runners[req.model_id].run(req.inputs)
+            for dst, src in zip(req.outputs, outs):
+                np.copyto(dst, src)
+        except DeviceError as exc:
+            self._device_failed(dev, req, exc)
+            return
+        except (ConveyorError, ValueError, RuntimeError, TypeError) as exc:
+            spent = time.monotonic_ns() - start
+            self.scheduler.done(req, spent, ok=False)
+            self.stats.failed(req.model_id, Status.DEVICE_ERROR, dev.index, spent)
+            conn.send(encode_result(req.req_id, Status.DEVICE_ERROR, dev.index, 0, spent, start,
+                                    f"{type(exc).__name__}: {exc}"))
+            return
+        end = time.monotonic_ns()
+        compute = end - start
+        queue = start - req.enqueued_ns
+        # Accounted before the reply, so a client that asks for the status next sees it.
+        self.scheduler.done(req, compute, ok=True)
+        self.stats.ok(dev.index, req.model_id, queue, compute, end, end - req.enqueued_ns)
+        conn.send(encode_result(req.req_id, Status.OK, dev.index, queue, compute, start))
+        if not conn.alive and conn.client.running == 0:
+            conn.release()
+        if self._stop_level:
+            self._wake()
+
+    def _device_failed(self, dev: _Dev, req: Request, exc: BaseException) -> None:
+        why = f"{type(exc).__name__}: {exc}"
+        others = [d for d in self.devices if d is not dev and d.state.failed is None]
+        if others:
+            log.error("device %d (%s) failed and was taken out of service: %s", dev.index,
+                      dev.device.spec, why)
+            for r in self.scheduler.take_out(dev.state, why):
+                self._reply_request(r, Status.DEVICE_ERROR, dev.index,
+                                    f"no device left that has model {self.models[r.model_id].name}")
+            if not req.retried and self.scheduler.serves(req.model_id):
+                log.info("retrying request %d of client %d on another device", req.req_id,
+                         req.client.id)
+                self.scheduler.requeue(req)
+                return
+        else:
+            log.error("device %d (%s) failed a request (it is the only device): %s",
+                      dev.index, dev.device.spec, why)
         self.scheduler.done(req, 0, ok=False)
-        self._answer(req, Status.DEVICE_ERROR, 0, 0, 0, dev.index, f"{type(exc).__name__}: {exc}")
+        self.stats.failed(req.model_id, Status.DEVICE_ERROR, dev.index)
+        req.conn.send(encode_result(req.req_id, Status.DEVICE_ERROR, dev.index, 0, 0, 0, why))
+        if not req.conn.alive and req.client.running == 0:
+            req.conn.release()
 
     # --- status -------------------------------------------------------------------------
 
@@ -531,48 +808,64 @@ class DeviceServer:
                 "models": [self.models[m].name for m in sorted(dev.runners)]}
 
     def status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot: server, devices, models, clients, totals."""
+        """A JSON-ready snapshot: server, devices, models, clients, totals. Thread-safe.
+
+        Rates, duty cycles and latency percentiles cover the last few seconds
+        (``window_s``); counters and ``*_s`` sums cover the server's life.
+        """
         now_ns = time.monotonic_ns()
-        window_ns = 5_000_000_000
         devices = []
         for dev in self.devices:
-            recent = [(e, c) for e, c in list(dev.recent) if e >= now_ns - window_ns]
-            span = min(window_ns, now_ns - self.started_ns) or 1
-            p50, p99 = _percentiles(list(dev.latency))
+            state = dev.state
             devices.append({
                 **self._describe(dev),
-                "state": "failed" if dev.state.failed else "ok",
-                "failure": dev.state.failed,
-                "current_model": (self.models[dev.state.current_model].name
-                                  if dev.state.current_model is not None else None),
-                "items": dev.items,
-                "errors": dev.errors,
-                "model_switches": dev.state.switches,
-                "busy_s": dev.busy_ns / 1e9,
-                "duty_cycle": sum(c for _, c in recent) / span,
-                "duty_cycle_total": dev.busy_ns / max(now_ns - self.started_ns, 1),
-                "items_per_s": len(recent) / (span / 1e9),
-                "p50_ms": p50,
-                "p99_ms": p99,
+                "state": "failed" if state.failed else "ok",
+                "failure": state.failed,
+                "current_model": (self.models[state.current_model].name
+                                  if state.current_model is not None else None),
+                "model_switches": state.switches,
+                **self.stats.device(dev.index, now_ns),
             })
+        models = []
+        for info in self.models.values():
+            models.append({
+                **info.to_json(),
+                "devices": [d.index for d in self.devices if info.id in d.runners],
+                **self.stats.model(info.id),
+            })
+        now = time.monotonic()
         clients = [{
             "id": c.id, "pid": c.pid, "uid": c.uid, "name": c.name, "queued": c.queued,
             "running": c.running, "completed": c.completed, "failed": c.failed,
             "busy": c.busy, "deadline_exceeded": c.expired, "device_s": c.device_ns / 1e9,
-        } for c in self.scheduler.clients()]
+            "connected_s": now - c.connected_at,
+        } for c in sorted(self.scheduler.clients(), key=lambda c: c.id)]
+        requests: dict[str, int] = {}
+        for m in models:
+            for k, v in m["requests"].items():
+                requests[k] = requests.get(k, 0) + v
+        conns = list(self._conns.values())
         return {
             "server": {
-                "pid": os.getpid(), "version": __version__, "socket": self.socket_path,
-                "uptime_s": time.monotonic() - self.started, "max_queue": self.scheduler.max_queue,
-                "max_inflight": self.max_inflight, "stopping": self._stopping,
+                "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
+                "socket": self.socket_path, "uptime_s": now - self.started,
+                "max_queue": self.scheduler.max_queue, "max_inflight": self.max_inflight,
+                "stopping": self.stopping, "window_s": WINDOW_S,
             },
             "devices": devices,
-            "models": [m.to_json() for m in self.models.values()],
+            "models": models,
             "clients": clients,
             "totals": {
-                "requests": dict(self.counts), "queue_depth": self.scheduler.queued,
-                "queue_s_sum": self.queue_ns_sum / 1e9, "compute_s_sum": self.compute_ns_sum / 1e9,
-                "rejected_connections": self.rejected_connections,
-                "protocol_errors": self.protocol_errors,
+                "requests": requests,
+                "errors": sum(v for k, v in requests.items() if k != "ok"),
+                "queue_depth": self.scheduler.queued,
+                "running": self.scheduler.running,
+                "clients": len(clients),
+                "monitors": sum(1 for c in conns if c.monitor),
+                "items_per_s": sum(d["items_per_s"] for d in devices),
+                "queue_s_sum": sum(m["queue"]["sum_s"] for m in models),
+                "compute_s_sum": sum(m["compute"]["sum_s"] for m in models),
+                "rejected_connections": self.stats.rejected_connections,
+                "protocol_errors": self.stats.protocol_errors,
             },
         }

@@ -90,6 +90,7 @@ class DeviceStats:
                 "busy_s": self.busy_ns / 1e9,
                 # busy / wall time since the pipeline started
                 "duty_cycle": self.busy_ns / span,
+                "busy_fraction": self.busy_ns / span,
                 # busy / time from the first inference's start to the last one's end
                 "duty_cycle_active": self.busy_ns / active if self.items else 0.0,
                 "items_per_s": self.items / (span / 1e9),

@@ -58,7 +58,7 @@ def _elements(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
 
-def _opcodes(model: Any, schema: Any) -> list[int]:
+def _opcodes(model: Any) -> list[int]:
     # Old converters wrote only deprecated_builtin_code (values < 127); newer ones both.
     return [
         max(
@@ -121,7 +121,7 @@ def _cost_cached(path: str, mtime_ns: int, size: int) -> ModelCost:
     try:
         model = schema.Model.GetRootAs(data, 0)
         subgraph = model.Subgraphs(0)
-        codes = _opcodes(model, schema)
+        codes = _opcodes(model)
         ops = schema.BuiltinOperator
         io = [
             sum(_elements(_shape(subgraph.Tensors(int(get(j))))) for j in range(length()))

@@ -32,6 +32,7 @@ from .._errors import (
     DeviceBusyError,
     DeviceError,
     DeviceNotFoundError,
+    DeviceSpecError,
     EdgeTPURuntimeMissingError,
     InvalidModelError,
     ModelError,
@@ -195,8 +196,6 @@ class EdgeTPUDevice(Device):
     """
 
     def __init__(self, spec: DeviceSpec | None = None, *, root: str = "/") -> None:
-        from .._errors import DeviceSpecError
-
         self.spec = spec or DeviceSpec("edgetpu")
         if self.spec.kind != "edgetpu":
             raise DeviceSpecError(f"EdgeTPUDevice needs an edgetpu spec, got {self.spec}")

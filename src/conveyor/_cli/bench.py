@@ -1,0 +1,186 @@
+"""Measure how busy the device stays, and how many items get done, under each design.
+
+The same face-detection workload (MediaPipe BlazeFace: letterbox, resize and normalise,
+plus --python-ms of the application's own Python per item; the model; anchor decoding and
+weighted NMS) runs under each design, one after another:
+
+  sequential      one loop, one step after another
+  asyncio         coroutines in one event loop, the device via run_in_executor
+  threads         a CPU thread and a device thread
+  threads_queues  a CPU thread per core and a device thread, bounded queues
+  conveyor        conveyor's pipeline: a process per core prepares, a device worker runs
+  server_1        one client program of a device server (conveyor serve)
+  server_4        four client programs sharing the device through the server
+  two_programs    conveyor beside a separate CPU-bound Python program
+
+For each: items/s, the device's duty cycle (its busy time over the run), p50 and p99
+latency per item, and CPU use in cores; and the device alone (the model back to back:
+the physical bound) with each design's ratio to it. A progress bar runs on stderr; a
+table is printed at the end, or with --json the JSON object only:
+
+  {"device", "model", "machine", "device_alone_items_per_s",
+   "scenarios": {NAME: {"items_per_s", "duty_cycle", "p50_ms", "p99_ms", "cpu_cores",
+                        "ratio_to_device_alone", ...}}}
+
+For the simulated Edge TPU the duty cycle is the simulated chip's own busy time; a late
+wake-up of the program after a run counts as idle. The device is opened by one design at
+a time: close other programs that hold it first.
+
+examples:
+  conveyor bench --device sim-edgetpu
+  conveyor bench --device sim-edgetpu --json > bench.json
+  conveyor bench --device cpu --items 500 --plot bench.png
+  conveyor bench --device edgetpu --model short --trace conveyor.json
+  conveyor bench --device sim-edgetpu:rpi4 --python-ms 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .._errors import ConveyorError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``conveyor bench``'s arguments on ``parser``."""
+    parser.add_argument(
+        "--device",
+        metavar="SPEC",
+        default="cpu",
+        help="device to measure (default: cpu); e.g. sim-edgetpu, edgetpu",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        default="full",
+        help="face detector: full (192x192, default) or short (128x128), or its bundled model name",
+    )
+    parser.add_argument(
+        "--items",
+        metavar="N",
+        type=int,
+        default=2000,
+        help="items per design (default: 2000; a minute or so in all)",
+    )
+    parser.add_argument(
+        "--python-ms",
+        metavar="MS",
+        type=float,
+        default=1.0,
+        help="pure-Python work per item in the preparing step, holding the "
+        "GIL, as application code does (default: 1.0; 0 for none)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        default=0,
+        help="CPU workers of the designs that have several (default: the usable cores)",
+    )
+    parser.add_argument(
+        "--nice",
+        metavar="N",
+        type=int,
+        default=0,
+        help="lower the priority of CPU-only workers by N in every design (default: 0)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    parser.add_argument(
+        "--trace",
+        metavar="FILE",
+        type=Path,
+        help="write a Chrome trace of the conveyor design (open in Perfetto)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=Path,
+        help="draw timelines and a bar chart of items/s into a PNG",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench; 0 on success, 1 if it could not run, 2 on a bad argument."""
+    from .._bench._suite import Options, detector_name, run_suite
+
+    try:
+        detector_name(args.model)
+    except ValueError as exc:
+        print(f"conveyor bench: {exc}", file=sys.stderr)
+        return 2
+    if args.items < 1 or args.workers < 0 or args.python_ms < 0:
+        print(
+            "conveyor bench: --items must be at least 1, --workers and --python-ms at least 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            print(
+                "conveyor bench: --plot needs matplotlib: pip install 'conveyor[plot]'",
+                file=sys.stderr,
+            )
+            return 2
+    opts = Options(
+        device=args.device,
+        model=args.model,
+        items=args.items,
+        python_ms=args.python_ms,
+        workers=args.workers,
+        nice=args.nice,
+        trace=args.trace,
+    )
+    try:
+        outcome = run_suite(opts, progress=not args.no_progress)
+    except ConveyorError as exc:
+        print(f"conveyor bench: {exc}", file=sys.stderr)
+        return 1
+    data = outcome.data
+    if args.plot is not None:
+        from .._bench._plot import plot
+
+        plot(args.plot, outcome.results, outcome.alone.items_per_s, title=_title(data))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from .._bench._report import headline, table
+
+    print(_title(data))
+    print(table(data))
+    line = headline(data)
+    if line:
+        print(line)
+    other = data["machine"].get("other_load_cores", 0.0)
+    if other > 0.25:
+        print(
+            f"note: other programs used {other:.2f} cores while the bench ran; "
+            f"the figures are noisier for it",
+            file=sys.stderr,
+        )
+    if args.trace is not None:
+        print(f"trace of the conveyor design: {args.trace}")
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _title(data: dict[str, object]) -> str:
+    machine = data["machine"]
+    assert isinstance(machine, dict)
+    bench = machine["bench"]
+    sim = " (simulation)" if str(data["device"]).startswith("sim-") else ""
+    return (
+        f"conveyor bench: {data['model']} on {data['device']}{sim}, "
+        f"{machine['cpus_usable']} cores ({machine['cpu_model']})\n"
+        f"{bench['items']} items per design; prepare = letterbox + "
+        f"{bench['prepare_python_ms']:g} ms of Python per item; "
+        f"{bench['cpu_workers']} CPU workers"
+    )

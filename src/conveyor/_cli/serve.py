@@ -1,0 +1,98 @@
+"""Own one or more devices and serve inference to many programs over a local Unix socket.
+
+The server loads the models on every device, then prints one line with its socket path and
+serves until SIGTERM or Ctrl-C (the first drains in-flight requests, a second exits at once).
+Programs connect with conveyor.connect(PATH) or use device="server:PATH" in a pipeline.
+
+The socket is private to this user (mode 0600) unless --group shares it; every connection's
+peer credentials are checked against this user, --allow-user and --group. The default path
+is $XDG_RUNTIME_DIR/conveyor.sock, else /tmp/conveyor-<uid>/conveyor.sock. Logs go to stderr.
+
+examples:
+  conveyor serve
+  conveyor serve --device cpu --model face_detection_short_range --model face_landmark
+  conveyor serve --socket /run/conveyor/tpu.sock --group video --device edgetpu:usb
+  conveyor serve --device sim-edgetpu --max-queue 64 --metrics-port 9464
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .._errors import ConveyorError
+
+__all__ = ["add_arguments", "run"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``conveyor serve``'s arguments on ``parser``."""
+    parser.add_argument("--socket", metavar="PATH", help="the Unix socket to listen on "
+                        "(default: $XDG_RUNTIME_DIR/conveyor.sock or /tmp/conveyor-UID/...)")
+    parser.add_argument("--device", metavar="SPEC", action="append", dest="devices",
+                        help="a device to own: cpu, cpu:N, edgetpu, edgetpu:usb:N, "
+                        "sim-edgetpu, onnx:cpu... (repeat for several; default cpu)")
+    parser.add_argument("--model", metavar="NAME_OR_PATH", action="append", dest="models",
+                        help="a model to serve (repeat for several; "
+                        "default face_detection_short_range)")
+    parser.add_argument("--group", metavar="NAME", help="share the socket with this group "
+                        "(mode 0660) and allow its members")
+    parser.add_argument("--allow-user", metavar="NAME|UID", action="append", default=[],
+                        dest="allow_users", help="also allow this user (repeat for several)")
+    parser.add_argument("--max-queue", metavar="N", type=_positive, default=256,
+                        help="requests waiting in total before new ones are refused "
+                        "with Busy (default 256)")
+    parser.add_argument("--max-inflight", metavar="N", type=_positive, default=32,
+                        help="requests one client may have in flight (default 32)")
+    parser.add_argument("--metrics-port", metavar="P", type=_port,
+                        help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default="info", help="what to log on stderr (default info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``conveyor serve``: 0 after a clean stop, 1 if stopped at once, 2 if it could
+    not start (the reason is printed)."""
+    from .._device._serve import serve
+
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s conveyor serve[%(process)d] %(levelname)s: %(message)s",
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    devices = args.devices or ["cpu"]
+    models = args.models or ["face_detection_short_range"]
+
+    def ready(path: Path) -> None:
+        print(f"conveyor serve: listening on {path} (pid {os.getpid()}; "
+              f"devices {', '.join(devices)}; models {', '.join(models)})", flush=True)
+
+    try:
+        return serve(
+            socket_path=args.socket, devices=devices, models=models, group=args.group,
+            allow_users=args.allow_users, max_queue=args.max_queue,
+            max_inflight=args.max_inflight, metrics_port=args.metrics_port, ready=ready,
+        )
+    except ConveyorError as exc:
+        print(f"conveyor serve: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"conveyor serve: cannot start: {exc}", file=sys.stderr)
+        return 2

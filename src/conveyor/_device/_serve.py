@@ -1,0 +1,254 @@
+"""``conveyor serve``: the listening socket, signals and metrics around a DeviceServer.
+
+The socket:
+
+- its path defaults to :func:`~conveyor._device._client.default_socket_path`; a missing
+  parent directory is created with mode 0700 (0750 and the group with ``group``);
+- it is created with mode 0600, or 0660 owned by ``group`` (whose members are then
+  allowed: SO_PEERCRED is checked on every connection in any case);
+- if another server answers at the path, this one refuses to start; a socket file nobody
+  answers on (left by a server that was killed) is removed;
+- it is removed when the server exits.
+
+Signals: the first SIGTERM or SIGINT drains (queued and running requests finish and are
+answered, new ones are refused) and exits; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .._errors import ServerError
+from ._client import default_socket_path
+from ._server import DeviceServer
+
+__all__ = ["bind_socket", "check_socket_path", "resolve_group", "resolve_user", "serve"]
+
+log = logging.getLogger("conveyor.server")
+
+
+def resolve_user(user: str) -> int:
+    """A user name or numeric uid as a uid. Raises ValueError for an unknown name."""
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"no user named {user!r}") from None
+
+
+def resolve_group(group: str) -> int:
+    """A group name or numeric gid as a gid. Raises ValueError for an unknown name."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {group!r}") from None
+
+
+def _prepare_dir(directory: Path, gid: int | None) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if gid is not None:
+            os.chown(directory, -1, gid)
+            os.chmod(directory, 0o750)
+        return
+    info = directory.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ServerError(f"{directory} is not a directory")
+    if directory.name == f"conveyor-{os.getuid()}" and info.st_uid != os.getuid():
+        raise ServerError(f"{directory} belongs to uid {info.st_uid}, not to this user; "
+                          f"remove it or pass --socket")
+    if gid is not None and not info.st_mode & (stat.S_IXGRP | stat.S_IXOTH):
+        log.warning("members of group %d cannot reach %s (mode %o); pass --socket in a "
+                    "directory they can enter", gid, directory, stat.S_IMODE(info.st_mode))
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse ``path`` if a live server answers there; remove a stale socket file.
+
+    Blocks for one connection attempt (at most a second).
+
+    Raises:
+        ServerError: another server answers, or the path is not a socket.
+    """
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ServerError(f"{path} exists and is not a socket; remove it or pass another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing the stale socket %s (its server is gone)", path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    except OSError as exc:
+        raise ServerError(f"cannot check {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise ServerError(f"another server is already serving at {path}; stop it first "
+                      f"(`conveyor status --socket {path}` shows it)")
+
+
+def bind_socket(path: Path, gid: int | None = None, backlog: int = 128) -> socket.socket:
+    """A listening Unix socket at ``path``: mode 0600, or 0660 with group ``gid``.
+
+    The socket is created under a restrictive umask, so it is never reachable by others,
+    not even between bind and chmod. Raises OSError.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+class _Signals:
+    """SIGTERM/SIGINT: the first drains, the second stops at once."""
+
+    def __init__(self, server: DeviceServer) -> None:
+        self.server = server
+        self.count = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        # Only flags and a pipe write here: the handler may run in the middle of anything.
+        self.server.request_stop(drain=self.count == 1)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+
+def serve(
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    devices: Sequence[str] = ("cpu",),
+    models: Sequence[str] = ("face_detection_short_range",),
+    group: str | None = None,
+    allow_users: Sequence[str] = (),
+    max_queue: int = 256,
+    max_inflight: int = 32,
+    metrics_port: int | None = None,
+    ready: Callable[[Path], None] | None = None,
+) -> int:
+    """Open the devices, load the models, and serve until SIGTERM or SIGINT.
+
+    Blocks until the server stops. ``ready`` is called once the socket accepts clients.
+    Returns 0 after a drained stop, 1 after a forced one (a second signal).
+
+    Raises:
+        ServerError: another server answers at the path, or the path is unusable.
+        ValueError: an unknown user or group.
+        DeviceError, ModelError: a device or model could not be opened.
+        OSError: the socket or the metrics port could not be bound.
+    """
+    from ..backends import open_device
+
+    path = Path(socket_path) if socket_path is not None else default_socket_path()
+    path = path.absolute()
+    gid = resolve_group(group) if group is not None else None
+    uids = [resolve_user(u) for u in allow_users]
+    _prepare_dir(path.parent, gid)
+    check_socket_path(path)
+    opened = []
+    try:
+        for spec in devices:
+            opened.append(open_device(spec))
+    except BaseException:
+        for device in opened:
+            device.close()
+        raise
+    server = DeviceServer(
+        opened, list(models), max_queue=max_queue, max_inflight=max_inflight,
+        allowed_uids=uids, allowed_gids=[] if gid is None else [gid],
+    )
+    metrics = None
+    listener = None
+    signals = _Signals(server)
+    ino = None
+    try:
+        check_socket_path(path)  # loading took a while: check again just before binding
+        listener = bind_socket(path, gid)
+        info = path.lstat()
+        ino = (info.st_dev, info.st_ino)
+        server.add_listener(listener)
+        server.socket_path = str(path)
+        if metrics_port is not None:
+            from ._metrics import MetricsServer
+
+            metrics = MetricsServer(server.status, metrics_port)
+            log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
+        signals.install()
+        log.info("serving %s on %s (pid %d)", ", ".join(models), ", ".join(devices),
+                 os.getpid())
+        if ready is not None:
+            ready(path)
+        server.serve_forever()
+    finally:
+        signals.restore()
+        if metrics is not None:
+            metrics.close()
+        if ino is not None:
+            try:
+                info = path.lstat()
+                if (info.st_dev, info.st_ino) == ino:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+        server.close()  # only does something if serve_forever never ran
+    forced = signals.count > 1 or server._stop_seen == 2
+    if not server.devices_idle():
+        # A device is stuck in a request: nothing left to wait for, and joining it
+        # could take forever. Everything that matters is closed and removed.
+        log.warning("exiting with a device still busy")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    log.info("stopped%s", " at once" if forced else " after draining")
+    return 1 if forced else 0

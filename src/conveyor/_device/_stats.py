@@ -1,0 +1,165 @@
+"""What the device server counts: per device and per model, cheap enough to leave on.
+
+Counters only ever grow (Prometheus counters are derived from them); rates and duty cycles
+are computed over a sliding window from 100 ms buckets, so recording is O(1) and a status
+snapshot costs the same at any request rate. All updates happen under one lock, before the
+reply is sent (a client that asks for the status next sees its request counted).
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ._protocol import Status
+
+__all__ = ["BUCKETS_S", "WINDOW_S", "Histogram", "ServerStats"]
+
+#: Upper bounds (seconds) of the latency histogram buckets (Prometheus ``le``).
+BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+_BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
+#: The window over which rates, duty cycles and percentiles are computed.
+WINDOW_S = 5.0
+_SLICE_NS = 100_000_000
+_SLICES = int(WINDOW_S * 1e9) // _SLICE_NS
+_STATUS_NAMES = {int(s): s.name.lower() for s in Status}
+
+
+class Histogram:
+    """Counts of durations per bucket of :data:`BUCKETS_S` (the last bucket is +Inf)."""
+
+    __slots__ = ("count", "counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS_NS) + 1)
+        self.sum_ns = 0
+        self.count = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(_BUCKETS_NS, ns)] += 1
+        self.sum_ns += ns
+        self.count += 1
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"le": bounds, "counts": per bucket (not cumulative), "sum_s", "count"}``."""
+        return {"le": list(BUCKETS_S), "counts": list(self.counts),
+                "sum_s": self.sum_ns / 1e9, "count": self.count}
+
+
+class _DeviceStats:
+    __slots__ = ("busy_ns", "errors", "items", "latency", "slices")
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.errors = 0
+        self.busy_ns = 0
+        self.slices: deque[list[int]] = deque(maxlen=_SLICES + 1)  # [slice, items, busy_ns]
+        self.latency: deque[int] = deque(maxlen=4096)
+
+
+class _ModelStats:
+    __slots__ = ("compute", "latency", "queue", "requests")
+
+    def __init__(self) -> None:
+        self.requests = dict.fromkeys(_STATUS_NAMES.values(), 0)
+        self.queue = Histogram()
+        self.compute = Histogram()
+        self.latency = Histogram()
+
+
+def _percentiles(values: list[int]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
+    return float(p50) / 1e6, float(p99) / 1e6
+
+
+class ServerStats:
+    """The server's counters. Thread-safe."""
+
+    def __init__(self, n_devices: int, model_ids: list[int], started_ns: int) -> None:
+        self._lock = threading.Lock()
+        self.started_ns = started_ns
+        self._devices = [_DeviceStats() for _ in range(n_devices)]
+        self._models = {m: _ModelStats() for m in model_ids}
+        self.rejected_connections = 0
+        self.protocol_errors = 0
+
+    def ok(self, device: int, model: int, queue_ns: int, compute_ns: int, end_ns: int,
+           total_ns: int) -> None:
+        """Record one successful inference."""
+        with self._lock:
+            d = self._devices[device]
+            d.items += 1
+            d.busy_ns += compute_ns
+            d.latency.append(total_ns)
+            idx = end_ns // _SLICE_NS
+            if d.slices and d.slices[-1][0] == idx:
+                s = d.slices[-1]
+                s[1] += 1
+                s[2] += compute_ns
+            else:
+                d.slices.append([idx, 1, compute_ns])
+            m = self._models[model]
+            m.requests["ok"] += 1
+            m.queue.observe(queue_ns)
+            m.compute.observe(compute_ns)
+            m.latency.observe(total_ns)
+
+    def failed(self, model: int | None, status: int, device: int | None = None,
+               busy_ns: int = 0) -> None:
+        """Record a request answered with an error ``status``."""
+        with self._lock:
+            if model in self._models:
+                self._models[model].requests[_STATUS_NAMES.get(status, "bad_request")] += 1
+            if device is not None and status == Status.DEVICE_ERROR:
+                d = self._devices[device]
+                d.errors += 1
+                d.busy_ns += busy_ns
+
+    def count(self, what: str) -> None:
+        """Count a rejected connection or a protocol error."""
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def device(self, index: int, now_ns: int) -> dict[str, Any]:
+        """A device's counters, window rates and latency percentiles (milliseconds)."""
+        with self._lock:
+            d = self._devices[index]
+            first = now_ns // _SLICE_NS - _SLICES + 1
+            items = busy = 0
+            for idx, n, b in d.slices:
+                if idx >= first:
+                    items += n
+                    busy += b
+            latency = list(d.latency)
+            totals = {"items": d.items, "errors": d.errors, "busy_s": d.busy_ns / 1e9}
+            busy_total = d.busy_ns
+        span = max(min(now_ns - first * _SLICE_NS, now_ns - self.started_ns), 1)
+        p50, p99 = _percentiles(latency)
+        return {
+            **totals,
+            "items_per_s": items / (span / 1e9),
+            "duty_cycle": min(busy / span, 1.0),
+            "duty_cycle_total": min(busy_total / max(now_ns - self.started_ns, 1), 1.0),
+            "p50_ms": p50,
+            "p99_ms": p99,
+        }
+
+    def model(self, model: int) -> dict[str, Any]:
+        """A model's request counts by status and its time histograms."""
+        with self._lock:
+            m = self._models[model]
+            return {
+                "requests": dict(m.requests),
+                "queue": m.queue.to_json(),
+                "compute": m.compute.to_json(),
+                "latency": m.latency.to_json(),
+            }

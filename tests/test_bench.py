@@ -1,0 +1,142 @@
+"""conveyor bench: a tiny run on each device gives the object the issue describes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conveyor.cli
+from conveyor._bench._measure import Result, Timeline, busy_within, percentiles_ms
+from conveyor._bench._plot import _gaps
+from conveyor._bench._report import as_json, table
+
+SCENARIOS = [
+    "sequential",
+    "asyncio",
+    "threads",
+    "threads_queues",
+    "conveyor",
+    "server_1",
+    "server_4",
+    "two_programs",
+]
+TOP = {"device", "model", "machine", "device_alone_items_per_s", "scenarios"}
+FIELDS = ["items_per_s", "duty_cycle", "p50_ms", "p99_ms", "cpu_cores", "ratio_to_device_alone"]
+
+
+def bench(capsys: pytest.CaptureFixture[str], *argv: str | os.PathLike[str]) -> dict[str, Any]:
+    code = conveyor.cli.main(["bench", "--json", "--no-progress", *map(os.fspath, argv)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data: dict[str, Any] = json.loads(out)  # stdout is the JSON object and nothing else
+    return data
+
+
+def check_shape(data: dict[str, Any], device: str, items: int) -> None:
+    assert set(data) == TOP
+    assert data["device"] == device
+    assert data["model"] == "face_detection_full_range"
+    machine = data["machine"]
+    assert machine["cpus_usable"] >= 1 and machine["python"] and machine["litert"]
+    alone = data["device_alone_items_per_s"]
+    assert alone > 0
+    assert list(data["scenarios"]) == SCENARIOS
+    for name, s in data["scenarios"].items():
+        for field in FIELDS:
+            assert isinstance(s[field], (int, float)), (name, field)
+        assert s["items"] == items, name
+        assert s["items_per_s"] > 0, name
+        assert 0.0 < s["duty_cycle"] <= 1.0 + 1e-3, name
+        assert s["duty_cycle"] <= s["duty_cycle_calls"] + 1e-3, name
+        assert 0.0 < s["p50_ms"] <= s["p99_ms"], name
+        assert s["cpu_cores"] >= 0.0, name
+        # Each ratio is the scenario's items/s over the device alone (both rounded).
+        assert s["ratio_to_device_alone"] == pytest.approx(s["items_per_s"] / alone, rel=1e-2)
+    assert 0.0 < data["scenarios"]["two_programs"]["other_program_speed"] <= 1.5
+
+
+@pytest.mark.slow
+def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leaks: None) -> None:
+    png, trace = tmp_path / "bench.png", tmp_path / "trace.json"
+    data = bench(
+        capsys, "--device", "sim-edgetpu", "--items", "40", "--plot", png, "--trace", trace
+    )
+    check_shape(data, "sim-edgetpu", 40)
+    assert data["machine"]["bench"]["device_run_ms"] > 0  # the simulation's own busy time
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert any(t.startswith("device") for t in tracks)
+    assert any(t.startswith("preprocess") for t in tracks)
+
+
+@pytest.mark.slow
+def test_cpu(capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
+    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0")
+    check_shape(data, "cpu", 24)
+    # On the CPU the device's own account is the time around each call.
+    for s in data["scenarios"].values():
+        assert s["duty_cycle"] == pytest.approx(s["duty_cycle_calls"], abs=1e-3)
+
+
+def test_bad_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert conveyor.cli.main(["bench", "--model", "face_landmark"]) == 2
+    assert "--model must be one of" in capsys.readouterr().err
+
+
+def test_busy_within_clips_to_the_window() -> None:
+    spans = [(0, 10), (20, 30), (40, 50)]
+    assert busy_within(spans, 5, 45) == 5 + 10 + 5
+    assert busy_within(spans, 60, 70) == 0
+    assert _gaps([(2.0, 3.0), (7.0, 1.0)], 10.0) == [(0.0, 2.0), (5.0, 2.0), (8.0, 2.0)]
+
+
+def test_summary_and_table() -> None:
+    timeline = Timeline()
+    timeline.add("device", [(0, 500_000_000)])
+    timeline.add("device calls", [(0, 600_000_000)])
+    result = Result(
+        "conveyor", 100, 0, 1_000_000_000, [1_000_000] * 99 + [9_000_000], 1.5, timeline
+    )
+    alone = Result("device_alone", 200, 0, 1_000_000_000, [], 0.5, Timeline())
+    data = as_json("sim-edgetpu", "m", {}, alone, [result])
+    s = data["scenarios"]["conveyor"]
+    assert s["items_per_s"] == 100 and s["ratio_to_device_alone"] == 0.5
+    assert s["duty_cycle"] == 0.5 and s["duty_cycle_calls"] == 0.6
+    assert s["cpu_cores"] == 1.5
+    assert percentiles_ms([1_000_000] * 99 + [9_000_000]) == pytest.approx((1.0, 1.08))
+    text = table(data)
+    assert text.splitlines()[0].split()[:2] == ["scenario", "items/s"]
+    assert "device alone" in text and "conveyor" in text and "50%" in text
+
+
+@pytest.mark.parametrize("where", ["prepare", "finish"])
+def test_thread_design_error_stops_every_thread(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """An error in a CPU thread or in the caller ends the design with that error, no hang."""
+    import threading
+
+    from conveyor._bench import _designs
+    from conveyor._bench._workload import Workload
+
+    real = getattr(_designs, where)
+    calls = 0
+
+    def flaky(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 30:
+            raise ValueError(f"{where} broke")
+        return real(*args)
+
+    monkeypatch.setattr(_designs, where, flaky)
+    setup = _designs.Setup("cpu", Workload("short"), items=200, workers=2, warmup=0)
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match=f"{where} broke"):
+        _designs.threads_queues(setup)
+    assert set(threading.enumerate()) <= before

@@ -1,0 +1,254 @@
+"""The wire protocol under attack: random bytes, truncated frames, wrong versions, huge
+sizes, SEGMENT without a descriptor, INFER before HELLO, slots outside the segment, bad
+descriptors. Each closes that connection only, with a log line; the server goes on
+serving a normal client, and holds no more descriptors than before."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server_support import (
+    FakeDevice,
+    LogLines,
+    ThreadServer,
+    fd_count,
+    socket_dir,
+    wait_until,
+    x,
+)
+
+from conveyor import DeviceClient
+from conveyor._device._protocol import (
+    HEADER,
+    INFER,
+    MAGIC,
+    PROTOCOL_VERSION,
+    SEGMENT,
+    FrameReader,
+    MsgType,
+    encode,
+    json_body,
+)
+from conveyor._shm import Segment
+
+HELLO = encode(MsgType.HELLO, json_body({"version": PROTOCOL_VERSION, "pid": 1, "name": "fz"}))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ThreadServer]:
+    with socket_dir() as d, ThreadServer(d / "s", [FakeDevice()], ["m"]) as srv:
+        yield srv
+
+
+def header(mtype: int, length: int, req_id: int = 0, version: int = PROTOCOL_VERSION,
+           magic: bytes = MAGIC) -> bytes:
+    return HEADER.pack(magic, version, mtype, 0, length, req_id)
+
+
+def exchange(path: Path, data: bytes, fds: list[int] | None = None,
+             timeout: float = 5.0) -> bytes:
+    """Send ``data`` (with ``fds`` on the first byte), close our sending side, and read
+    until the server closes the connection or ``timeout``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        with contextlib.suppress(OSError):  # the server may close before we finish
+            if fds:
+                socket.send_fds(s, [data[:1] or b"\0"], fds)
+                data = data[1:]
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def still_serves(srv: ThreadServer) -> None:
+    assert srv.thread.is_alive(), srv.error
+    with DeviceClient(path=srv.path, timeout=5) as c:
+        assert c.infer("m", x(1.0))[1].tolist() == [4.0]
+
+
+def error_of(reply: bytes) -> str:
+    """The message of the ERROR frame in ``reply`` (the server's last word)."""
+    pos = 0
+    while pos + HEADER.size <= len(reply):
+        _, _, mtype, _, length, _ = HEADER.unpack_from(reply, pos)
+        body = reply[pos + HEADER.size : pos + HEADER.size + length]
+        if mtype == MsgType.ERROR:
+            return str(json.loads(body)["message"])
+        pos += HEADER.size + length
+    raise AssertionError(f"no ERROR frame in {reply[:200]!r}")
+
+
+frames = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda t, n, body: header(t, n) + body,
+              st.integers(0, 255), st.integers(0, 2**32 - 1), st.binary(max_size=64)),
+    st.builds(lambda v, body: header(MsgType.HELLO, len(body), version=v) + body,
+              st.integers(0, 255).filter(lambda v: v != PROTOCOL_VERSION),
+              st.binary(max_size=32)),
+    st.builds(lambda cut: HELLO[:cut], st.integers(0, len(HELLO) - 1)),
+    st.builds(lambda body: HELLO + encode(MsgType.INFER, body, 1), st.binary(max_size=40)),
+    st.builds(lambda m, s, off, d, p: HELLO + encode(MsgType.INFER, INFER.pack(m, s, off, d, p)),
+              st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
+              st.integers(-(2**63), 2**63 - 1), st.integers(-(2**31), 2**31 - 1)),
+    st.builds(lambda body: HELLO + encode(MsgType.SEGMENT, body), st.binary(max_size=16)),
+    st.builds(lambda data: encode(MsgType.HELLO, data), st.binary(max_size=200)),
+    st.builds(lambda obj: encode(MsgType.HELLO, json_body(obj)),
+              st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+                           max_leaves=10)),
+)
+
+
+@settings(max_examples=250, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=frames)
+def test_random_frames_close_only_that_connection(server: ThreadServer, data: bytes) -> None:
+    exchange(server.path, data)
+    assert server.thread.is_alive(), server.error
+
+
+def test_server_survives_the_fuzzing_with_no_leaks(server: ThreadServer) -> None:
+    before = fd_count(os.getpid())
+    with LogLines().installed() as logs:
+        for data in [b"GET / HTTP/1.1\r\n\r\n", header(77, 0), header(MsgType.HELLO, 2**32 - 1),
+                     HELLO[:30], b"\0" * 100]:
+            exchange(server.path, data)
+        still_serves(server)
+    wait_until(lambda: fd_count(os.getpid()) == before, 5, "descriptors back to the baseline")
+    assert sum("protocol error" in line for line in logs.lines) >= 4
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (header(MsgType.HELLO, 2, version=PROTOCOL_VERSION + 1) + b"{}", "protocol version"),
+        (header(MsgType.HELLO, 1 << 30) + b"{", "exceeds"),
+        (b"XXXX" + HELLO[4:], "bad magic"),
+        (header(200, 0), "unknown message type"),
+        (encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0)), "INFER before HELLO"),
+        (encode(MsgType.STATUS), "expected HELLO"),
+        (HELLO + encode(MsgType.SEGMENT, SEGMENT.pack(0, 64)), "without a file descriptor"),
+        (HELLO + encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0)), "never sent"),
+        (HELLO + encode(MsgType.INFER, b"short"), "INFER body"),
+        (HELLO + encode(MsgType.WELCOME, b"{}"), "unexpected message"),
+        (encode(MsgType.HELLO, b"[" * 100_000), "exceeds"),
+        (encode(MsgType.HELLO, b"[" * 60_000), "not valid JSON"),
+        (encode(MsgType.HELLO, b"\xff\xfe"), "not valid JSON"),
+        (encode(MsgType.HELLO, b"[1]"), "JSON object"),
+    ],
+)
+def test_malformed_message_is_answered_and_logged(server: ThreadServer, data: bytes,
+                                                  why: str) -> None:
+    with LogLines().installed() as logs:
+        reply = exchange(server.path, data)
+    assert why in error_of(reply)
+    assert any(why in line for line in logs.lines), logs.lines
+    still_serves(server)
+
+
+def test_truncated_frame_at_end_of_stream_is_logged(server: ThreadServer) -> None:
+    with LogLines().installed() as logs:
+        exchange(server.path, HELLO + encode(MsgType.STATUS)[:7])
+    assert any("truncated" in line for line in logs.lines), logs.lines
+    still_serves(server)
+
+
+def _segment_msg(size: int) -> bytes:
+    return HELLO + encode(MsgType.SEGMENT, SEGMENT.pack(0, size))
+
+
+def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
+    before = fd_count(os.getpid())
+    r, w = os.pipe()
+    unsealed = os.memfd_create("unsealed")
+    os.ftruncate(unsealed, 1 << 16)
+    good = Segment.create(1 << 16)
+    try:
+        cases = [
+            ([r], "not a shared-memory segment"),  # a pipe
+            ([unsealed], "not sealed"),
+            ([good.fd], "announced"),  # announces more than it has
+            ([r, w, unsealed, good.fd, r], "too many file descriptors"),
+        ]
+        for fds, why in cases:
+            size = 1 << 20 if why == "announced" else 1 << 16
+            reply = exchange(server.path, _segment_msg(size), fds)
+            assert why in error_of(reply), (why, reply)
+        # Slot offsets outside a real segment, and a segment id never sent.
+        for model, seg, off in [(0, 0, 1 << 16), (0, 0, 2**64 - 1), (0, 9, 0)]:
+            infer = encode(MsgType.INFER, INFER.pack(model, seg, off, 0, 0))
+            data = _segment_msg(good.size) + infer
+            reply = exchange(server.path, data, [good.fd])
+            assert "segment" in error_of(reply)
+    finally:
+        for fd in (r, w, unsealed):
+            os.close(fd)
+        good.close()
+    still_serves(server)
+    wait_until(lambda: fd_count(os.getpid()) == before, 5, "descriptors back to the baseline")
+
+
+def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None:
+    seg = Segment.create(1 << 16)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(str(server.path))
+        reader = FrameReader(s, fds=False)
+        s.sendall(HELLO)
+        assert reader.read_frame().type is MsgType.WELCOME
+        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size))], [seg.fd])
+        s.sendall(encode(MsgType.INFER, INFER.pack(42, 0, 0, 0, 0), 7))
+        frame = reader.read_frame()
+        assert (frame.type, frame.req_id) == (MsgType.RESULT, 7)
+        status = struct.unpack_from("<H", frame.body)[0]
+        assert status == 5  # UNKNOWN_MODEL
+        s.sendall(encode(MsgType.STATUS, b"", 8))
+        assert reader.read_frame().type is MsgType.STATUS_REPLY  # still open
+    finally:
+        s.close()
+        seg.close()
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(payloads=st.lists(st.binary(max_size=3000), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(1, 4000), max_size=10))
+def test_frame_reader_reassembles_any_split(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode(MsgType.STATUS_REPLY, p, i) for i, p in enumerate(payloads))
+    a, b = socket.socketpair()
+    try:
+        reader = FrameReader(b, fds=False)
+        got = []
+        pos = 0
+        for cut in [*cuts, len(stream)]:
+            chunk = stream[pos : pos + cut]
+            pos += len(chunk)
+            if chunk:
+                a.sendall(chunk)
+                reader.feed_from_socket()
+            while (frame := reader.next_frame()) is not None:
+                got.append((frame.req_id, frame.body))
+            if pos >= len(stream):
+                break
+        assert got == list(enumerate(payloads))
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,297 @@
+"""``conveyor serve`` as users run it: a separate process on a Unix socket, used by several
+client processes, watched with ``conveyor status``/``top``/metrics, stopped with SIGTERM,
+and closed to users it does not allow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_support import (
+    MODEL,
+    SHAPE,
+    ServeProcess,
+    env,
+    finish,
+    python,
+    socket_dir,
+)
+
+import conveyor
+from conveyor import DeviceClient, ServerError, ServerGone
+from conveyor.backends import open_device
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+@pytest.fixture
+def sdir() -> Iterator[Path]:
+    with socket_dir() as d:
+        yield d
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "conveyor", *args], env=env(), text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_serves_the_same_outputs_as_a_local_run(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path) as srv:
+        assert str(path) in srv.ready_line
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        runner = open_device("cpu").load(MODEL)
+        rng = np.random.default_rng(1)
+        with conveyor.connect(path) as client:
+            assert MODEL in client.models()
+            for _ in range(5):
+                img = rng.random(SHAPE, dtype=np.float32)
+                got = client.infer(MODEL, img)
+                for a, b in zip(got, runner.run([img]), strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            futs = [client.submit(MODEL, rng.random(SHAPE, dtype=np.float32)) for _ in range(40)]
+            assert all(len(f.result(30)) == 2 for f in futs)
+            import asyncio
+
+            outs = asyncio.run(client.ainfer(MODEL, np.zeros(SHAPE, np.float32)))
+            assert [o.shape for o in outs] == [(1, 896, 16), (1, 896, 1)]
+        srv.terminate()
+        assert srv.wait() == 0
+        assert not path.exists()
+
+
+CLIENT = """
+import sys, numpy as np, conveyor
+from conveyor.backends import open_device
+path, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+runner = open_device("cpu:1").load("face_detection_short_range")
+rng = np.random.default_rng(seed)
+imgs = [rng.random((1, 128, 128, 3), dtype=np.float32) for _ in range(4)]
+want = [runner.run([img]) for img in imgs]
+with conveyor.connect(path, name=f"worker{seed}") as c:
+    futs = [(i % 4, c.submit("face_detection_short_range", imgs[i % 4])) for i in range(n)]
+    for k, f in futs:
+        for a, b in zip(f.result(60), want[k]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for i in range(n):
+        got = c.infer("face_detection_short_range", imgs[i % 4])
+        np.testing.assert_allclose(got[0], want[i % 4][0], rtol=1e-5, atol=1e-5)
+print("ok", 2 * n)
+"""
+
+
+def test_several_client_processes_share_one_server(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--device", "cpu:1"):
+        procs = [python(CLIENT, str(path), str(seed), "40") for seed in range(4)]
+        assert finish(procs, 60) == ["ok 80\n"] * 4
+        st = conveyor.connect(path)
+        try:
+            status = st.status()
+        finally:
+            st.close()
+        assert status["totals"]["requests"]["ok"] == 320
+        assert status["totals"]["errors"] == 0
+
+
+def test_status_json_text_and_top(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path) as srv, conveyor.connect(path, name="watched") as client:
+        for _ in range(10):
+            client.infer(MODEL, np.zeros(SHAPE, np.float32))
+        done = cli("status", "--socket", str(path), "--json")
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert set(status) == {"server", "devices", "models", "clients", "totals"}
+        assert status["server"]["pid"] == srv.pid
+        assert status["server"]["socket"] == str(path)
+        (dev,) = status["devices"]
+        for key in ("spec", "state", "current_model", "items", "errors", "model_switches",
+                    "busy_s", "duty_cycle", "items_per_s", "p50_ms", "p99_ms", "models"):
+            assert key in dev, key
+        assert dev["items"] == 10 and dev["state"] == "ok" and 0 < dev["duty_cycle"] <= 1
+        assert 0 < dev["p50_ms"] <= dev["p99_ms"]
+        (model,) = status["models"]
+        assert model["name"] == MODEL and model["requests"]["ok"] == 10
+        assert model["compute"]["count"] == 10
+        (me,) = status["clients"]  # `conveyor status` itself is a monitor, not a client
+        assert me["name"] == "watched" and me["completed"] == 10 and me["pid"] == os.getpid()
+        for key in ("queued", "running", "failed", "busy", "deadline_exceeded", "device_s"):
+            assert key in me, key
+        assert status["totals"]["monitors"] == 1
+        text = cli("status", "--socket", str(path))
+        assert text.returncode == 0
+        assert "DUTY" in text.stdout and "watched" in text.stdout and MODEL in text.stdout
+        top = cli("top", "--socket", str(path), "--once")
+        assert top.returncode == 0
+        assert "conveyor top" in top.stdout and "REQ/S" in top.stdout
+
+
+def test_status_without_a_server_says_so(sdir: Path) -> None:
+    done = cli("status", "--socket", str(sdir / "none.sock"))
+    assert done.returncode == 1
+    assert "no conveyor server" in done.stderr and "conveyor serve" in done.stderr
+    assert cli("top", "--once", "--socket", str(sdir / "none.sock")).returncode == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_endpoint(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    port = _free_port()
+    with ServeProcess(path, "--metrics-port", str(port)), conveyor.connect(path) as client:
+        for _ in range(3):
+            client.infer(MODEL, np.zeros(SHAPE, np.float32))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+    assert re.search(rf'conveyor_request_success_total{{model="{MODEL}"}} 3', text), text
+    for name in ("conveyor_request_failure_total", "conveyor_request_queue_seconds_bucket",
+                 "conveyor_request_compute_seconds_sum", "conveyor_device_utilization",
+                 "conveyor_queue_depth", "conveyor_clients_connected",
+                 "conveyor_device_model_switches_total"):
+        assert name in text, name
+
+
+def test_sigterm_drains_in_flight_requests(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--device", "sim-edgetpu:usb2", "--model", "face_landmark") as srv, \
+            conveyor.connect(path) as client:
+        img = np.zeros((1, 192, 192, 3), np.float32)
+        futs = [client.submit("face_landmark", img) for _ in range(24)]
+        client.status()  # one round trip: all 24 are admitted
+        srv.terminate()
+        assert not all(f.done() for f in futs), "too fast to test draining"
+        assert all(len(f.result(30)) == 2 for f in futs)
+        assert srv.wait(30) == 0
+        assert not path.exists()
+        assert "draining" in srv.log() or "stopping" in srv.log()
+        with pytest.raises(ServerGone):
+            client.infer("face_landmark", img)
+
+
+def test_second_sigterm_stops_at_once(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    args = ("--device", "sim-edgetpu:usb2", "--model", "face_landmark", "--max-inflight", "128")
+    with ServeProcess(path, *args) as srv, conveyor.connect(path) as client:
+        img = np.zeros((1, 192, 192, 3), np.float32)
+        futs = [client.submit("face_landmark", img) for _ in range(128)]  # ~0.5 s of work
+        client.status()
+        t0 = time.monotonic()
+        srv.terminate()
+        time.sleep(0.02)
+        srv.terminate()
+        assert srv.wait(10) == 1
+        assert time.monotonic() - t0 < 2.0
+        assert not path.exists()
+        failed = 0
+        for f in futs:
+            try:
+                f.result(10)
+            except ServerGone:
+                failed += 1
+        assert failed > 0  # it did not drain
+
+
+def test_refuses_a_second_server_and_replaces_a_stale_socket(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path) as first:
+        second = cli("serve", "--socket", str(path))
+        assert second.returncode == 2
+        assert "already serving" in second.stderr
+        first.kill()  # SIGKILL: leaves its socket file behind
+    assert path.is_socket()
+    with ServeProcess(path) as again, conveyor.connect(path) as client:
+        client.infer(MODEL, np.zeros(SHAPE, np.float32))
+        assert "stale" in again.log()
+        again.terminate()
+        assert again.wait() == 0
+    assert not path.exists()
+
+
+# --- who may connect ---------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def _as_nobody(path: Path, infer: bool) -> int:
+    """Fork a child that drops to uid/gid 65534 and connects; its exit code says how it
+    went: 0 served, 2 refused by the server, 4 refused by the file system, other: bug."""
+    img = np.zeros(SHAPE, np.float32)
+    pid = os.fork()
+    if pid == 0:
+        code = 9
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                client = DeviceClient(path=path, timeout=5)
+            except ServerGone as exc:
+                code = 4 if "Permission denied" in str(exc) else 5
+            except ServerError as exc:
+                code = 2 if "permission denied" in str(exc) else 3
+            else:
+                code = 0
+                if infer:
+                    client.infer(MODEL, img)
+                client.close()
+        finally:
+            os._exit(code)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the child did not finish")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_other_users_are_refused(sdir: Path) -> None:
+    os.chmod(sdir, 0o755)
+    path = sdir / "s.sock"
+    with ServeProcess(path) as srv:
+        assert _as_nobody(path, infer=False) == 4  # mode 0600: the kernel says no
+        os.chmod(path, 0o777)  # now only the server's SO_PEERCRED check stands in the way
+        assert _as_nobody(path, infer=False) == 2
+        assert "refused connection" in srv.log()
+        with conveyor.connect(path) as client:  # the owner still gets in
+            client.infer(MODEL, np.zeros(SHAPE, np.float32))
+            assert client.status()["totals"]["rejected_connections"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_group_shares_the_socket(sdir: Path) -> None:
+    os.chmod(sdir, 0o755)
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--group", str(NOBODY)):
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == NOBODY
+        assert _as_nobody(path, infer=True) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_allowed_user_gets_in(sdir: Path) -> None:
+    os.chmod(sdir, 0o755)
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--allow-user", str(NOBODY)):
+        os.chmod(path, 0o777)
+        assert _as_nobody(path, infer=True) == 0

@@ -1,0 +1,198 @@
+"""Faults around a device server: clients and servers killed with SIGKILL, reconnection,
+a full queue, a client that stops reading, a connection that never says HELLO."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_support import (
+    FakeDevice,
+    LogLines,
+    ServeProcess,
+    ThreadServer,
+    fd_count,
+    finish,
+    memfd_maps,
+    python,
+    socket_dir,
+    wait_until,
+    x,
+)
+
+import conveyor
+from conveyor import Busy, DeviceClient, ServerGone
+from conveyor._device._client import query_status
+from conveyor._device._protocol import PROTOCOL_VERSION, MsgType, encode, json_body
+
+SLOW = ("--device", "sim-edgetpu:usb2", "--model", "face_landmark")  # ~4 ms a request
+IMG = np.zeros((1, 192, 192, 3), np.float32)
+
+
+@pytest.fixture
+def sdir() -> Iterator[Path]:
+    with socket_dir() as d:
+        yield d
+
+
+VICTIM = """
+import sys, numpy as np, conveyor
+c = conveyor.connect(sys.argv[1], name="victim")
+img = np.zeros((1, 192, 192, 3), np.float32)
+futs = [c.submit("face_landmark", img) for _ in range(32)]
+c.status()
+print("sent", flush=True)
+while True:  # keep 32 requests in flight until killed
+    futs.pop(0).result()
+    futs.append(c.submit("face_landmark", img))
+"""
+
+BYSTANDER = """
+import sys, numpy as np, conveyor
+img = np.zeros((1, 192, 192, 3), np.float32)
+with conveyor.connect(sys.argv[1], name="bystander") as c:
+    print("ready", flush=True)
+    for _ in range(150):
+        c.infer("face_landmark", img)
+print("ok")
+"""
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_client_killed_mid_request_costs_the_server_nothing(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path, *SLOW) as srv:
+        with conveyor.connect(path) as warm:  # first use allocates for good: not a leak
+            warm.infer("face_landmark", IMG)
+        wait_until(lambda: not query_status(path)["clients"], 5, "the warm-up client gone")
+        fds, maps = fd_count(srv.pid), memfd_maps(srv.pid)
+        bystander = python(BYSTANDER, str(path))
+        victim = python(VICTIM, str(path))
+        try:
+            assert victim.stdout is not None and bystander.stdout is not None
+            assert victim.stdout.readline() == "sent\n"
+            assert bystander.stdout.readline() == "ready\n"
+            clients = {c["name"]: c for c in query_status(path)["clients"]}
+            assert clients["victim"]["queued"] + clients["victim"]["running"] > 0
+            assert memfd_maps(srv.pid) == maps + 2  # one arena per client
+            victim.kill()
+            victim.wait(10)
+            with conveyor.connect(path) as other:
+                for _ in range(20):
+                    other.infer("face_landmark", IMG)
+            assert finish([bystander], 60) == ["ok\n"]
+        finally:
+            for p in (victim, bystander):
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
+        wait_until(lambda: not query_status(path)["clients"], 10, "all clients gone")
+        wait_until(lambda: fd_count(srv.pid) == fds, 10, f"server fds back to {fds}")
+        wait_until(lambda: memfd_maps(srv.pid) == maps, 10, f"server memfd maps back to {maps}")
+        assert "victim" not in srv.log() or "disconnected" in srv.log()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_server_killed_clients_get_server_gone_promptly(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path, *SLOW) as srv, conveyor.connect(path) as client:
+        futs = [client.submit("face_landmark", IMG) for _ in range(24)]
+        client.status()
+        srv.kill()
+        t0 = time.monotonic()
+        gone = 0
+        for f in futs:
+            try:
+                f.result(5)
+            except ServerGone:
+                gone += 1
+        assert gone > 0 and time.monotonic() - t0 < 2.0
+        with pytest.raises(ServerGone):
+            client.infer("face_landmark", IMG)
+        path.unlink()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_reconnect_after_the_server_restarts(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    first = ServeProcess(path)
+    try:
+        client = conveyor.connect(path, reconnect=True)
+        try:
+            client.infer("face_detection_short_range", img)
+            first.kill()
+            with pytest.raises(ServerGone):
+                client.infer("face_detection_short_range", img)
+            assert not client.connected
+            with ServeProcess(path) as second:
+                assert len(client.infer("face_detection_short_range", img)) == 2
+                assert client.status()["server"]["pid"] == second.pid
+        finally:
+            client.close()
+    finally:
+        first.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_full_queue_answers_busy(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path, *SLOW, "--max-queue", "2") as srv, conveyor.connect(path) as c:
+        futs = [c.submit("face_landmark", IMG) for _ in range(12)]
+        busy = ok = 0
+        for f in futs:
+            try:
+                f.result(10)
+                ok += 1
+            except Busy:
+                busy += 1
+        assert busy >= 8 and ok >= 3 and busy + ok == 12
+        assert c.status()["totals"]["requests"]["busy"] == busy
+        srv.terminate()
+        assert srv.wait() == 0
+
+
+def test_client_that_stops_reading_is_dropped(sdir: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    from conveyor._device import _conn
+
+    monkeypatch.setattr(_conn, "MAX_OUTBOX", 64 * 1024)
+    hello = encode(MsgType.HELLO, json_body({"version": PROTOCOL_VERSION, "name": "deaf"}))
+    with LogLines().installed() as logs, \
+            ThreadServer(sdir / "s", [FakeDevice(delay=0.001)], ["m"]) as srv, \
+            DeviceClient(path=srv.path) as good:
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.settimeout(10)
+        try:
+            deaf.connect(str(srv.path))
+            deaf.sendall(hello)
+            status = encode(MsgType.STATUS, b"", 1)
+            with pytest.raises(OSError):  # dropped while we are still sending
+                for _ in range(100_000):
+                    deaf.sendall(status)
+            assert good.infer("m", x(1))[1].tolist() == [4.0]
+        finally:
+            deaf.close()
+        assert any("stopped reading" in line for line in logs.lines), logs.lines
+
+
+def test_connection_without_hello_is_closed(sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor._device import _server
+
+    monkeypatch.setattr(_server, "HANDSHAKE_TIMEOUT", 0.2)
+    with ThreadServer(sdir / "s", [FakeDevice()], ["m"]) as srv:
+        mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mute.settimeout(5)
+        try:
+            mute.connect(str(srv.path))
+            t0 = time.monotonic()
+            assert mute.recv(100) == b""
+            assert time.monotonic() - t0 < 3
+        finally:
+            mute.close()
+        with DeviceClient(path=srv.path) as c:
+            c.infer("m", x(0))

@@ -1,0 +1,371 @@
+"""The device server's scheduling, with scripted fake devices in this process: priorities,
+deadlines, bounded admission, model grouping, several devices, failing devices; and the
+scheduler itself, driven directly."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_support import FakeDevice, LogLines, ThreadServer, socket_dir, x
+
+from conveyor import Busy, DeadlineExceeded, DeviceClient, DeviceError
+from conveyor._device._protocol import Status
+from conveyor._device._scheduler import ClientState, DeviceState, Request, Scheduler
+
+
+@pytest.fixture
+def sdir() -> Iterator[Path]:
+    with socket_dir() as d:
+        yield d
+
+
+def order(dev: FakeDevice) -> list[float]:
+    """The first input value of each run, in run order (tests tag requests with it)."""
+    return [v for _, _, v in dev.runs]
+
+
+def test_outputs_come_from_the_device(sdir: Path) -> None:
+    dev = FakeDevice()
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        y, s = c.infer("m", x(2.0))
+        np.testing.assert_array_equal(y, np.full((1, 4), 3.0, np.float32))
+        assert s.tolist() == [8.0]
+        futs = [c.submit("m", x(float(i))) for i in range(20)]
+        assert [f.result(10)[1].tolist() for f in futs] == [[4.0 * i] for i in range(20)]
+        assert futs[0].timing is not None and futs[0].timing.device == 0
+    assert dev.closed
+
+
+def test_priorities_run_higher_first(sdir: Path) -> None:
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        first = c.submit("m", x(0))
+        assert dev.started.wait(10)
+        low = [c.submit("m", x(10 + i), priority=0) for i in range(3)]
+        high = [c.submit("m", x(20 + i), priority=5) for i in range(3)]
+        mid = c.submit("m", x(30), priority=1)
+        c.status()  # a round trip: everything above has been admitted
+        gate.set()
+        for f in [first, *low, *high, mid]:
+            f.result(10)
+    assert order(dev) == [0, 20, 21, 22, 30, 10, 11, 12]
+
+
+def test_expired_deadline_is_refused_without_running(sdir: Path) -> None:
+    dev = FakeDevice()
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        with pytest.raises(DeadlineExceeded):
+            c.infer("m", x(7), deadline=0)
+        with pytest.raises(DeadlineExceeded):
+            c.infer("m", x(8), deadline=-1.0)
+        c.infer("m", x(9), deadline=5.0)
+        st = c.status()
+    assert order(dev) == [9]
+    assert st["models"][0]["requests"]["deadline_exceeded"] == 2
+    assert st["clients"][0]["deadline_exceeded"] == 2
+
+
+def test_deadline_passes_while_queued_behind_a_slow_device(sdir: Path) -> None:
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        slow = c.submit("m", x(1))
+        assert dev.started.wait(10)
+        late = c.submit("m", x(2), deadline=0.05)
+        # Answered while the device is still busy with the first request: not after it.
+        with pytest.raises(DeadlineExceeded):
+            late.result(5)
+        assert not slow.done()
+        gate.set()
+        slow.result(10)
+    assert order(dev) == [1]
+
+
+def test_full_queue_answers_busy_at_once(sdir: Path) -> None:
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["m"], max_queue=2) as srv, \
+            DeviceClient(path=srv.path) as c:
+        running = c.submit("m", x(0))
+        assert dev.started.wait(10)
+        queued = [c.submit("m", x(1)), c.submit("m", x(2))]
+        refused = [c.submit("m", x(3 + i)) for i in range(4)]
+        for f in refused:  # answered while the device is still held
+            with pytest.raises(Busy):
+                f.result(5)
+        assert not running.done()
+        gate.set()
+        for f in [running, *queued]:
+            f.result(10)
+        st = c.status()
+    assert order(dev) == [0, 1, 2]
+    assert st["models"][0]["requests"]["busy"] == 4
+    assert st["clients"][0]["busy"] == 4
+
+
+def test_model_grouping_counts_switches(sdir: Path) -> None:
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["a", "b"], group_limit=8) as srv, \
+            DeviceClient(path=srv.path) as c:
+        futs = [c.submit("a", x(0))]
+        assert dev.started.wait(10)
+        futs += [c.submit("b" if i % 2 else "a", x(i)) for i in range(1, 21)]
+        c.status()
+        gate.set()
+        for f in futs:
+            f.result(10)
+        st = c.status()
+    models = [m for m, _, _ in dev.runs]
+    changes = sum(1 for p, q in itertools.pairwise(models) if p != q)
+    assert st["devices"][0]["model_switches"] == changes
+    assert changes <= 3, models  # 20 alternating requests: 19 switches without grouping
+
+
+def test_grouping_off_switches_every_time(sdir: Path) -> None:
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["a", "b"], group_limit=0) as srv, \
+            DeviceClient(path=srv.path) as c:
+        futs = [c.submit("a", x(0))]
+        assert dev.started.wait(10)
+        futs += [c.submit("b" if i % 2 else "a", x(i)) for i in range(1, 11)]
+        c.status()
+        gate.set()
+        for f in futs:
+            f.result(10)
+        assert c.status()["devices"][0]["model_switches"] == 10
+
+
+def test_requests_go_to_a_device_that_has_the_model(sdir: Path) -> None:
+    only_a = FakeDevice("only-a", models=["a"], delay=0.01)
+    both = FakeDevice("both", models=["a", "b"], delay=0.01)
+    with ThreadServer(sdir / "s", [only_a, both], ["a", "b"]) as srv, \
+            DeviceClient(path=srv.path) as c:
+        bs = [c.submit("b", x(i)) for i in range(6)]
+        as_ = [c.submit("a", x(i)) for i in range(12)]
+        for f in bs + as_:
+            f.result(10)
+        st = c.status()
+    assert {f.timing.device for f in bs if f.timing} == {1}
+    assert {f.timing.device for f in as_ if f.timing} == {0, 1}  # both devices worked
+    assert [m["devices"] for m in st["models"]] == [[0, 1], [1]]
+    assert [m for m, _, _ in only_a.runs] == ["a"] * len(only_a.runs)
+
+
+def test_failing_device_is_taken_out_and_its_request_retried(sdir: Path) -> None:
+    bad = FakeDevice("bad", fail_from=1, delay=0.005)
+    good = FakeDevice("good", delay=0.005)
+    with LogLines().installed() as logs, ThreadServer(sdir / "s", [bad, good], ["m"]) as srv, \
+            DeviceClient(path=srv.path) as c:
+        futs = [c.submit("m", x(i)) for i in range(10)]
+        outs = [f.result(10)[1].tolist() for f in futs]
+        st = c.status()
+    assert outs == [[4.0 * i] for i in range(10)]
+    assert len(bad.runs) == 1  # it failed once and ran nothing more
+    assert sorted(order(good)) == [float(i) for i in range(10)]  # the failed one retried
+    assert [d["state"] for d in st["devices"]] == ["failed", "ok"]
+    assert "fell off the bus" in st["devices"][0]["failure"]
+    assert any("taken out of service" in line for line in logs.lines)
+
+
+def test_the_only_device_failing_answers_device_error(sdir: Path) -> None:
+    dev = FakeDevice(fail_from=2)
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        c.infer("m", x(1))
+        with pytest.raises(DeviceError, match="fell off the bus"):
+            c.infer("m", x(2))
+        assert c.status()["devices"][0]["state"] == "ok"  # nowhere else to go: kept
+
+
+def test_model_no_device_can_load_is_an_error(sdir: Path) -> None:
+    from conveyor import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        ThreadServer(sdir / "s", [FakeDevice(models=["a"])], ["a", "zzz"])
+
+
+# --- the scheduler alone -------------------------------------------------------------------
+
+
+def _req(client: ClientState, rid: int, model: int = 0, prio: int = 0,
+         deadline: int = 0) -> Request:
+    return Request(client, rid, model, None, None, deadline, prio)
+
+
+def test_equal_busy_clients_get_equal_device_time() -> None:
+    sched = Scheduler(max_queue=1000)
+    dev = DeviceState(0, frozenset({0}))
+    sched.add_device(dev)
+    clients = [ClientState(i) for i in range(4)]
+    for c in clients:
+        sched.add_client(c)
+    cost = {0: 1000, 1: 1000, 2: 3000, 3: 500}  # per-request device time differs
+    rid = 0
+    for _ in range(400):
+        for c in clients:  # keep every client backlogged
+            while c.queued < 4:
+                rid += 1
+                assert sched.submit(_req(c, rid), now_ns=1) is None
+        req, _ = sched.pick(dev)
+        assert req is not None
+        sched.done(req, cost[req.client.id], ok=True)
+    used = [c.device_ns for c in clients]
+    assert max(used) - min(used) <= max(cost.values())
+
+
+def test_idle_client_banks_no_credit() -> None:
+    sched = Scheduler()
+    dev = DeviceState(0, frozenset({0}))
+    sched.add_device(dev)
+    a, b = ClientState(1), ClientState(2)
+    sched.add_client(a)
+    sched.add_client(b)
+    for i in range(50):
+        sched.submit(_req(a, i), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None
+        sched.done(req, 1000, ok=True)
+    sched.submit(_req(a, 100), now_ns=1)
+    sched.submit(_req(b, 101), now_ns=1)  # b joins now: starts at a's virtual time
+    assert b.vtime == a.vtime
+
+
+def test_admission_is_bounded_and_deadlines_expire() -> None:
+    sched = Scheduler(max_queue=3)
+    dev = DeviceState(0, frozenset({0}))
+    sched.add_device(dev)
+    c = ClientState(1)
+    sched.add_client(c)
+    assert sched.submit(_req(c, 1, deadline=100), now_ns=10) is None
+    assert sched.submit(_req(c, 2), now_ns=10) is None
+    assert sched.submit(_req(c, 3), now_ns=10) is None
+    assert sched.submit(_req(c, 4), now_ns=10) is Status.BUSY
+    assert sched.submit(_req(c, 5, deadline=5), now_ns=10) is Status.DEADLINE_EXCEEDED
+    assert sched.next_deadline_ns() == 100
+    assert [r.req_id for r in sched.expire(now_ns=200)] == [1]
+    assert sched.queued == 2
+    sched.close()
+    assert sched.submit(_req(c, 6), now_ns=10) is Status.SHUTTING_DOWN
+    assert [r.req_id for r in sched.abort()] == [2, 3]
+
+
+def test_grouping_is_bounded() -> None:
+    sched = Scheduler(group_limit=2, group_slack_ns=10**12)
+    dev = DeviceState(0, frozenset({0, 1}))
+    sched.add_device(dev)
+    c = ClientState(1)
+    sched.add_client(c)
+    models = [0, 1, 0, 0, 0, 0, 0]
+    for i, m in enumerate(models):
+        sched.submit(_req(c, i, model=m), now_ns=1)
+    ran = []
+    while True:
+        req, _ = sched.pick(dev)
+        if req is None:
+            break
+        ran.append(req.req_id)
+        sched.done(req, 1, ok=True)
+    # Request 1 (model 1) is passed over at most twice by later model-0 requests.
+    assert ran.index(1) <= 3
+    assert dev.switches == 2
+
+
+@pytest.mark.parametrize("devices", [1, 3])
+def test_many_clients_and_devices_every_request_answered_once(sdir: Path, devices: int
+                                                               ) -> None:
+    """Threads hammer the server with requests, deadlines and status calls while the I/O
+    role moves between threads; every request gets exactly one answer, and it stops."""
+    devs = [FakeDevice(f"d{i}", delay=0.0002 * i) for i in range(devices)]
+    srv = ThreadServer(sdir / "s", devs, ["m", "n"], max_queue=64)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def hammer(k: int) -> None:
+        with DeviceClient(path=srv.path) as c:
+            for i in range(150):
+                model = "m" if (i + k) % 3 else "n"
+                try:
+                    if i % 10 == 0:
+                        c.status()
+                        continue
+                    if i % 2:
+                        c.infer(model, x(i), deadline=0.05 if i % 7 == 0 else None)
+                    else:
+                        futs = [c.submit(model, x(i), priority=i % 3) for _ in range(3)]
+                        for f in futs:
+                            f.result(10)
+                    got = "ok"
+                except (Busy, DeadlineExceeded) as exc:
+                    got = type(exc).__name__
+                with lock:
+                    outcomes.append(got)
+
+    try:
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        st = srv.server.status()
+    finally:
+        srv.stop()
+    assert srv.error is None
+    assert len(outcomes) == 6 * 135
+    answered = sum(st["totals"]["requests"].values())
+    assert answered == sum(len(d.runs) for d in devs) + sum(
+        v for k, v in st["totals"]["requests"].items() if k not in ("ok",))
+    assert st["totals"]["queue_depth"] == 0 and st["totals"]["running"] == 0
+
+
+def test_one_client_shared_by_threads_and_asyncio(sdir: Path) -> None:
+    """Threads share one client: some wait synchronously (and read the socket for the
+    others), some leave futures to the background reader, one uses asyncio."""
+    import asyncio
+
+    dev = FakeDevice(delay=0.0001)
+    errors: list[BaseException] = []
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+
+        def sync(k: int) -> None:
+            try:
+                for i in range(200):
+                    assert c.infer("m", x(i))[1].tolist() == [4.0 * i]
+                    if i % 3 == 0:
+                        fs = [c.submit("m", x(k)) for _ in range(4)]
+                        assert [f.result(10)[1].tolist() for f in fs] == [[4.0 * k]] * 4
+                    if i % 50 == 0:
+                        c.status()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        def callbacks() -> None:
+            try:
+                done = threading.Semaphore(0)
+                for i in range(200):
+                    c.submit("m", x(i)).add_done_callback(lambda f: done.release())
+                for _ in range(200):
+                    assert done.acquire(timeout=10)
+            except BaseException as exc:
+                errors.append(exc)
+
+        async def aio() -> None:
+            outs = await asyncio.gather(*(c.ainfer("m", x(i)) for i in range(100)))
+            assert [o[1].tolist() for o in outs] == [[4.0 * i] for i in range(100)]
+
+        threads = [threading.Thread(target=sync, args=(k,)) for k in range(3)]
+        threads.append(threading.Thread(target=callbacks))
+        for t in threads:
+            t.start()
+        asyncio.run(aio())
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
