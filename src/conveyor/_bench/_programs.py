@@ -42,13 +42,20 @@ class _Program:
     """A child ``python -m MODULE`` with line-based stdin/stdout and stderr kept aside.
 
     A reader thread moves stdout lines into a queue; lines ``+N`` are progress reports and
-    go to ``on_progress`` instead.
+    go to ``on_progress`` instead. ``sigterm``: it is stopped with SIGTERM (``conveyor
+    serve`` drains and exits on it) rather than by closing its standard input.
     """
 
     def __init__(
-        self, module: str, args: list[str], on_progress: Callable[[int], None] | None = None
+        self,
+        module: str,
+        args: list[str],
+        on_progress: Callable[[int], None] | None = None,
+        *,
+        sigterm: bool = False,
     ) -> None:
         self.module = module
+        self._sigterm = sigterm
         # Kept open for the child's whole life; closed by close().
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         # The child imports conveyor from where this process found it.
@@ -105,11 +112,11 @@ class _Program:
             raise self._fail(f"exited with status {self.proc.returncode}")
         return got
 
-    def expect_ready(self) -> None:
-        """Wait for ``ready``; raises BenchProgramError otherwise."""
+    def expect_ready(self, prefix: str = "ready") -> None:
+        """Wait for a line starting with ``prefix``; raises BenchProgramError otherwise."""
         got = self.line()
-        if got != "ready":
-            raise self._fail(f"said {got[:200]!r} instead of 'ready'")
+        if not got.startswith(prefix):
+            raise self._fail(f"said {got[:200]!r} instead of {prefix!r}")
 
     def send(self, text: str) -> None:
         """Write one line to its standard input."""
@@ -124,12 +131,15 @@ class _Program:
         return json.loads(self.line(timeout))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close its standard input (it exits), wait ``timeout``, then kill; reaps it."""
+        """Close its standard input (or send SIGTERM) so it exits, wait ``timeout``, then
+        kill; reaps it. Idempotent."""
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
         except OSError:
             pass
+        if self._sigterm and self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -142,31 +152,42 @@ class _Program:
 
 
 def _start(
-    stack: ExitStack, module: str, args: list[str], on_progress: Callable[[int], None] | None = None
+    stack: ExitStack,
+    module: str,
+    args: list[str],
+    on_progress: Callable[[int], None] | None = None,
+    *,
+    sigterm: bool = False,
 ) -> _Program:
-    program = _Program(module, args, on_progress)
+    program = _Program(module, args, on_progress, sigterm=sigterm)
     stack.callback(program.close)
     return program
 
 
-def _serve_command(setup: Setup, path: Path) -> tuple[str, list[str]]:
-    """The device server to run: the bench's own launcher of the server class."""
-    return "conveyor._bench._server", [
+def _start_server(stack: ExitStack, setup: Setup, path: Path) -> _Program:
+    """``conveyor serve`` for the design's device and model on ``path``, once it listens."""
+    args = [
+        "serve",
         "--device",
         setup.device,
         "--model",
         setup.work.model,
         "--socket",
         str(path),
+        "--log-level",
+        "warning",
     ]
+    server = _start(stack, "conveyor", args, sigterm=True)
+    server.expect_ready("conveyor serve: listening on")
+    return server
 
 
 def server_design(setup: Setup, clients: int) -> Result:
     """``clients`` separate programs share the device through a device server.
 
-    Each client prepares and finishes its own items and keeps two requests in flight
-    (see :mod:`._client`). The window runs from telling every client to go to the last
-    client's last result.
+    The server is ``conveyor serve``. Each client prepares and finishes its own items and
+    keeps two requests in flight (see :mod:`._client`). The window runs from telling every
+    client to go to the last client's last result.
     """
     name = f"server_{clients}"
     work = json.dumps(dataclasses.asdict(setup.work))
@@ -176,9 +197,7 @@ def server_design(setup: Setup, clients: int) -> Result:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-")))
         path = tmp / "device.sock"
-        module, args = _serve_command(setup, path)
-        server = _start(stack, module, args)
-        server.expect_ready()
+        _start_server(stack, setup, path)
         programs = []
         for c, share in enumerate(shares):
             programs.append(

@@ -241,7 +241,7 @@ class Scheduler:
             if self._queued >= self.max_queue:
                 client.busy += 1
                 return Status.BUSY
-            if client.queued == 0 and client.running == 0:
+            if client.queued == 0 and client.running == 0 and (self._active or self._running):
                 least = min(
                     (c.vtime for c in self._clients.values() if c.outstanding and c is not client),
                     default=None,

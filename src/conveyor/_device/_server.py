@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,38 @@ _MAIN = -1  # the serve_forever thread, as holder of the I/O role
 IO_GRACE_S = 0.005
 _GRACE_NS = int(IO_GRACE_S * 1e9)
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
+
+
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WAKE = object()  # stands for the wake-up eventfd in the poller
+
+
+class _Poller:
+    """epoll, with the object each descriptor stands for (I/O-role holder only)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._objs: dict[int, object] = {}
+
+    def register(self, fd: int, obj: object) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._objs[fd] = obj
+
+    def modify(self, fd: int, *, write: bool) -> None:
+        self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if write else 0))
+
+    def unregister(self, fd: int) -> None:
+        del self._objs[fd]
+        self._epoll.unregister(fd)
+
+    def poll(self, timeout: float | None) -> Iterator[tuple[object, int]]:
+        """Blocks up to ``timeout`` seconds (None: until something happens)."""
+        objs = self._objs
+        for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
+            yield objs.get(fd), mask
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 class _Dev:
@@ -132,14 +164,15 @@ class DeviceServer:
             raise
         for dev in self.devices:
             self.scheduler.add_device(dev.state)
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sel = _Poller()
+        # An eventfd, not a pipe: its wake-up is not a "sync" one, so the kernel does not
+        # run the woken I/O thread on the waking device thread's CPU in its place.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._sel.register(self._wake_fd, _WAKE)
         self._conns: dict[int, Conn] = {}
         self._listeners: list[socket.socket] = []
         self._trouble: deque[Conn] = deque()
+        self._replies: deque[tuple[Conn, bytes]] = deque()
         self._handshakes: dict[int, Conn] = {}
         self._next_client = 1
         self._stop_level = 0  # 0 running, 1 draining, 2 stopping at once (set by signals)
@@ -203,7 +236,7 @@ class DeviceServer:
         """Accept clients on a listening Unix socket (made non-blocking)."""
         sock.setblocking(False)
         self._listeners.append(sock)
-        self._sel.register(sock, selectors.EVENT_READ, sock)
+        self._sel.register(sock.fileno(), sock)
 
     def add_connection(self, sock: socket.socket, *, trusted: bool = True) -> None:
         """Serve one already-connected socket (a pipeline's private link)."""
@@ -215,7 +248,7 @@ class DeviceServer:
         conn = Conn(sock, ClientState(cid, pid=pid, uid=uid), trusted, self._on_trouble)
         self._conns[conn.fileno] = conn
         self._handshakes[conn.fileno] = conn
-        self._sel.register(sock, selectors.EVENT_READ, conn)
+        self._sel.register(conn.fileno, conn)
         return conn
 
     def start_devices(self) -> None:
@@ -304,7 +337,6 @@ class DeviceServer:
         if self._poller == _MAIN and self._handover:
             return
         self._poll(self._poll_timeout())
-        self._service()
 
     def _poll_timeout(self) -> float | None:
         now = time.monotonic()
@@ -321,23 +353,26 @@ class DeviceServer:
         return max(0.0, min(ends) - now)
 
     def _poll(self, timeout: float | None) -> None:
-        for key, mask in self._sel.select(timeout):
-            obj = key.data
-            if isinstance(obj, Conn):
-                if mask & selectors.EVENT_READ:
+        for obj, mask in self._sel.poll(timeout):
+            if type(obj) is Conn:
+                if mask & _READABLE:
                     self._on_readable(obj)
-                if mask & selectors.EVENT_WRITE and obj.fileno in self._conns:
+                if mask & select.EPOLLOUT and obj.fileno in self._conns:
                     self._on_writable(obj)
-            elif obj is None:
+            elif obj is _WAKE:
                 try:
-                    os.read(self._wake_r, 4096)
+                    os.eventfd_read(self._wake_fd)
                 except BlockingIOError:
                     pass
-            else:
+            elif isinstance(obj, socket.socket):
                 self._accept(obj)
 
     def _service(self) -> None:
-        """Work between polls: stop requests, connections in trouble, deadlines, timeouts."""
+        """Work between polls: replies handed over by devices, stop requests, connections
+        in trouble, deadlines, timeouts."""
+        while self._replies:
+            conn, reply = self._replies.popleft()
+            conn.send(reply)
         if self._stop_level != self._stop_seen:
             self._begin_stop()
         while self._trouble:
@@ -348,7 +383,7 @@ class DeviceServer:
                 self._close_conn(conn, "connection broke or stopped reading its replies")
             elif conn.has_outbox and not conn.writing:
                 conn.writing = True
-                self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                self._sel.modify(conn.fileno, write=True)
         for req in self.scheduler.expire():
             self._reply_request(req, Status.DEADLINE_EXCEEDED)
         if self._handshakes:
@@ -358,7 +393,7 @@ class DeviceServer:
         if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             for sock in self._listeners:
-                self._sel.register(sock, selectors.EVENT_READ, sock)
+                self._sel.register(sock.fileno(), sock)
 
     def _should_exit(self) -> bool:
         if self._stop_seen == 2:
@@ -394,7 +429,7 @@ class DeviceServer:
             self.scheduler.close()
             for sock in self._listeners:
                 if not self._accept_paused_until:
-                    self._sel.unregister(sock)
+                    self._sel.unregister(sock.fileno())
                 sock.close()
             self._listeners.clear()
         if level == 2:
@@ -406,7 +441,7 @@ class DeviceServer:
 
     def _wake(self) -> None:
         try:
-            os.write(self._wake_w, b"x")
+            os.eventfd_write(self._wake_fd, 1)
         except OSError:  # full (a wake is pending anyway) or closed (stopped)
             pass
 
@@ -441,8 +476,8 @@ class DeviceServer:
             if dev.thread is not None:
                 dev.thread.join(timeout=5.0 if drained else 0.2)
         self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self.devices_idle():  # a stuck device thread might still write to it
+            os.close(self._wake_fd)
         for dev in self.devices:
             if dev.thread is not None and dev.thread.is_alive():
                 log.warning("device %d is still running a request; not closing it", dev.index)
@@ -478,7 +513,7 @@ class DeviceServer:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._accept_paused_until = time.monotonic() + 0.1
                     for s in self._listeners:
-                        self._sel.unregister(s)
+                        self._sel.unregister(s.fileno())
                 return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                     struct.calcsize("3i"))
@@ -519,14 +554,19 @@ class DeviceServer:
         return bool(groups & self.allowed_gids)
 
     def _on_readable(self, conn: Conn) -> None:
+        reader = conn.reader
         try:
-            conn.reader.feed_from_socket()
+            reader.feed_from_socket()
             while conn.alive:
-                frame = conn.reader.next_frame()
+                infer = reader.next_infer()
+                if infer is not None:
+                    self._infer(conn, *infer)
+                    continue
+                frame = reader.next_frame()
                 if frame is None:
                     break
                 self._handle(conn, frame)
-            if conn.reader.eof:
+            if reader.eof:
                 self._close_conn(conn, None)
         except (BlockingIOError, InterruptedError):
             pass
@@ -550,15 +590,15 @@ class DeviceServer:
                 self._close_conn(conn, "connection broke")
                 return
             conn.writing = False
-            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            self._sel.modify(conn.fileno, write=False)
 
     def _handle(self, conn: Conn, frame: Frame) -> None:
         kind = frame.type
         if kind is MsgType.INFER:
-            if conn.monitor or not conn.welcomed:
-                raise ProtocolError("INFER before HELLO" if not conn.welcomed
-                                    else "INFER from a monitoring connection")
-            self._infer(conn, frame)
+            if len(frame.body) != INFER.size:
+                raise ProtocolError(f"INFER body must be {INFER.size} bytes, "
+                                    f"got {len(frame.body)}")
+            self._infer(conn, frame.req_id, *INFER.unpack(frame.body))
         elif not conn.welcomed:
             if kind is not MsgType.HELLO:
                 if frame.fd is not None:
@@ -570,6 +610,9 @@ class DeviceServer:
             if conn.monitor or len(frame.body) != SEGMENT.size:
                 os.close(frame.fd)
                 raise ProtocolError("bad SEGMENT message")
+            if not conn.reader.want_fds:
+                os.close(frame.fd)
+                raise ProtocolError("SEGMENT after INFER: segments come first")
             seg_id, size = SEGMENT.unpack(frame.body)
             conn.add_segment(seg_id, frame.fd, size)
         elif kind is MsgType.STATUS:
@@ -607,33 +650,37 @@ class DeviceServer:
         }
         conn.send(encode(MsgType.WELCOME, json_body(welcome)))
 
-    def _infer(self, conn: Conn, frame: Frame) -> None:
-        if len(frame.body) != INFER.size:
-            raise ProtocolError(f"INFER body must be {INFER.size} bytes, got {len(frame.body)}")
-        model_id, seg_id, offset, deadline_ns, priority = INFER.unpack(frame.body)
+    def _infer(self, conn: Conn, req_id: int, model_id: int, seg_id: int, offset: int,
+               deadline_ns: int, priority: int) -> None:
+        if not conn.welcomed or conn.monitor:
+            raise ProtocolError("INFER before HELLO" if not conn.welcomed
+                                else "INFER from a monitoring connection")
+        if conn.reader.want_fds:
+            # Segments come before the first request; from here on plain receives.
+            conn.reader.want_fds = False
         info = self.models.get(model_id)
         if info is None:
-            self._reply(conn, frame.req_id, Status.UNKNOWN_MODEL, None,
+            self._reply(conn, req_id, Status.UNKNOWN_MODEL, None,
                         text=f"no model with id {model_id}")
             return
         ins, outs = conn.views(info, seg_id, offset)
         client = conn.client
         if client.queued + client.running >= self.max_inflight:
             client.busy += 1
-            self._reply(conn, frame.req_id, Status.BUSY, model_id,
+            self._reply(conn, req_id, Status.BUSY, model_id,
                         text=f"over the client's credit of {self.max_inflight} requests")
             return
-        req = Request(client, frame.req_id, model_id, ins, outs, deadline_ns, priority, conn)
-        status = self.scheduler.submit(req)
+        status = self.scheduler.submit(
+            Request(client, req_id, model_id, ins, outs, deadline_ns, priority, conn))
         if status is not None:
-            self._reply(conn, frame.req_id, status, model_id)
+            self._reply(conn, req_id, status, model_id)
 
     def _close_conn(self, conn: Conn, why: str | None) -> None:
         if self._conns.get(conn.fileno) is not conn:
             return
         del self._conns[conn.fileno]
         self._handshakes.pop(conn.fileno, None)
-        self._sel.unregister(conn.sock)
+        self._sel.unregister(conn.fileno)
         conn.mark_dead()
         conn.sock.close()
         conn.reader.close()
@@ -688,9 +735,10 @@ class DeviceServer:
                 req, expired = sched.take_locked(dev.state)
                 if req is not None or expired:
                     if self._poller == me and req is not None:
-                        if self._io_wanted:
-                            # More work is waiting (a pipelining client) or another device
-                            # is idle: hand the I/O to another thread, to overlap the run.
+                        if self._io_wanted or sched.queued:
+                            # Another device is idle, or more work waits (a client keeps
+                            # several requests in flight): hand the I/O to another thread
+                            # so that it overlaps the runs.
                             self._poller = None
                             sched.cv.notify_all()
                             self._role_cv.notify_all()
@@ -738,10 +786,10 @@ class DeviceServer:
             log.exception("device %d failed unexpectedly", me)
             if req.state == RUNNING:
                 self._device_failed(dev, req, exc)
-        with sched.lock:
-            self._last_run_ns = time.monotonic_ns()
-            if self._poller == me:
-                self._busy_since = 0
+        # Plain stores (no lock): the serve_forever thread only reads these as hints.
+        self._last_run_ns = time.monotonic_ns()
+        if self._poller == me:
+            self._busy_since = 0
         return dev.state.failed is None
 
     def _run(self, dev: _Dev, req: Request) -> None:
@@ -772,7 +820,15 @@ class DeviceServer:
         # Accounted before the reply, so a client that asks for the status next sees it.
         self.scheduler.done(req, compute, ok=True)
         self.stats.ok(dev.index, req.model_id, queue, compute, end, end - req.enqueued_ns)
-        conn.send(encode_result(req.req_id, Status.OK, dev.index, queue, compute, start))
+        reply = encode_result(req.req_id, Status.OK, dev.index, queue, compute, start)
+        if self._poller == _MAIN and self.scheduler.queued:
+            # The device runs again at once: let the I/O thread send the reply. Waking the
+            # client from here would let the kernel run it on this CPU, in this thread's
+            # place (a "sync" wake-up), delaying the next run.
+            self._replies.append((conn, reply))
+            self._wake()
+        else:
+            conn.send(reply)
         if not conn.alive and conn.client.running == 0:
             conn.release()
         if self._stop_level:

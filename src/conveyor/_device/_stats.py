@@ -1,9 +1,11 @@
 """What the device server counts: per device and per model, cheap enough to leave on.
 
 Counters only ever grow (Prometheus counters are derived from them); rates and duty cycles
-are computed over a sliding window from 100 ms buckets, so recording is O(1) and a status
-snapshot costs the same at any request rate. All updates happen under one lock, before the
-reply is sent (a client that asks for the status next sees its request counted).
+are computed over a sliding window from 100 ms buckets, so a status snapshot costs the same
+at any request rate. A successful inference is recorded by appending one tuple to a queue
+(no lock, before the reply is sent, so a client that asks for the status next sees its
+request counted); the queue is folded into the counters under the lock when a snapshot is
+taken, or every few hundred inferences.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ WINDOW_S = 5.0
 _SLICE_NS = 100_000_000
 _SLICES = int(WINDOW_S * 1e9) // _SLICE_NS
 _STATUS_NAMES = {int(s): s.name.lower() for s in Status}
+_BATCH = 256  # successful inferences recorded before they are folded into the counters
 
 
 class Histogram:
@@ -91,11 +94,25 @@ class ServerStats:
         self._models = {m: _ModelStats() for m in model_ids}
         self.rejected_connections = 0
         self.protocol_errors = 0
+        self._log: deque[tuple[int, int, int, int, int, int]] = deque()
 
     def ok(self, device: int, model: int, queue_ns: int, compute_ns: int, end_ns: int,
            total_ns: int) -> None:
-        """Record one successful inference."""
-        with self._lock:
+        """Record one successful inference: O(1), no lock (folded in in batches)."""
+        log = self._log
+        log.append((device, model, queue_ns, compute_ns, end_ns, total_ns))
+        if len(log) >= _BATCH:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        # Under the lock: fold the recorded inferences into the counters.
+        log = self._log
+        while log:
+            try:
+                device, model, queue_ns, compute_ns, end_ns, total_ns = log.popleft()
+            except IndexError:
+                break
             d = self._devices[device]
             d.items += 1
             d.busy_ns += compute_ns
@@ -132,6 +149,7 @@ class ServerStats:
     def device(self, index: int, now_ns: int) -> dict[str, Any]:
         """A device's counters, window rates and latency percentiles (milliseconds)."""
         with self._lock:
+            self._fold()
             d = self._devices[index]
             first = now_ns // _SLICE_NS - _SLICES + 1
             items = busy = 0
@@ -156,6 +174,7 @@ class ServerStats:
     def model(self, model: int) -> dict[str, Any]:
         """A model's request counts by status and its time histograms."""
         with self._lock:
+            self._fold()
             m = self._models[model]
             return {
                 "requests": dict(m.requests),

@@ -76,6 +76,17 @@ class Channel(Generic[T]):
             self._cv.notify_all()
             return item
 
+    def try_get(self) -> T | None:
+        """Take the oldest item if there is one, else None at once. Raises Aborted."""
+        with self._cv:
+            if self._aborted:
+                raise Aborted
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cv.notify_all()
+            return item
+
     def remove_if(self, pred: Callable[[T], bool]) -> list[T]:
         """Remove and return the waiting items for which ``pred`` is true."""
         with self._cv:

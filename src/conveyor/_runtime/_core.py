@@ -28,6 +28,7 @@ from .._errors import (
 from ._channel import Aborted, Channel
 from ._run import CANCEL, DROP, ERR, OK, Run
 from ._stats import DeviceStats, StageStats, Tracer
+from ._wire import PeerClosed
 from ._workers import ProcWorker, pickle_function
 
 __all__ = ["Core", "Item", "StageDef"]
@@ -406,19 +407,29 @@ class Core:
                                  timing.start_ns + timing.compute_ns, item=item.index)
         return (outs, context) if d.with_context else outs
 
-    def _replace_proc(self, si: int, w: int) -> None:
+    def _replace_proc(self, si: int, w: int, count: bool = True) -> None:
         d = self.defs[si]
         old = self.procs[si][w]
         if old is not None:
             old.close(kill=True)
-        with self.stats[si].lock:
-            self.stats[si].restarts += 1
+        if count:
+            with self.stats[si].lock:
+                self.stats[si].restarts += 1
         assert d.fn is not None
+        self.procs[si][w] = None
+        if self.closing:
+            return
         try:
-            self.procs[si][w] = ProcWorker(pickle_function(d.fn, d.name), d.name)
+            new = ProcWorker(pickle_function(d.fn, d.name), d.name)
         except WorkerStartError:
             log.exception("could not replace a worker of stage %r", d.name)
-            self.procs[si][w] = None
+            return
+        with self._lock:
+            # close() may have run while the new worker started: then it is ours to stop.
+            if not self.closing:
+                self.procs[si][w] = new
+                return
+        new.close(kill=True)
 
     # --- the inference stage: submit without waiting, finish in the reply callback ----
 
@@ -522,6 +533,110 @@ class Core:
         except Aborted:
             run.deliver(item.index, CANCEL)
 
+    # --- process stages: one parent thread per worker, two tasks in flight ---------
+
+    def _proc_loop(self, si: int, w: int, track: int) -> None:
+        """Feed worker ``w`` of process stage ``si``, keeping its next task queued in its
+        socket so that it never waits for the parent between items."""
+        from collections import deque
+
+        d = self.defs[si]
+        st = self.stats[si]
+        inq = self.channels[si]
+        outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
+        pending: deque[tuple[Item, int]] = deque()
+        while True:
+            # Top up to two outstanding tasks: block only when the worker has none.
+            while len(pending) < 2:
+                try:
+                    item = inq.get() if not pending else inq.try_get()
+                except Aborted:
+                    for it, _ in pending:
+                        it.run.deliver(it.index, CANCEL)
+                    return
+                if item is None:
+                    break
+                if item.run.cancelled:
+                    item.run.deliver(item.index, CANCEL)
+                    continue
+                with st.lock:
+                    st.items_in += 1
+                if not self._proc_send(si, w, item, pending):
+                    return
+            if not pending:
+                continue
+            item, start = pending[0]
+            pw = self.procs[si][w]
+            assert pw is not None
+            try:
+                ok, value, tb, t0, t1 = pw.receive(item.index)
+            except WorkerDiedError as exc:
+                if self.closing:
+                    for it, _ in pending:
+                        it.run.deliver(it.index, CANCEL)
+                    return
+                pending.popleft()
+                with st.lock:
+                    st.restarts += 1
+                self._stage_failed(si, item, start, exc, "")
+                # The worker held only the first item; the rest never started: resend them.
+                retry = list(pending)
+                pending.clear()
+                self._replace_proc(si, w, count=False)
+                for it, t in retry:
+                    if not self._proc_send(si, w, it, pending, t):
+                        return
+                continue
+            pending.popleft()
+            if self.tracer is not None:
+                self.tracer.span(track, d.name, t0, t1, item=item.index)
+            if not ok:
+                self._stage_failed(si, item, start, value, tb)
+                continue
+            st.record(True, time.monotonic_ns() - start)
+            item.value = value
+            self._forward(item, outq)
+
+    def _proc_send(self, si: int, w: int, item: Item, pending: Any,
+                   start: int | None = None) -> bool:
+        """Send ``item`` to worker ``w``; False when the pipeline is closing."""
+        pw = self.procs[si][w]
+        if pw is None:
+            self._replace_proc(si, w)
+            pw = self.procs[si][w]
+        try:
+            if pw is None:
+                raise WorkerStartError(f"stage {self.defs[si].name!r} has no worker")
+            pw.send(item.index, item.value)
+        except (OSError, PeerClosed, WorkerStartError) as exc:
+            if self.closing:
+                item.run.deliver(item.index, CANCEL)
+                return False
+            if isinstance(exc, WorkerStartError):
+                self._stage_failed(si, item, start or time.monotonic_ns(), exc, "")
+                return True
+            # The worker is gone; receive() on the earlier tasks reports it. Queue this one
+            # to be resent to the replacement.
+        pending.append((item, start if start is not None else time.monotonic_ns()))
+        return True
+
+    def _stage_failed(self, si: int, item: Item, start: int, exc: BaseException,
+                      tb: str) -> None:
+        self.stats[si].record(False, time.monotonic_ns() - start)
+        err = StageError(self.defs[si].name, item.index, f"{type(exc).__name__}: {exc}", tb)
+        err.__cause__ = exc
+        item.run.deliver(item.index, ERR, err)
+
+    def _forward(self, item: Item, outq: Channel[Item] | None) -> None:
+        run = item.run
+        if outq is None:
+            run.deliver(item.index, OK, item.value)
+            return
+        try:
+            outq.put(item, cancelled=lambda: run.cancelled)
+        except Aborted:
+            run.deliver(item.index, CANCEL)
+
     def _worker_loop(self, si: int, w: int) -> None:
         d = self.defs[si]
         if d.kind == "infer":
@@ -536,6 +651,9 @@ class Core:
             if d.kind == "process" and self.procs[si][w] is not None:
                 suffix = f" (pid {self.procs[si][w].pid})"  # type: ignore[union-attr]
             track = self.tracer.track(f"{d.name} #{w}{suffix}")
+        if d.kind == "process":
+            self._proc_loop(si, w, track)
+            return
         while True:
             try:
                 item = inq.get()

@@ -92,6 +92,41 @@ class ProcWorker:
     def pid(self) -> int:
         return self.process.pid
 
+    def send(self, index: int, value: Any) -> None:
+        """Hand the worker one more task (it runs them in order); does not wait.
+
+        At most two tasks may be outstanding (see :mod:`._wire`). Raises PeerClosed or
+        OSError if the worker is gone.
+        """
+        self.link.send(TASK, index, value)
+
+    def receive(self, index: int) -> tuple[bool, Any, str, int, int]:
+        """Wait for the answer to the oldest outstanding task (item ``index``).
+
+        Returns ``(ok, result_or_exception, traceback_text, start_ns, end_ns)``.
+
+        Raises:
+            WorkerDiedError: the worker died while it held the item (killed, crashed).
+        """
+        try:
+            kind, _, payload, start, end = self.link.recv()
+        except (PeerClosed, OSError) as exc:
+            raise self._died(index) from exc
+        if kind == OK:
+            return True, payload, "", start, end
+        err, tb = rebuild_error(payload)
+        return False, err, tb, start, end
+
+    def _died(self, index: int) -> WorkerDiedError:
+        try:
+            self.process.proc.wait(timeout=2.0)
+        except Exception:
+            pass
+        return WorkerDiedError(
+            f"worker pid {self.pid} of stage {self.stage!r} died while holding item "
+            f"{index}: {self.process.describe_exit()}"
+        )
+
     def call(self, index: int, value: Any) -> tuple[bool, Any, str, int, int]:
         """Run the function on ``value`` in the worker; blocks until it answers.
 
