@@ -4,8 +4,11 @@ Three measurements, all in one run, printed as numbers and ratios:
 
 1. **Added latency.** face_landmark (a 192x192x3 float32 input) on the CPU, one request at a
    time: (a) ``Runner.run`` called directly in this process, (b) ``DeviceClient.infer`` to a
-   ``conveyor serve`` process. Blocks of (a) and (b) alternate so that drift in the
-   machine's speed hits both; the p50 difference is the added latency (target <= 50 us).
+   ``conveyor serve`` process, and, as the floor that any design with a separate process
+   pays on this machine, (c) a bare round trip: copy into shared memory, 48 bytes on a
+   socket to a one-thread process that runs the model on it, 48 bytes back. Blocks of the
+   three alternate so that drift in the machine's speed hits all; the p50 difference to
+   (a) is the added latency (target <= 50 us).
 2. **Throughput, one client.** The same model back to back: (a) direct, (b) one client
    keeping ``--depth`` requests in flight. Target: (b) >= 0.95x (a).
 3. **Four clients, one device.** A simulated Edge TPU (``sim-edgetpu``: device-bound, it
@@ -28,6 +31,7 @@ import os
 import platform
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,34 +93,78 @@ def _pct(values: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) / 1e3
 
 
-def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
-    """Alternating blocks of direct runs and server round trips; times in microseconds."""
-    from conveyor import connect
+def _floor_child(sock: socket.socket, device: str, model: str, seg: Any) -> None:
+    """The hand-written floor: one thread, blocking receive, run on the shared tensors."""
     from conveyor.backends import open_device
 
     runner = open_device(device).load(model)
+    ins = [seg.array(0, s.shape, s.dtype) for s in runner.inputs]
+    outs = [seg.array((1 << 20) + 8192 * i, s.shape, s.dtype)
+            for i, s in enumerate(runner.outputs)]
+    while sock.recv(64):
+        for dst, src in zip(outs, runner.run(ins)):
+            np.copyto(dst, src)
+        sock.send(b"r" * 48)
+
+
+def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
+    """Alternating blocks of direct runs, the hand-written floor, and conveyor round trips;
+    times in microseconds."""
+    from conveyor import connect
+    from conveyor._shm import Segment
+    from conveyor.backends import open_device
+
+    # The floor's process is forked first, before this one starts any runtime threads.
+    seg = Segment.create(2 << 20)
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        mine.close()
+        try:
+            _floor_child(theirs, device, model, seg)
+        finally:
+            os._exit(0)
+    theirs.close()
+    runner = open_device(device).load(model)
     shape = runner.inputs[0].shape
     img = np.random.default_rng(0).random(shape, dtype=np.float32)
+    floor_in = seg.array(0, shape, np.dtype(np.float32))
+    floor_outs = [seg.array((1 << 20) + 8192 * i, s.shape, s.dtype)
+                  for i, s in enumerate(runner.outputs)]
+
+    def floor_trip() -> None:
+        np.copyto(floor_in, img)
+        mine.send(b"q" * 48)
+        mine.recv(64)
+        for out in floor_outs:
+            out.copy()
+
     direct: list[int] = []
+    floor: list[int] = []
     server: list[int] = []
-    with serve(device, model) as path, connect(path) as client:
-        for _ in range(50):  # warm both up
-            runner.run([img])
-            client.infer(model, img)
-        for _ in range(rounds):
-            for _ in range(block):
-                t0 = time.perf_counter_ns()
+    try:
+        with serve(device, model) as path, connect(path) as client:
+            for _ in range(50):  # warm all three up
                 runner.run([img])
-                direct.append(time.perf_counter_ns() - t0)
-            for _ in range(block):
-                t0 = time.perf_counter_ns()
+                floor_trip()
                 client.infer(model, img)
-                server.append(time.perf_counter_ns() - t0)
-    runner.close()
-    d50, s50 = _pct(direct, 50), _pct(server, 50)
+            for _ in range(rounds):
+                for fn, out in ((lambda: runner.run([img]), direct), (floor_trip, floor),
+                                (lambda: client.infer(model, img), server)):
+                    for _ in range(block):
+                        t0 = time.perf_counter_ns()
+                        fn()
+                        out.append(time.perf_counter_ns() - t0)
+    finally:
+        mine.close()
+        os.waitpid(pid, 0)
+        seg.close()
+        runner.close()
+    d50, f50, s50 = _pct(direct, 50), _pct(floor, 50), _pct(server, 50)
     return {
         "device": device, "model": model, "input": list(shape), "samples": len(direct),
         "direct_p50_us": round(d50, 1), "direct_p99_us": round(_pct(direct, 99), 1),
+        "floor_p50_us": round(f50, 1), "floor_added_p50_us": round(f50 - d50, 1),
         "server_p50_us": round(s50, 1), "server_p99_us": round(_pct(server, 99), 1),
         "added_p50_us": round(s50 - d50, 1), "target_us": LATENCY_TARGET_US,
     }
@@ -273,6 +321,8 @@ def main() -> int:
               f"{lat['direct_p99_us']:8.1f} us")
         print(f"  via conveyor serve  p50 {lat['server_p50_us']:8.1f} us  p99 "
               f"{lat['server_p99_us']:8.1f} us")
+        print(f"  floor: a bare shared-memory + socket round trip to a one-thread process "
+              f"running the same model adds {lat['floor_added_p50_us']:.1f} us at p50")
         print(f"  added at p50        {lat['added_p50_us']:8.1f} us  (target <= "
               f"{LATENCY_TARGET_US:g} us: {met})")
         thr = throughput(device, "face_landmark", seconds=6 * scale, depth=args.depth)

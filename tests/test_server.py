@@ -295,3 +295,22 @@ def test_allowed_user_gets_in(sdir: Path) -> None:
     with ServeProcess(path, "--allow-user", str(NOBODY)):
         os.chmod(path, 0o777)
         assert _as_nobody(path, infer=True) == 0
+
+
+def test_pipeline_uses_the_shared_server(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    imgs = [np.full(SHAPE, v, np.float32) for v in (0.0, 0.5, 1.0)] * 4
+    runner = open_device("cpu").load(MODEL)
+    want = [runner.run([img])[1] for img in imgs]
+    with ServeProcess(path):
+        for stage_def in (conveyor.infer(MODEL, server=path),
+                          conveyor.infer(MODEL, device=f"server:{path}")):
+            with conveyor.Pipeline(stage_def) as pipe:
+                got = [outs[1] for outs in pipe.map(imgs)]
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        status = conveyor.connect(path)
+        try:
+            assert status.status()["totals"]["requests"]["ok"] == 2 * len(imgs)
+        finally:
+            status.close()

@@ -280,6 +280,15 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def socket_count(pid: int) -> int:
+    """Sockets the process holds (a server with no connection holds its listener only)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return n
+
+
 def memfd_maps(pid: int) -> int:
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "memfd:" in line)

@@ -20,7 +20,6 @@ import select
 import socket
 import threading
 import time
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _errors
 from .._errors import (
-    Busy,
     ConveyorError,
     DeadlineExceeded,
-    DeviceError,
     InputError,
     ModelNotFoundError,
     ProtocolError,
@@ -54,6 +50,7 @@ from ._protocol import (
     encode_infer,
     json_body,
 )
+from ._requests import STATUS_ERRORS, InferFuture, Outputs, Pending, Timing, error_from_name
 
 __all__ = [
     "DeviceClient",
@@ -61,10 +58,10 @@ __all__ = [
     "Timing",
     "connect",
     "default_socket_path",
+    "error_from_name",
     "query_status",
 ]
 
-Outputs = list[npt.NDArray[Any]]
 Views = tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
 
 
@@ -74,80 +71,6 @@ def default_socket_path() -> Path:
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "conveyor.sock"
     return Path(f"/tmp/conveyor-{os.getuid()}") / "conveyor.sock"
-
-
-class Timing:
-    """Where a request spent its time, as the server measured it (CLOCK_MONOTONIC ns)."""
-
-    __slots__ = ("compute_ns", "device", "queue_ns", "start_ns")
-
-    def __init__(self, device: int, queue_ns: int, compute_ns: int, start_ns: int) -> None:
-        self.device = device
-        self.queue_ns = queue_ns
-        self.compute_ns = compute_ns
-        self.start_ns = start_ns
-
-
-class InferFuture(Future[Outputs]):
-    """A Future of one inference's outputs; ``timing`` is set once it is done.
-
-    It cannot be cancelled (the request is already on its way); a result nobody wants
-    is dropped when it arrives. :meth:`result` lets the waiting thread read the reply
-    itself (see the module docstring).
-    """
-
-    timing: Timing | None = None
-    _client: DeviceClient | None = None
-    _entry: _Pending | None = None
-
-    def result(self, timeout: float | None = None) -> Outputs:
-        """The outputs; blocks until they arrive, at most ``timeout`` seconds.
-
-        Raises TimeoutError, or the request's error (Busy, DeadlineExceeded,
-        DeviceError, ServerGone...).
-        """
-        client = self._client
-        if client is None:
-            return super().result(timeout)
-        if not self.done():
-            client._wait(self, self._entry, timeout)
-        return super().result(timeout=0)
-
-
-_STATUS_ERRORS: dict[int, type[ConveyorError]] = {
-    Status.BUSY: Busy,
-    Status.DEADLINE_EXCEEDED: DeadlineExceeded,
-    Status.INPUT_ERROR: InputError,
-    Status.DEVICE_ERROR: DeviceError,
-    Status.UNKNOWN_MODEL: ModelNotFoundError,
-    Status.BAD_REQUEST: ProtocolError,
-    Status.SHUTTING_DOWN: ServerGone,
-}
-
-
-def error_from_name(name: str, message: str) -> ConveyorError:
-    """Rebuild a conveyor error from its class name (a fixed table: nothing is evaluated)."""
-    cls = getattr(_errors, name, None) if name in _errors.__all__ else None
-    if isinstance(cls, type) and issubclass(cls, ConveyorError) and name != "StageError":
-        return cls(message)
-    return ServerError(f"{name}: {message}")
-
-
-class _Pending:
-    """A request in flight. ``waited``: a thread waits on it (so the background reader
-    need not); ``gone``: no longer in the pending table (answered or lost). Both change
-    under the client's lock."""
-
-    __slots__ = ("dequantize", "future", "gone", "info", "slot", "waited")
-
-    def __init__(self, future: Future[Any], info: ModelInfo | None, slot: int, deq: bool,
-                 waited: bool) -> None:
-        self.future = future
-        self.info = info
-        self.slot = slot
-        self.dequantize = deq
-        self.waited = waited
-        self.gone = False
 
 
 class _Link:
@@ -209,8 +132,9 @@ class DeviceClient:
         self._gen = 0
         self._closed = False
         self._link: _Link | None = None
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._unwaited = 0
+        self._slot_waiters = 0
         self._reading = False
         self._bg: threading.Thread | None = None
         self._models: dict[str, ModelInfo] = {}
@@ -328,8 +252,7 @@ class DeviceClient:
             pass
         link.sock.close()
         for p in pending.values():
-            if not p.future.done():
-                p.future.set_exception(why)
+            p.finish(None, why)
         link.views.clear()
         if link.arena is not None:
             link.arena.close()
@@ -366,19 +289,19 @@ class DeviceClient:
         except OSError as exc:
             self._lost(link, ServerGone(f"the connection to the device server broke: {exc}"))
 
-    def _wait(self, fut: Future[Any], p: _Pending | None, timeout: float | None) -> None:
-        """Block until ``fut`` (of pending entry ``p``) is done, reading the socket when no
-        other thread does.
+    def _wait(self, p: Pending, timeout: float | None) -> None:
+        """Block until request ``p`` has its outcome, reading the socket when no other
+        thread does.
 
         Raises TimeoutError after ``timeout`` seconds; the request stays pending.
         """
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            if p is not None and not p.waited and not p.gone:
+            if not p.waited and not p.gone:
                 p.waited = True
                 self._unwaited -= 1
             try:
-                while not fut.done():
+                while not p.finished:
                     left = None if end is None else end - time.monotonic()
                     if left is not None and left <= 0:
                         raise FutureTimeout()
@@ -395,7 +318,7 @@ class DeviceClient:
                         self._reading = False
                         self._cv.notify_all()
             except BaseException:
-                if p is not None and p.waited and not p.gone:
+                if p.waited and not p.gone:
                     p.waited = False
                     self._unwaited += 1
                     self._cv.notify_all()
@@ -423,34 +346,36 @@ class DeviceClient:
 
     def _on_result(self, link: _Link, req_id: int, body: bytes) -> None:
         status, device, queue_ns, compute_ns, start_ns = RESULT.unpack_from(body)
-        with self._lock:
-            p = self._pending.pop(req_id, None)
-            if p is not None:
-                p.gone = True
-                if not p.waited:
-                    self._unwaited -= 1
+        p = self._pending.get(req_id)
         if p is None or p.info is None:
             return
-        fut, info = p.future, p.info
-        assert isinstance(fut, InferFuture)
-        fut.timing = Timing(device, queue_ns, compute_ns, start_ns)
-        try:
-            if status == Status.OK:
-                outs: Outputs = []
+        info = p.info
+        outs: Outputs | None = None
+        error: BaseException | None = None
+        if status == Status.OK:
+            try:  # copy the outputs out before the slot can be used again
+                outs = []
                 for arr, spec in zip(self._views(link, info, p.slot)[1], info.outputs):
                     out = arr.copy()
                     outs.append(dequantize(out, spec) if p.dequantize and spec.quantized
                                 else out)
-                self._release(link, p.slot)
-                fut.set_result(outs)
-            else:
-                self._release(link, p.slot)
-                text = body[RESULT.size:].decode("utf-8", "replace")
-                cls = _STATUS_ERRORS.get(status, ServerError)
-                fut.set_exception(cls(f"{info.name}: {text or Status(status).name}"))
-        except Exception as exc:  # never let one bad reply stop the reader
-            if not fut.done():
-                fut.set_exception(ServerError(f"bad reply: {exc}"))
+            except Exception as exc:  # never let one bad reply stop the reader
+                error = ServerError(f"bad reply: {exc}")
+        else:
+            text = body[RESULT.size:].decode("utf-8", "replace")
+            cls = STATUS_ERRORS.get(status, ServerError)
+            error = cls(f"{info.name}: {text or Status(status).name}")
+        with self._lock:
+            if self._pending.pop(req_id, None) is None:
+                return  # lost meanwhile: already finished with ServerGone
+            p.gone = True
+            if not p.waited:
+                self._unwaited -= 1
+            if self._link is link:
+                link.free.append(p.slot)
+                if self._slot_waiters:
+                    self._cv.notify_all()
+        p.finish(outs, error, Timing(device, queue_ns, compute_ns, start_ns))
 
     def _on_status(self, req_id: int, data: Any) -> None:
         with self._lock:
@@ -459,14 +384,8 @@ class DeviceClient:
                 p.gone = True
                 if not p.waited:
                     self._unwaited -= 1
-        if p is not None and not p.future.done():
-            p.future.set_result(data)
-
-    def _release(self, link: _Link, slot: int) -> None:
-        with self._lock:
-            if self._link is link:
-                link.free.append(slot)
-                self._cv.notify_all()
+        if p is not None:
+            p.finish(data, None)
 
     def _views(self, link: _Link, info: ModelInfo, slot: int) -> Views:
         views = link.views.get((info.id, slot))
@@ -514,10 +433,17 @@ class DeviceClient:
         Raises (at once): ModelNotFoundError, InputError, ServerGone.
         The Future raises: Busy, DeadlineExceeded, DeviceError, ServerGone.
         """
-        return self._submit(model, inputs, deadline, priority, dequantize, waited=False)
+        p = self._send(model, inputs, deadline, priority, dequantize, sync=False)
+        assert p.future is not None
+        return p.future
 
-    def _submit(self, model: str, inputs: Inputs, deadline: float | None, priority: int,
-                deq: bool, *, waited: bool) -> InferFuture:
+    def _send(self, model: str, inputs: Inputs, deadline: float | None, priority: int,
+              deq: bool, *, sync: bool) -> Pending:
+        """Write the inputs into a free slot and send the request; the pending entry.
+
+        ``sync``: the calling thread waits for it at once (no Future, and the background
+        reader is not involved).
+        """
         if self.monitor:
             raise ServerError("a monitoring client cannot run inferences")
         link = self._current()
@@ -529,19 +455,19 @@ class DeviceClient:
         if not -(2**31) <= priority < 2**31:
             raise InputError(f"priority must fit in 32 bits, got {priority}")
         for attempt in (0, 1):
-            fut = InferFuture()
-            fut._client = self
-            fut.set_running_or_notify_cancel()
             with self._cv:
-                while not link.free:
-                    if self._link is not link or self._closed:
-                        break
+                while not link.free and self._link is link and not self._closed:
                     wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
                     if wait is not None and wait <= 0:
-                        fut.set_exception(DeadlineExceeded(
+                        p = Pending(info, -1, deq, True, None if sync else self._future())
+                        p.finish(None, DeadlineExceeded(
                             f"{info.name}: no free slot before the deadline"))
-                        return fut
-                    self._cv.wait(wait)
+                        return p
+                    self._slot_waiters += 1
+                    try:
+                        self._cv.wait(wait)
+                    finally:
+                        self._slot_waiters -= 1
                 slot = link.free.pop() if self._link is link and link.free else -1
             if slot < 0:
                 if self._closed or attempt == 1:
@@ -549,16 +475,18 @@ class DeviceClient:
                 link = self._current()
                 info = self._lookup(model)
                 continue
-            ins = self._views(link, info, slot)[0]
-            for dst, arr in zip(ins, arrays):
+            for dst, arr in zip(self._views(link, info, slot)[0], arrays):
                 np.copyto(dst, arr)
+            fut = None if sync else self._future()
+            p = Pending(info, slot, deq, sync, fut)
+            if fut is not None:
+                fut._entry = p
             req_id = next(self._ids)
-            entry = fut._entry = _Pending(fut, info, slot, deq, waited)
             with self._lock:
                 if self._link is not link:
                     continue
-                self._pending[req_id] = entry
-                if not waited:
+                self._pending[req_id] = p
+                if not sync:
                     self._unwaited += 1
                     self._start_background()
             msg = encode_infer(req_id, info.id, 0, slot * link.slot_size, deadline_ns, priority)
@@ -572,8 +500,14 @@ class DeviceClient:
                 link = self._current()
                 info = self._lookup(model)
                 continue
-            return fut
+            return p
         raise ServerGone("the device server went away")
+
+    def _future(self) -> InferFuture:
+        fut = InferFuture()
+        fut._client = self
+        fut.set_running_or_notify_cancel()  # from here on it cannot be cancelled
+        return fut
 
     def _start_background(self) -> None:
         # Under self._lock.
@@ -599,8 +533,13 @@ class DeviceClient:
         Raises ModelNotFoundError, InputError, Busy, DeadlineExceeded, DeviceError or
         ServerGone. See :meth:`submit`.
         """
-        fut = self._submit(model, inputs, deadline, priority, dequantize, waited=True)
-        return fut.result()
+        p = self._send(model, inputs, deadline, priority, dequantize, sync=True)
+        if not p.finished:
+            self._wait(p, None)
+        if p.error is not None:
+            raise p.error
+        outputs: Outputs = p.outputs
+        return outputs
 
     async def ainfer(
         self,
@@ -637,26 +576,27 @@ class DeviceClient:
         ServerError if no answer came in time.
         """
         link = self._current()
-        fut: Future[Any] = Future()
         req_id = next(self._ids)
-        entry = _Pending(fut, None, -1, False, True)
+        p = Pending(None, -1, False, True)
         with self._lock:
             if self._link is not link:
                 raise ServerGone("the device server went away")
-            self._pending[req_id] = entry
+            self._pending[req_id] = p
         try:
             with self._send_lock:
                 link.sock.sendall(encode(MsgType.STATUS, b"", req_id))
         except OSError as exc:
             self._lost(link, ServerGone(f"the device server went away: {exc}"))
         try:
-            self._wait(fut, entry, timeout)
+            self._wait(p, timeout)
         except FutureTimeout:
             with self._lock:
                 if self._pending.pop(req_id, None) is not None:
-                    entry.gone = True
+                    p.gone = True
             raise ServerError(f"the device server did not answer within {timeout} s") from None
-        result: dict[str, Any] = fut.result(timeout=0)
+        if p.error is not None:
+            raise p.error
+        result: dict[str, Any] = p.outputs
         return result
 
     def models(self) -> dict[str, ModelInfo]:

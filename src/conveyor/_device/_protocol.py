@@ -27,10 +27,12 @@ A conversation::
                                       <-  STATUS_REPLY {...}
     BYE                               ->
 
+SEGMENT messages come before the first INFER (a server stops accepting descriptors then).
 A client that only watches (``conveyor status``, ``conveyor top``) says
 ``"monitor": true`` in its HELLO, sends no SEGMENT and no INFER, and is not counted as a
 client. Versions: the header's version byte must match exactly; a peer of another version
-is answered with ERROR and closed.
+is answered with ERROR and closed. A malformed message of any kind is answered with ERROR
+(JSON ``{"error", "message"}``) and the connection is closed.
 
 The stream framing lives in :class:`FrameReader`; anything malformed raises
 :class:`~conveyor.ProtocolError`, after which the connection must be closed.
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 MAGIC = b"CVYR"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: monitors, JSON errors, segments before the first INFER
 HEADER = struct.Struct("<4sBBHIQ")
 #: The largest body a reader accepts unless told otherwise (STATUS_REPLY can be large).
 MAX_BODY = 1 << 20

@@ -3,12 +3,14 @@
 The same class is the private device worker of a pipeline (one pre-connected socket) and
 ``conveyor serve`` (a listening socket, many clients): one scheduler, two faces.
 
-Threads: the caller of :meth:`DeviceServer.serve_forever` runs the I/O loop (accepts,
-reads and checks messages, queues requests, answers control messages and expired
-deadlines); one thread per device takes requests from the scheduler, runs them on the
-shared-memory tensors in place and sends the reply itself. Nothing else runs in this
-process, so the device never waits for a GIL held by user code. No socket write ever
-blocks (see :mod:`conveyor._device._conn`), so one stuck client cannot stall the others.
+Threads: one per device, plus the caller of :meth:`DeviceServer.serve_forever`. A device
+thread takes requests from the scheduler and runs them on the clients' shared-memory
+tensors in place, then sends the reply. The I/O (accepting, reading and checking
+messages, queuing requests, answering control messages and expired deadlines) is done by
+one thread at a time: an idle device thread when there is one, else the serve_forever
+thread (see :mod:`conveyor._device._iorole`). Nothing else runs in this process, so the
+devices never wait for a GIL held by user code. No socket write ever blocks (see
+:mod:`conveyor._device._conn`), so one stuck client cannot stall the others.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from .._version import __version__
 from ..backends import Device, Runner
 from ._catalog import ModelInfo
 from ._conn import Conn
+from ._iorole import MAIN, READABLE, IORole, Poller
 from ._protocol import (
     INFER,
     PROTOCOL_VERSION,
@@ -54,44 +57,13 @@ log = logging.getLogger("conveyor.server")
 #: Seconds a new connection has to say HELLO.
 HANDSHAKE_TIMEOUT = 10.0
 _NO_DEVICE = 0xFFFF
-_MAIN = -1  # the serve_forever thread, as holder of the I/O role
 #: How long a device may run one request while holding the I/O role before the
-#: serve_forever thread takes the I/O over (and how often it looks while devices work).
-IO_GRACE_S = 0.005
-_GRACE_NS = int(IO_GRACE_S * 1e9)
+#: serve_forever thread takes the I/O over (see :mod:`conveyor._device._iorole`).
+IO_GRACE_S = 0.02
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
-_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WAKE = object()  # stands for the wake-up eventfd in the poller
-
-
-class _Poller:
-    """epoll, with the object each descriptor stands for (I/O-role holder only)."""
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._objs: dict[int, object] = {}
-
-    def register(self, fd: int, obj: object) -> None:
-        self._epoll.register(fd, select.EPOLLIN)
-        self._objs[fd] = obj
-
-    def modify(self, fd: int, *, write: bool) -> None:
-        self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if write else 0))
-
-    def unregister(self, fd: int) -> None:
-        del self._objs[fd]
-        self._epoll.unregister(fd)
-
-    def poll(self, timeout: float | None) -> Iterator[tuple[object, int]]:
-        """Blocks up to ``timeout`` seconds (None: until something happens)."""
-        objs = self._objs
-        for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
-            yield objs.get(fd), mask
-
-    def close(self) -> None:
-        self._epoll.close()
 
 
 class _Dev:
@@ -164,9 +136,8 @@ class DeviceServer:
             raise
         for dev in self.devices:
             self.scheduler.add_device(dev.state)
-        self._sel = _Poller()
-        # An eventfd, not a pipe: its wake-up is not a "sync" one, so the kernel does not
-        # run the woken I/O thread on the waking device thread's CPU in its place.
+        self._sel = Poller()
+        # Wakes the role holder's poll (an eventfd: a counter, so writes never fill up).
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._sel.register(self._wake_fd, _WAKE)
         self._conns: dict[int, Conn] = {}
@@ -180,16 +151,7 @@ class DeviceServer:
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         self._served = False
-        # The I/O role (under scheduler.cv): who polls now, idle devices that would take
-        # the role, whether the serve_forever thread was asked to hand it over, exit.
-        self._poller: int | None = None
-        self._io_wanted = 0
-        self._handover = False
-        self._exiting = False
-        self._busy_since = 0  # when the role holder started running a request (0: polling)
-        self._last_run_ns = 0
-        self._main_asleep = False
-        self._role_cv = threading.Condition(self.scheduler.lock)
+        self._role = IORole(self.scheduler, IO_GRACE_S)
         self.started = time.monotonic()
         self.started_ns = time.monotonic_ns()
         self.stats = ServerStats(len(self.devices), list(self.models), self.started_ns)
@@ -277,64 +239,24 @@ class DeviceServer:
         self._exit_when_no_clients = exit_when_no_clients
         self.start_devices()
         try:
-            while self._main_turn():
+            while self._role.main_turn():
                 try:
                     self._io_round()
                 finally:
-                    self._release_role(_MAIN)
+                    self._role.release(MAIN)
         finally:
             self._finish()
 
-    def _main_turn(self) -> bool:
-        """Wait until the serve_forever thread should do I/O; False when it is time to exit.
-
-        It takes the I/O role when nobody holds it and no idle device wants it, or takes
-        it over from a device that has been running one request for more than
-        :data:`IO_GRACE_S` (so a slow or stuck device never stalls the I/O for long).
-        While devices are active it checks every :data:`IO_GRACE_S`; while the server is
-        idle it sleeps until a device starts work.
-        """
-        with self.scheduler.lock:
-            while not self._exiting:
-                holder = self._poller
-                now = time.monotonic_ns()
-                busy = self._busy_since
-                if holder is None and not self._io_wanted:
-                    break
-                if holder is not None and holder != _MAIN and busy and now - busy >= _GRACE_NS:
-                    break
-                active = holder is not None and holder != _MAIN and (
-                    busy or now - self._last_run_ns < 1_000_000_000)
-                self._main_asleep = not active
-                self._role_cv.wait(IO_GRACE_S if active else None)
-                self._main_asleep = False
-            else:
-                return False
-            self._poller = _MAIN
-            self._busy_since = 0
-            self._handover = False
-            return True
-
-    def _release_role(self, holder: int) -> None:
-        with self.scheduler.lock:
-            if self._poller == holder:
-                self._poller = None
-                self._busy_since = 0
-                self.scheduler.cv.notify_all()
-            self._role_cv.notify_all()
-
     def _io_round(self) -> None:
         """One round of I/O by the thread holding the I/O role: service, then poll."""
-        if self._exiting:
+        role = self._role
+        if role.exiting:
             return
         self._service()
         if self._should_exit():
-            with self.scheduler.lock:
-                self._exiting = True
-                self.scheduler.cv.notify_all()
-                self._role_cv.notify_all()
+            role.exit()
             return
-        if self._poller == _MAIN and self._handover:
+        if role.holder == MAIN and role.handover:
             return
         self._poll(self._poll_timeout())
 
@@ -355,9 +277,9 @@ class DeviceServer:
     def _poll(self, timeout: float | None) -> None:
         for obj, mask in self._sel.poll(timeout):
             if type(obj) is Conn:
-                if mask & _READABLE:
+                if mask & READABLE:
                     self._on_readable(obj)
-                if mask & select.EPOLLOUT and obj.fileno in self._conns:
+                if mask & select.POLLOUT and obj.fileno in self._conns:
                     self._on_writable(obj)
             elif obj is _WAKE:
                 try:
@@ -454,17 +376,9 @@ class DeviceServer:
         sched = self.scheduler
         for req in sched.abort():
             self._reply_request(req, Status.SHUTTING_DOWN)
-        with sched.lock:
-            self._exiting = True
-            sched.cv.notify_all()
+        self._role.exit()
         self._wake()
-        # Take the I/O role back from a device thread in the middle of a round.
-        end = time.monotonic() + 2.0
-        with sched.lock:
-            while (self._poller not in (None, _MAIN) and not self._busy_since
-                   and (left := end - time.monotonic()) > 0):
-                self._role_cv.wait(left)
-            self._poller = _MAIN
+        self._role.reclaim(2.0)  # from a device thread in the middle of an I/O round
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
@@ -713,83 +627,38 @@ class DeviceServer:
             while self._device_step(dev):
                 pass
         finally:
-            self._release_role(dev.index)
+            self._role.release(dev.index)
             if self._stop_level:
                 self._wake()
 
     def _device_step(self, dev: _Dev) -> bool:
-        """Run one request, answer expired ones, or do one round of I/O; False when the
-        device is done (drained, stopped or taken out).
-
-        An idle device thread takes the I/O role itself and keeps it while it runs what
-        it read, so a request that reaches an idle device runs without a thread switch
-        and the server wakes no other thread. The serve_forever thread takes the role
-        over during long runs (see :meth:`_main_turn`); another idle device takes it at
-        once. A separate function so that no reference to a finished request (and so to
-        its client's memory) survives while the device waits for the next one.
+        """Run one request (answering expired ones), or do one round of I/O while idle (see
+        :mod:`conveyor._device._iorole`); False when the device is done (drained, stopped
+        or taken out). A function of its own so that no reference to a finished request,
+        and so to its client's memory, survives while the device waits for the next one.
         """
-        sched = self.scheduler
-        me = dev.index
-        with sched.lock:
-            while True:
-                req, expired = sched.take_locked(dev.state)
-                if req is not None or expired:
-                    if self._poller == me and req is not None:
-                        if self._io_wanted or sched.queued:
-                            # Another device is idle, or more work waits (a client keeps
-                            # several requests in flight): hand the I/O to another thread
-                            # so that it overlaps the runs.
-                            self._poller = None
-                            sched.cv.notify_all()
-                            self._role_cv.notify_all()
-                        else:
-                            self._busy_since = time.monotonic_ns()
-                            if self._main_asleep:
-                                self._role_cv.notify_all()
-                    break
-                if dev.state.failed is not None or sched.closed or self._exiting:
-                    if self._poller == me:
-                        self._poller = None
-                        self._busy_since = 0
-                        sched.cv.notify_all()
-                        self._role_cv.notify_all()
-                    if dev.state.failed is not None or sched.closed:
-                        return False
-                elif self._poller in (None, me) or (self._poller != _MAIN and self._busy_since):
-                    self._poller = me
-                    self._busy_since = 0
-                    break
-                elif self._poller == _MAIN and not self._handover:
-                    self._handover = True
-                    self._wake()  # the I/O thread's poll returns and it hands the role over
-                self._io_wanted += 1
-                sched.cv.wait()
-                self._io_wanted -= 1
-                if not self._io_wanted and self._poller is None:
-                    # The serve_forever thread may be waiting for an idle device to take
-                    # the role; this one might not (it may have work): let it look again.
-                    self._role_cv.notify_all()
-        if req is None and not expired:
+        work = self._role.device_next(dev.state, self._wake)
+        if work is None:
+            return False
+        req, expired, io = work
+        if io:
             try:
                 self._io_round()
             except BaseException:
-                self._release_role(me)
+                self._role.release(dev.index)
                 raise
             return True
         for r in expired:
-            self._reply_request(r, Status.DEADLINE_EXCEEDED, me)
+            self._reply_request(r, Status.DEADLINE_EXCEEDED, dev.index)
         if req is None:
             return True
         try:
             self._run(dev, req)
         except BaseException as exc:  # a bug here must not leave a request unanswered
-            log.exception("device %d failed unexpectedly", me)
+            log.exception("device %d failed unexpectedly", dev.index)
             if req.state == RUNNING:
                 self._device_failed(dev, req, exc)
-        # Plain stores (no lock): the serve_forever thread only reads these as hints.
-        self._last_run_ns = time.monotonic_ns()
-        if self._poller == me:
-            self._busy_since = 0
+        self._role.device_ran(dev.index)
         return dev.state.failed is None
 
     def _run(self, dev: _Dev, req: Request) -> None:
@@ -821,7 +690,7 @@ class DeviceServer:
         self.scheduler.done(req, compute, ok=True)
         self.stats.ok(dev.index, req.model_id, queue, compute, end, end - req.enqueued_ns)
         reply = encode_result(req.req_id, Status.OK, dev.index, queue, compute, start)
-        if self._poller == _MAIN and self.scheduler.queued:
+        if self._role.holder == MAIN and self.scheduler.queued:
             # The device runs again at once: let the I/O thread send the reply. Waking the
             # client from here would let the kernel run it on this CPU, in this thread's
             # place (a "sync" wake-up), delaying the next run.
@@ -847,6 +716,7 @@ class DeviceServer:
                 log.info("retrying request %d of client %d on another device", req.req_id,
                          req.client.id)
                 self.scheduler.requeue(req)
+                self._wake()  # a device holding the I/O role waits in poll, not for work
                 return
         else:
             log.error("device %d (%s) failed a request (it is the only device): %s",
