@@ -123,7 +123,8 @@ def test_infinite_source_is_consumed_lazily_and_break_stops_it() -> None:
                 break
         bound = pipe.max_in_flight
     n = next(pulled)
-    assert 11 <= n <= 11 + bound + 2
+    # out == 10 came from input 9: at least 10 pulls, and the feeder stopped near the bound
+    assert 10 <= n <= 10 + bound + 2
 
 
 def test_memory_is_bounded_by_max_in_flight() -> None:
