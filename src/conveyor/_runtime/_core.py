@@ -133,22 +133,6 @@ class _DeviceLink:
             return False
         return True
 
-    def call(self, value: Any) -> tuple[Any, Any]:
-        """One inference: returns (outputs, timing). Retries once after the worker died."""
-        d = self.defn
-        for attempt in (0, 1):
-            with self._lock:
-                client, gen = self.client, self.gen
-            try:
-                fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
-                                    dequantize=d.dequantize)
-                return fut.result(), fut.timing
-            except ServerGone:
-                if self.closing or attempt == 1 or self.worker is None:
-                    raise
-                self._restart(gen)
-        raise AssertionError("unreachable")
-
     def close(self) -> None:
         self.closing = True
         with self._lock:
@@ -365,47 +349,17 @@ class Core:
     # --- stage workers --------------------------------------------------------------
 
     def _call(self, si: int, w: int, item: Item, track: int) -> Any:
+        """Run a thread stage's function on one item (in this worker thread)."""
         d = self.defs[si]
-        if d.kind == "thread":
-            assert d.fn is not None
-            start = time.monotonic_ns()
-            try:
-                return d.fn(item.value)
-            except Exception as exc:
-                raise _Failed(exc, traceback.format_exc()) from None
-            finally:
-                if self.tracer is not None:
-                    self.tracer.span(track, d.name, start, time.monotonic_ns(), item=item.index)
-        if d.kind == "process":
-            pw = self.procs[si][w]
-            assert pw is not None
-            try:
-                ok, value, tb, start, end = pw.call(item.index, item.value)
-            except WorkerDiedError as exc:
-                if self.closing:
-                    raise Aborted from None
-                self._replace_proc(si, w)
-                raise _Failed(exc, "") from None
-            if self.tracer is not None:
-                self.tracer.span(track, d.name, start, end, item=item.index)
-            if not ok:
-                raise _Failed(value, tb)
-            return value
-        link = self.links[si]
-        value, context = item.value if d.with_context else (item.value, None)
+        assert d.fn is not None
+        start = time.monotonic_ns()
         try:
-            outs, timing = link.call(value)
-        except ConveyorError as exc:
-            if self.closing:
-                raise Aborted from None
+            return d.fn(item.value)
+        except Exception as exc:
             raise _Failed(exc, traceback.format_exc()) from None
-        if timing is not None:
-            link.stats.record(timing.start_ns, timing.compute_ns)
+        finally:
             if self.tracer is not None:
-                dev_track = self.tracer.track(f"device {link.stats.spec}")
-                self.tracer.span(dev_track, link.model, timing.start_ns,
-                                 timing.start_ns + timing.compute_ns, item=item.index)
-        return (outs, context) if d.with_context else outs
+                self.tracer.span(track, d.name, start, time.monotonic_ns(), item=item.index)
 
     def _replace_proc(self, si: int, w: int, count: bool = True) -> None:
         d = self.defs[si]
@@ -663,16 +617,11 @@ class Core:
             if run.cancelled:
                 run.deliver(item.index, CANCEL)
                 continue
-            if d.kind == "process" and self.procs[si][w] is None:
-                self._replace_proc(si, w)
             with st.lock:
                 st.items_in += 1
             start = time.monotonic_ns()
             try:
                 item.value = self._call(si, w, item, track)
-            except Aborted:
-                run.deliver(item.index, CANCEL)
-                return
             except _Failed as f:
                 st.record(False, time.monotonic_ns() - start)
                 cause = f.exc

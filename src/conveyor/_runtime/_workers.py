@@ -127,31 +127,6 @@ class ProcWorker:
             f"{index}: {self.process.describe_exit()}"
         )
 
-    def call(self, index: int, value: Any) -> tuple[bool, Any, str, int, int]:
-        """Run the function on ``value`` in the worker; blocks until it answers.
-
-        Returns ``(ok, result_or_exception, traceback_text, start_ns, end_ns)``.
-
-        Raises:
-            WorkerDiedError: the worker died while it held the item (killed, crashed).
-        """
-        try:
-            self.link.send(TASK, index, value)
-            kind, _, payload, start, end = self.link.recv()
-        except (PeerClosed, OSError) as exc:
-            try:
-                self.process.proc.wait(timeout=2.0)
-            except Exception:
-                pass
-            raise WorkerDiedError(
-                f"worker pid {self.pid} of stage {self.stage!r} died while holding item "
-                f"{index}: {self.process.describe_exit()}"
-            ) from exc
-        if kind == OK:
-            return True, payload, "", start, end
-        err, tb = rebuild_error(payload)
-        return False, err, tb, start, end
-
     def close(self, kill: bool = False, timeout: float = 0.5) -> None:
         """Stop the worker: close the link (it exits), wait, then SIGKILL; reaps it."""
         try:
