@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name, help_text in COMMANDS:
-        try:
-            module = importlib.import_module(f"conveyor._cli.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"conveyor._cli.{module_name}":
-                raise
-            continue
+        module = importlib.import_module(f"conveyor._cli.{module_name}")
         p = sub.add_parser(
             name,
             help=help_text,
