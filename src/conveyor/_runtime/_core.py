@@ -176,7 +176,6 @@ class Core:
         self.threads: list[threading.Thread] = []
         self.procs: dict[int, list[ProcWorker | None]] = {}
         self.links: dict[int, _DeviceLink] = {}
-        self.source_dropped = 0
         self._lock = threading.Lock()
         self._credit = [inflight] * len(stages)
         self._credit_cv = threading.Condition()
@@ -403,28 +402,36 @@ class Core:
             self._credit[si] += 1
             self._credit_cv.notify()
 
+    def _take(self, si: int, block: bool = True) -> Item | None:
+        """The next item for stage ``si`` whose run is still wanted, counted as in; None
+        with ``block`` False when nothing waits. Raises Aborted when the pipeline closes."""
+        inq = self.channels[si]
+        while True:
+            item = inq.get() if block else inq.try_get()
+            if item is None:
+                return None
+            if item.run.cancelled:
+                item.run.deliver(item.index, CANCEL)
+                continue
+            with self.stats[si].lock:
+                self.stats[si].items_in += 1
+            return item
+
     def _infer_loop(self, si: int) -> None:
         """One thread per inference stage: take items and submit them, keeping up to
         ``inflight`` requests at the device. Results are finished in the client's reply
         callback (:meth:`_infer_done`), so no thread waits per request."""
-        st = self.stats[si]
-        inq = self.channels[si]
         while True:
             try:
-                item = inq.get()
+                item = self._take(si)
             except Aborted:
                 return
-            run = item.run
-            if run.cancelled:
-                run.deliver(item.index, CANCEL)
-                continue
-            with st.lock:
-                st.items_in += 1
+            assert item is not None
             if not self._take_credit(si):
-                run.deliver(item.index, CANCEL)
+                item.run.deliver(item.index, CANCEL)
                 return
             self._infer_submit(si, item, time.monotonic_ns(), 0)
-            del item, run
+            del item
 
     def _infer_submit(self, si: int, item: Item, start: int, attempt: int) -> None:
         d = self.defs[si]
@@ -448,11 +455,8 @@ class Core:
         if self.closing:
             item.run.deliver(item.index, CANCEL)
             return
-        self.stats[si].record(False, time.monotonic_ns() - start)
-        err = StageError(self.defs[si].name, item.index, f"{type(exc).__name__}: {exc}",
-                         "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        err.__cause__ = exc
-        item.run.deliver(item.index, ERR, err)
+        self._stage_failed(si, item, start, exc, "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def _infer_done(self, si: int, item: Item, start: int, gen: int, attempt: int,
                     fut: Any) -> None:
@@ -478,14 +482,7 @@ class Core:
                                  timing.start_ns + timing.compute_ns, item=item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
-        run = item.run
-        if si + 1 >= len(self.channels):
-            run.deliver(item.index, OK, item.value)
-            return
-        try:
-            self.channels[si + 1].put(item, cancelled=lambda: run.cancelled)
-        except Aborted:
-            run.deliver(item.index, CANCEL)
+        self._forward(item, self.channels[si + 1] if si + 1 < len(self.channels) else None)
 
     # --- process stages: one parent thread per worker, two tasks in flight ---------
 
@@ -496,25 +493,19 @@ class Core:
 
         d = self.defs[si]
         st = self.stats[si]
-        inq = self.channels[si]
         outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
         pending: deque[tuple[Item, int]] = deque()
         while True:
             # Top up to two outstanding tasks: block only when the worker has none.
             while len(pending) < 2:
                 try:
-                    item = inq.get() if not pending else inq.try_get()
+                    item = self._take(si, block=not pending)
                 except Aborted:
                     for it, _ in pending:
                         it.run.deliver(it.index, CANCEL)
                     return
                 if item is None:
                     break
-                if item.run.cancelled:
-                    item.run.deliver(item.index, CANCEL)
-                    continue
-                with st.lock:
-                    st.items_in += 1
                 if not self._proc_send(si, w, item, pending):
                     return
             if not pending:
@@ -597,7 +588,6 @@ class Core:
             self._infer_loop(si)
             return
         st = self.stats[si]
-        inq = self.channels[si]
         outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
         track = 0
         if self.tracer is not None:
@@ -610,35 +600,18 @@ class Core:
             return
         while True:
             try:
-                item = inq.get()
+                item = self._take(si)
             except Aborted:
                 return
-            run = item.run
-            if run.cancelled:
-                run.deliver(item.index, CANCEL)
-                continue
-            with st.lock:
-                st.items_in += 1
+            assert item is not None
             start = time.monotonic_ns()
             try:
                 item.value = self._call(si, w, item, track)
             except _Failed as f:
-                st.record(False, time.monotonic_ns() - start)
-                cause = f.exc
-                err = StageError(d.name, item.index, f"{type(cause).__name__}: {cause}", f.tb)
-                err.__cause__ = cause
-                run.deliver(item.index, ERR, err)
+                self._stage_failed(si, item, start, f.exc, f.tb)
                 continue
             st.record(True, time.monotonic_ns() - start)
-            if outq is None:
-                run.deliver(item.index, OK, item.value)
-                continue
-            try:
-                outq.put(item, cancelled=lambda run=run: run.cancelled)  # type: ignore[misc]
-            except Aborted:
-                run.deliver(item.index, CANCEL)
-                if self.closing:
-                    return
+            self._forward(item, outq)
 
     # --- observation ----------------------------------------------------------------
 
