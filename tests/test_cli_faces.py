@@ -91,7 +91,7 @@ def test_detect_human_readable(media: Path, capsys: pytest.CaptureFixture[str]) 
     assert main("detect", path) == 0
     out, _ = capsys.readouterr()
     assert out.splitlines() == [
-        f"{path} frame 0 (512x512): 1 face; (0.346, 0.157)-(0.531, 0.342) score 0.92"
+        f"{path} frame 0 (512x512): 1 face; (0.348, 0.158)-(0.532, 0.342) score 0.92"
     ]
 
 
@@ -317,7 +317,7 @@ def test_demo_writes_annotated_samples(tmp_path: Path, capsys: pytest.CaptureFix
     text = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [p.name for p in sample_images()]
     assert "astronaut.png (512x512): 1 face(s)" in text
-    assert "box (0.346, 0.157)-(0.531, 0.342)  score 0.92" in text
+    assert "box (0.348, 0.158)-(0.532, 0.342)  score 0.92" in text
     assert "chelsea.png (451x300): 0 face(s)" in text
     assert "images/s" in text
     assert str(out.resolve()) in text

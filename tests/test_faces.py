@@ -149,7 +149,8 @@ def test_two_faces_side_by_side(short: FaceDetector, face_crop: Image8) -> None:
         expected = Face(
             (half + base.xmin) / 2, base.ymin, (half + base.xmax) / 2, base.ymax, base.score
         )
-        assert face.iou(expected) >= 0.9
+        # Each face is ~30 model pixels wide here: a one-pixel shift costs ~0.05 of IoU.
+        assert face.iou(expected) >= 0.85
 
 
 def test_full_range_finds_the_astronaut(full: FaceDetector, astronaut: Image8) -> None:

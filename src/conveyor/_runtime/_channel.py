@@ -38,7 +38,11 @@ class Channel(Generic[T]):
         self.maxsize = maxsize
         self.drop_oldest = drop_oldest
         self._items: deque[T] = deque()
-        self._cv = threading.Condition()
+        # One lock, two conditions (as queue.Queue): a put wakes one getter and a get one
+        # putter, never every thread waiting on the channel.
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
         self._aborted = False
 
     def __len__(self) -> int:
@@ -50,7 +54,7 @@ class Channel(Generic[T]):
         Blocks while full (not in drop-oldest mode). Cancellation: raises Aborted when the
         channel is aborted, or when ``cancelled()`` turns true and :meth:`wake` is called.
         """
-        with self._cv:
+        with self._lock:
             dropped = None
             while len(self._items) >= self.maxsize:
                 if self._aborted or (cancelled is not None and cancelled()):
@@ -58,67 +62,69 @@ class Channel(Generic[T]):
                 if self.drop_oldest:
                     dropped = self._items.popleft()
                     break
-                self._cv.wait()
+                self._not_full.wait()
             if self._aborted:
                 raise Aborted
             self._items.append(item)
-            self._cv.notify_all()
+            self._not_empty.notify()
             return dropped
 
     def get(self) -> T:
         """Take the oldest item; blocks while empty. Raises Aborted when aborted."""
-        with self._cv:
+        with self._lock:
             while not self._items:
                 if self._aborted:
                     raise Aborted
-                self._cv.wait()
+                self._not_empty.wait()
             item = self._items.popleft()
-            self._cv.notify_all()
+            self._not_full.notify()
             return item
 
     def try_get(self) -> T | None:
         """Take the oldest item if there is one, else None at once. Raises Aborted."""
-        with self._cv:
+        with self._lock:
             if self._aborted:
                 raise Aborted
             if not self._items:
                 return None
             item = self._items.popleft()
-            self._cv.notify_all()
+            self._not_full.notify()
             return item
 
     def remove_if(self, pred: Callable[[T], bool]) -> list[T]:
         """Remove and return the waiting items for which ``pred`` is true."""
-        with self._cv:
+        with self._lock:
             keep: deque[T] = deque()
             out: list[T] = []
             for it in self._items:
                 (out if pred(it) else keep).append(it)
             self._items = keep
             if out:
-                self._cv.notify_all()
+                self._not_full.notify(len(out))
             return out
 
     def pop_oldest_if(self, pred: Callable[[T], bool]) -> T | None:
         """Remove and return the oldest waiting item for which ``pred`` is true."""
-        with self._cv:
+        with self._lock:
             for it in self._items:
                 if pred(it):
                     self._items.remove(it)
-                    self._cv.notify_all()
+                    self._not_full.notify()
                     return it
             return None
 
     def wake(self) -> None:
         """Wake blocked callers so they re-check their ``cancelled`` predicate."""
-        with self._cv:
-            self._cv.notify_all()
+        with self._lock:
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
 
     def abort(self) -> list[T]:
         """Wake everyone with Aborted from now on; returns the items left inside."""
-        with self._cv:
+        with self._lock:
             self._aborted = True
             left = list(self._items)
             self._items.clear()
-            self._cv.notify_all()
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
             return left

@@ -215,7 +215,9 @@ class Core:
             if errors:
                 raise errors[0]
             for si, d in enumerate(self.defs):
-                count = 1 if d.kind == "infer" else d.workers
+                # An inference stage has a thread of its own only as the first stage;
+                # later ones are entered by the stage before (see _forward).
+                count = (1 if si == 0 else 0) if d.kind == "infer" else d.workers
                 for w in range(count):
                     t = threading.Thread(target=self._worker_loop, args=(si, w),
                                          name=f"conveyor-{d.name}-{w}", daemon=True)
@@ -445,7 +447,7 @@ class Core:
                 return
             self._infer_failed(si, item, start, exc)
             return
-        except ConveyorError as exc:
+        except Exception as exc:  # InputError and the like: this item fails, not the thread
             self._infer_failed(si, item, start, exc)
             return
         fut.add_done_callback(functools.partial(self._infer_done, si, item, start, gen, attempt))
@@ -482,7 +484,7 @@ class Core:
                                  timing.start_ns + timing.compute_ns, item=item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
-        self._forward(item, self.channels[si + 1] if si + 1 < len(self.channels) else None)
+        self._forward(si + 1, item)
 
     # --- process stages: one parent thread per worker, two tasks in flight ---------
 
@@ -493,21 +495,10 @@ class Core:
 
         d = self.defs[si]
         st = self.stats[si]
-        outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
         pending: deque[tuple[Item, int]] = deque()
         while True:
-            # Top up to two outstanding tasks: block only when the worker has none.
-            while len(pending) < 2:
-                try:
-                    item = self._take(si, block=not pending)
-                except Aborted:
-                    for it, _ in pending:
-                        it.run.deliver(it.index, CANCEL)
-                    return
-                if item is None:
-                    break
-                if not self._proc_send(si, w, item, pending):
-                    return
+            if not self._proc_top_up(si, w, pending, block=True):
+                return
             if not pending:
                 continue
             item, start = pending[0]
@@ -535,12 +526,38 @@ class Core:
             pending.popleft()
             if self.tracer is not None:
                 self.tracer.span(track, d.name, t0, t1, item=item.index)
+            # Queue the worker's next task before handing this result on: the next stage
+            # may block (device credit, a full channel) and the worker must not wait.
+            if not self._proc_top_up(si, w, pending, block=False):
+                item.run.deliver(item.index, CANCEL)
+                return
             if not ok:
                 self._stage_failed(si, item, start, value, tb)
                 continue
             st.record(True, time.monotonic_ns() - start)
             item.value = value
-            self._forward(item, outq)
+            self._forward(si + 1, item)
+
+    def _proc_top_up(self, si: int, w: int, pending: Any, block: bool) -> bool:
+        """Send worker ``w`` tasks until two are outstanding. With ``block``, wait for an
+        item while the worker has none. False when the pipeline is closing (what was
+        pending is then cancelled)."""
+        while len(pending) < 2:
+            try:
+                item = self._take(si, block=block and not pending)
+            except Aborted:
+                for it, _ in pending:
+                    it.run.deliver(it.index, CANCEL)
+                pending.clear()
+                return False
+            if item is None:
+                return True
+            if not self._proc_send(si, w, item, pending):
+                for it, _ in pending:
+                    it.run.deliver(it.index, CANCEL)
+                pending.clear()
+                return False
+        return True
 
     def _proc_send(self, si: int, w: int, item: Item, pending: Any,
                    start: int | None = None) -> bool:
@@ -572,13 +589,30 @@ class Core:
         err.__cause__ = exc
         item.run.deliver(item.index, ERR, err)
 
-    def _forward(self, item: Item, outq: Channel[Item] | None) -> None:
+    def _forward(self, si: int, item: Item) -> None:
+        """Hand ``item`` on to stage ``si`` (past the last: to its run).
+
+        An inference stage after another stage is entered directly, in the calling
+        thread: it waits for the device's credit and submits, with no channel and no
+        thread switch between the two stages.
+        """
         run = item.run
-        if outq is None:
+        if si >= len(self.defs):
             run.deliver(item.index, OK, item.value)
             return
+        if self.defs[si].kind == "infer":
+            if run.cancelled:
+                run.deliver(item.index, CANCEL)
+                return
+            with self.stats[si].lock:
+                self.stats[si].items_in += 1
+            if not self._take_credit(si):
+                run.deliver(item.index, CANCEL)
+                return
+            self._infer_submit(si, item, time.monotonic_ns(), 0)
+            return
         try:
-            outq.put(item, cancelled=lambda: run.cancelled)
+            self.channels[si].put(item, cancelled=lambda: run.cancelled)
         except Aborted:
             run.deliver(item.index, CANCEL)
 
@@ -588,7 +622,6 @@ class Core:
             self._infer_loop(si)
             return
         st = self.stats[si]
-        outq = self.channels[si + 1] if si + 1 < len(self.channels) else None
         track = 0
         if self.tracer is not None:
             suffix = ""
@@ -611,7 +644,7 @@ class Core:
                 self._stage_failed(si, item, start, f.exc, f.tb)
                 continue
             st.record(True, time.monotonic_ns() - start)
-            self._forward(item, outq)
+            self._forward(si + 1, item)
 
     # --- observation ----------------------------------------------------------------
 

@@ -26,7 +26,11 @@ class Run:
         self, ordered: bool, max_in_flight: int, notify: Callable[[], None] | None = None
     ) -> None:
         self.ordered = ordered
-        self.cv = threading.Condition()
+        # One lock; the feeder waits for tokens, the consumer for outcomes, and each is
+        # woken only by what it waits for.
+        self._lock = threading.Lock()
+        self._tokens_cv = threading.Condition(self._lock)
+        self._ready_cv = threading.Condition(self._lock)
         self.cancelled = False
         self.total: int | None = None
         self.admitted = 0
@@ -46,11 +50,11 @@ class Run:
         """Take a token for one more item in flight. Blocks while none is free (unless
         ``block`` is False); returns False if the run is cancelled or no token is free.
         """
-        with self.cv:
+        with self._lock:
             while self.tokens <= 0:
                 if self.cancelled or not block:
                     return False
-                self.cv.wait()
+                self._tokens_cv.wait()
             if self.cancelled:
                 return False
             self.tokens -= 1
@@ -63,7 +67,7 @@ class Run:
         if hook is not None:
             hook(index, kind, value)
             return
-        with self.cv:
+        with self._lock:
             if kind == DROP:
                 # A drop is accounted at once and gives its token back, so a stalled
                 # consumer never blocks a live source; ordered runs skip the index.
@@ -72,48 +76,54 @@ class Run:
                 self.consumed += 1
                 if self.ordered:
                     self._skip.add(index)
-                self.cv.notify_all()
+                self._tokens_cv.notify()
+                self._ready_cv.notify()
                 return
             if self.cancelled:
                 self.tokens += 1
                 self.consumed += 1
-                self.cv.notify_all()
+                self._tokens_cv.notify()
+                self._ready_cv.notify()
                 return
             if self.ordered:
                 self._by_index[index] = (kind, value)
+                # Out of order: the consumer cannot use it yet, so it sleeps on.
+                if index == self.next_index or self._skip:
+                    self._ready_cv.notify()
             else:
                 self._arrived.append((index, (kind, value)))
-            self.cv.notify_all()
+                self._ready_cv.notify()
         if self._notify is not None:
             self._notify()
 
     def release_token(self) -> None:
         """Give back a token taken for an item that never came (the source ended)."""
-        with self.cv:
+        with self._lock:
             self.tokens += 1
             self.admitted -= 1
-            self.cv.notify_all()
+            self._tokens_cv.notify()
 
     def force_admit(self) -> None:
         """Count an item admitted without a free token (live mode; it is dropped at once
         or replaces a dropped one)."""
-        with self.cv:
+        with self._lock:
             self.tokens -= 1
             self.admitted += 1
 
     def finish(self, total: int) -> None:
         """The source is exhausted (or failed) after ``total`` items."""
-        with self.cv:
+        with self._lock:
             self.total = total
-            self.cv.notify_all()
+            self._ready_cv.notify_all()
         if self._notify is not None:
             self._notify()
 
     def cancel(self) -> None:
         """The caller has gone: outcomes still to come are discarded."""
-        with self.cv:
+        with self._lock:
             self.cancelled = True
-            self.cv.notify_all()
+            self._tokens_cv.notify_all()
+            self._ready_cv.notify_all()
 
     # --- consumer side --------------------------------------------------------------
 
@@ -133,7 +143,7 @@ class Run:
             index, outcome = self._arrived.popleft()
         self.tokens += 1
         self.consumed += 1
-        self.cv.notify_all()
+        self._tokens_cv.notify()
         return index, outcome
 
     def done_locked(self) -> bool:
@@ -144,16 +154,16 @@ class Run:
         or, with ``block`` False, when nothing is ready yet. Blocks until one is ready.
         Interruptible (KeyboardInterrupt) in the main thread.
         """
-        with self.cv:
+        with self._lock:
             while True:
                 ready = self._ready_locked()
                 if ready is not None:
                     return ready
                 if self.done_locked() or not block:
                     return None
-                self.cv.wait()
+                self._ready_cv.wait()
 
     @property
     def complete(self) -> bool:
-        with self.cv:
+        with self._lock:
             return self.done_locked()
