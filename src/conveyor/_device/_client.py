@@ -50,7 +50,15 @@ from ._protocol import (
     encode_infer,
     json_body,
 )
-from ._requests import STATUS_ERRORS, InferFuture, Outputs, Pending, Timing, error_from_name
+from ._requests import (
+    STATUS_ERRORS,
+    InferFuture,
+    OutputPool,
+    Outputs,
+    Pending,
+    Timing,
+    error_from_name,
+)
 
 __all__ = [
     "DeviceClient",
@@ -63,6 +71,8 @@ __all__ = [
 ]
 
 Views = tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
+_OK = int(Status.OK)
+_STATUSES = frozenset(int(s) for s in Status)
 
 
 def default_socket_path() -> Path:
@@ -76,7 +86,8 @@ def default_socket_path() -> Path:
 class _Link:
     """One connection: socket, reader and arena (replaced as a whole on reconnect)."""
 
-    __slots__ = ("arena", "free", "gen", "reader", "slot_size", "sock", "views")
+    __slots__ = ("arena", "free", "gen", "poller", "pools", "reader", "slot_size", "sock",
+                 "views")
 
     def __init__(self, gen: int, sock: socket.socket, reader: FrameReader,
                  arena: Segment | None, slot_size: int, slots: int) -> None:
@@ -87,6 +98,8 @@ class _Link:
         self.slot_size = slot_size
         self.free = list(range(slots))
         self.views: dict[tuple[int, int], Views] = {}
+        self.pools: dict[int, OutputPool] = {}  # by model id (the reader's only)
+        self.poller: select.poll | None = None  # for reads with a timeout
 
 
 class DeviceClient:
@@ -136,6 +149,7 @@ class DeviceClient:
         self._unwaited = 0
         self._slot_waiters = 0
         self._reading = False
+        self._sleepers = 0  # threads waiting on _cv for the reader role or an outcome
         self._bg: threading.Thread | None = None
         self._models: dict[str, ModelInfo] = {}
         self.welcome: dict[str, Any] = {}
@@ -254,6 +268,7 @@ class DeviceClient:
         for p in pending.values():
             p.finish(None, why)
         link.views.clear()
+        link.pools.clear()
         if link.arena is not None:
             link.arena.close()
 
@@ -262,19 +277,31 @@ class DeviceClient:
     def _read_step(self, link: _Link, timeout: float | None) -> None:
         """Holding the reader role: wait for data (at most ``timeout``), then deliver
         every complete message received."""
+        reader = link.reader
         try:
             if timeout is not None:
-                poller = select.poll()
-                poller.register(link.sock, select.POLLIN)
+                poller = link.poller
+                if poller is None:
+                    poller = link.poller = select.poll()
+                    poller.register(link.sock, select.POLLIN)
                 if not poller.poll(max(0, int(timeout * 1000) + 1)):
                     return
-            link.reader.feed_from_socket()
+            reader.feed_from_socket()
             while True:
-                frame = link.reader.next_frame()
+                result = reader.next_result()
+                if result is not None:
+                    self._on_result(link, *result)
+                    continue
+                frame = reader.next_frame()
                 if frame is None:
                     break
                 if frame.type is MsgType.RESULT:
-                    self._on_result(link, frame.req_id, frame.body)
+                    if len(frame.body) < RESULT.size:
+                        raise ProtocolError(f"RESULT body of {len(frame.body)} bytes")
+                    status, device, queue_ns, compute_ns, start_ns = RESULT.unpack_from(
+                        frame.body)
+                    self._on_result(link, frame.req_id, status, device, queue_ns, compute_ns,
+                                    start_ns, frame.body[RESULT.size:])
                 elif frame.type is MsgType.STATUS_REPLY:
                     self._on_status(frame.req_id, frame.json())
                 elif frame.type is MsgType.ERROR:
@@ -282,7 +309,7 @@ class DeviceClient:
                     raise ServerGone(f"the device server closed the connection: {text}")
                 else:
                     raise ProtocolError(f"unexpected {frame.type.name} from the server")
-            if link.reader.eof:
+            if reader.eof:
                 raise ServerGone("the device server closed the connection")
         except (ServerGone, ProtocolError) as exc:
             self._lost(link, exc)
@@ -307,7 +334,11 @@ class DeviceClient:
                         raise FutureTimeout()
                     link = self._link
                     if link is None or self._reading:
-                        self._cv.wait(left)
+                        self._sleepers += 1
+                        try:
+                            self._cv.wait(left)
+                        finally:
+                            self._sleepers -= 1
                         continue
                     self._reading = True
                     self._cv.release()
@@ -316,7 +347,8 @@ class DeviceClient:
                     finally:
                         self._cv.acquire()
                         self._reading = False
-                        self._cv.notify_all()
+                        if self._sleepers:
+                            self._cv.notify_all()
             except BaseException:
                 if p.waited and not p.gone:
                     p.waited = False
@@ -326,45 +358,60 @@ class DeviceClient:
 
     def _background(self) -> None:
         """Read replies nobody waits for yet (futures, asyncio); idle otherwise."""
+        read = False
         while True:
             with self._cv:
+                if read:  # give the role back (one lock round per step, not two)
+                    self._reading = False
+                    if self._sleepers:
+                        self._cv.notify_all()
                 while not self._closed and (
                     self._reading or self._link is None or self._unwaited <= 0
                 ):
-                    self._cv.wait()
+                    self._sleepers += 1
+                    try:
+                        self._cv.wait()
+                    finally:
+                        self._sleepers -= 1
                 if self._closed:
                     return
                 link = self._link
                 assert link is not None
-                self._reading = True
+                self._reading = read = True
             try:
                 self._read_step(link, None)
-            finally:
+            except BaseException:
                 with self._cv:
                     self._reading = False
                     self._cv.notify_all()
+                raise
 
-    def _on_result(self, link: _Link, req_id: int, body: bytes) -> None:
-        status, device, queue_ns, compute_ns, start_ns = RESULT.unpack_from(body)
+    def _on_result(self, link: _Link, req_id: int, status: int, device: int, queue_ns: int,
+                   compute_ns: int, start_ns: int, text: bytes = b"") -> None:
         p = self._pending.get(req_id)
         if p is None or p.info is None:
             return
         info = p.info
         outs: Outputs | None = None
         error: BaseException | None = None
-        if status == Status.OK:
+        if status == _OK:
             try:  # copy the outputs out before the slot can be used again
-                outs = []
-                for arr, spec in zip(self._views(link, info, p.slot)[1], info.outputs):
-                    out = arr.copy()
-                    outs.append(dequantize(out, spec) if p.dequantize and spec.quantized
-                                else out)
+                views = self._views(link, info, p.slot)[1]
+                if p.dequantize and any(spec.quantized for spec in info.outputs):
+                    outs = [dequantize(arr, spec) if spec.quantized else arr.copy()
+                            for arr, spec in zip(views, info.outputs)]
+                else:
+                    pool = link.pools.get(info.id)
+                    if pool is None:
+                        pool = link.pools[info.id] = OutputPool(views)
+                    outs = pool.fill(views)
             except Exception as exc:  # never let one bad reply stop the reader
                 error = ServerError(f"bad reply: {exc}")
         else:
-            text = body[RESULT.size:].decode("utf-8", "replace")
+            why = text.decode("utf-8", "replace")
             cls = STATUS_ERRORS.get(status, ServerError)
-            error = cls(f"{info.name}: {text or Status(status).name}")
+            name = Status(status).name if status in _STATUSES else f"status {status}"
+            error = cls(f"{info.name}: {why or name}")
         with self._lock:
             if self._pending.pop(req_id, None) is None:
                 return  # lost meanwhile: already finished with ServerGone
@@ -448,7 +495,12 @@ class DeviceClient:
             raise ServerError("a monitoring client cannot run inferences")
         link = self._current()
         info = self._lookup(model)
-        arrays = prepare_inputs(info.inputs, inputs, info.name)
+        specs = info.inputs
+        if (type(inputs) is np.ndarray and len(specs) == 1 and inputs.shape == specs[0].shape
+                and inputs.dtype == specs[0].dtype):
+            arrays: list[npt.NDArray[Any]] = [inputs]  # nothing to check or convert
+        else:
+            arrays = prepare_inputs(specs, inputs, info.name)
         deadline_ns = 0
         if deadline is not None:
             deadline_ns = time.monotonic_ns() + max(int(deadline * 1e9), 0) or 1
@@ -506,7 +558,7 @@ class DeviceClient:
     def _future(self) -> InferFuture:
         fut = InferFuture()
         fut._client = self
-        fut.set_running_or_notify_cancel()  # from here on it cannot be cancelled
+        fut._start()  # from here on it cannot be cancelled
         return fut
 
     def _start_background(self) -> None:
@@ -515,7 +567,7 @@ class DeviceClient:
             self._bg = threading.Thread(target=self._background, name="conveyor-client-reader",
                                         daemon=True)
             self._bg.start()
-        else:
+        elif self._sleepers:
             self._cv.notify_all()
 
     def infer(

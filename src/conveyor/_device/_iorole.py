@@ -80,6 +80,14 @@ class IORole:
             self.handover = False
             return True
 
+    def main_keeps(self) -> bool:
+        """After a round of I/O by the serve_forever thread: True if it may go on with the
+        next round without giving the role up and taking it again (no device asked for
+        it, the server is not exiting). Read without the lock, as a hint: a device that
+        asks meanwhile sets :attr:`handover` and wakes the poll, which ends the next
+        round at once."""
+        return not (self._wanted or self.handover or self.exiting)
+
     def reclaim(self, timeout: float) -> None:
         """Take the role for the end (after :meth:`exit`): wait, at most ``timeout``, for a
         device in the middle of an I/O round to finish it."""
@@ -115,12 +123,14 @@ class IORole:
     # --- device threads -------------------------------------------------------------------
 
     def device_next(
-        self, dev: DeviceState, wake_holder: Callable[[], None]
+        self, dev: DeviceState, wake_holder: Callable[[], None],
+        before_wait: Callable[[], None] | None = None,
     ) -> tuple[Request | None, list[Request], bool] | None:
         """Block until device ``dev`` has something to do: ``(request, expired, False)`` to
         run a request and answer expired ones, ``(None, [], True)`` to do one round of
         I/O (the caller then holds the role), or None when the device is done (drained,
-        stopped or taken out). ``wake_holder`` wakes the role holder's poll."""
+        stopped or taken out). ``wake_holder`` wakes the role holder's poll;
+        ``before_wait`` is called (under the lock) each time before the device waits."""
         sched = self.sched
         me = dev.index
         with sched.lock:
@@ -150,6 +160,8 @@ class IORole:
                 elif self.holder == MAIN and not self.handover:
                     self.handover = True
                     wake_holder()  # its poll returns and it hands the role over
+                if before_wait is not None:
+                    before_wait()
                 self._wanted += 1
                 sched.cv.wait()
                 self._wanted -= 1

@@ -109,6 +109,8 @@ class MsgType(enum.IntEnum):
 
 
 _TYPES = {int(t): t for t in MsgType}
+_INFER_TYPE = int(MsgType.INFER)
+_RESULT_TYPE = int(MsgType.RESULT)
 
 
 class Status(enum.IntEnum):
@@ -150,7 +152,7 @@ def encode_infer(
     req_id: int, model: int, segment: int, offset: int, deadline_ns: int, priority: int
 ) -> bytes:
     """A whole INFER message."""
-    return INFER_MSG.pack(MAGIC, PROTOCOL_VERSION, MsgType.INFER, 0, INFER.size, req_id,
+    return INFER_MSG.pack(MAGIC, PROTOCOL_VERSION, _INFER_TYPE, 0, INFER.size, req_id,
                           model, segment, offset, deadline_ns, priority)
 
 
@@ -160,7 +162,7 @@ def encode_result(
 ) -> bytes:
     """A whole RESULT message; ``text`` (at most 4 kB are kept) explains an error."""
     extra = text.encode("utf-8", "replace")[:4096] if text else b""
-    return RESULT_MSG.pack(MAGIC, PROTOCOL_VERSION, MsgType.RESULT, 0, RESULT.size + len(extra),
+    return RESULT_MSG.pack(MAGIC, PROTOCOL_VERSION, _RESULT_TYPE, 0, RESULT.size + len(extra),
                            req_id, status, device & 0xFFFF, queue_ns, compute_ns, start_ns) + extra
 
 
@@ -291,7 +293,7 @@ class FrameReader:
         The request path's shortcut: one unpack, no Frame, no copy.
         """
         lo = self._lo
-        if self._hi - lo < INFER_MSG.size or self._buf[lo + 5] != MsgType.INFER:
+        if self._hi - lo < INFER_MSG.size or self._buf[lo + 5] != _INFER_TYPE:
             return None
         magic, version, _t, _f, length, req_id, model, seg, offset, deadline, prio = (
             INFER_MSG.unpack_from(self._buf, lo))
@@ -299,6 +301,24 @@ class FrameReader:
             return None
         self._lo = lo + INFER_MSG.size
         return req_id, model, seg, offset, deadline, prio
+
+    def next_result(self) -> tuple[int, int, int, int, int, int] | None:
+        """If the next complete message is a RESULT without error text (every successful
+        reply), consume it and return ``(req_id, status, device, queue_ns, compute_ns,
+        start_ns)``; else None, leaving the buffer as it was (:meth:`next_frame` then
+        reads, or rejects, the message).
+
+        The reply path's shortcut: one unpack, no Frame, no copy.
+        """
+        lo = self._lo
+        if self._hi - lo < RESULT_MSG.size or self._buf[lo + 5] != _RESULT_TYPE:
+            return None
+        magic, version, _t, _f, length, req_id, status, device, queue, compute, start = (
+            RESULT_MSG.unpack_from(self._buf, lo))
+        if magic != MAGIC or version != PROTOCOL_VERSION or length != RESULT.size:
+            return None
+        self._lo = lo + RESULT_MSG.size
+        return req_id, status, device, queue, compute, start
 
     def read_frame(self) -> Frame:
         """Block until one whole frame has arrived (blocking socket, or one with a timeout).

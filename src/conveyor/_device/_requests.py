@@ -1,10 +1,16 @@
-"""One request of a device client: its Future, its timing, and its entry while in flight."""
+"""One request of a device client: its Future, its timing, its entry while in flight, and
+the arrays its outputs are copied into."""
 
 from __future__ import annotations
 
+import sys
+from collections import deque
 from concurrent.futures import Future
-from typing import Any, Protocol
+from concurrent.futures._base import FINISHED, RUNNING
+from typing import Any, Protocol, cast
+from weakref import getweakrefcount
 
+import numpy as np
 import numpy.typing as npt
 
 from .. import _errors
@@ -22,7 +28,15 @@ from .._errors import (
 from ._catalog import ModelInfo
 from ._protocol import Status
 
-__all__ = ["STATUS_ERRORS", "InferFuture", "Outputs", "Pending", "Timing", "error_from_name"]
+__all__ = [
+    "STATUS_ERRORS",
+    "InferFuture",
+    "OutputPool",
+    "Outputs",
+    "Pending",
+    "Timing",
+    "error_from_name",
+]
 
 Outputs = list[npt.NDArray[Any]]
 
@@ -55,16 +69,36 @@ class InferFuture(Future[Outputs]):
     _client: _Waiter | None = None
     _entry: Pending | None = None
 
+    # FINISHED is final, and set under the Future's lock after the outcome: a thread
+    # that sees it needs no lock to read the outcome (and nothing here is ever
+    # cancelled), which saves the reply callback a lock round per call.
+
     def result(self, timeout: float | None = None) -> Outputs:
         """The outputs; blocks until they arrive, at most ``timeout`` seconds.
 
         Raises TimeoutError, or the request's error (Busy, DeadlineExceeded,
         DeviceError, ServerGone...).
         """
+        if self._state == FINISHED and self._exception is None:
+            return cast(Outputs, self._result)
         client, entry = self._client, self._entry
-        if client is not None and entry is not None and not self.done():
+        if client is not None and entry is not None and self._state != FINISHED:
             client._wait(entry, timeout)
         return super().result(timeout=0 if client is not None else timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The request's error, or None once the outputs are in; blocks until then, at
+        most ``timeout`` seconds (TimeoutError after)."""
+        if self._state == FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def done(self) -> bool:
+        return self._state == FINISHED or super().done()
+
+    def _start(self) -> None:
+        # A new Future nobody else has seen yet: running, so it cannot be cancelled.
+        self._state = RUNNING
 
 
 STATUS_ERRORS: dict[int, type[ConveyorError]] = {
@@ -117,6 +151,83 @@ class Pending:
                 fut.set_result(outputs)
             else:
                 fut.set_exception(error)
+            # Done: the future no longer needs its entry. Breaking the cycle lets both go
+            # when their last user does, not at the next garbage collection.
+            fut._entry = None
         self.finished = True
 
 
+#: Outputs smaller than this are copied into plain new arrays: the allocator serves them
+#: from its free lists without touching the kernel.
+POOL_MIN_BYTES = 32 << 10
+#: Memory that one pool keeps in output arrays, at most.
+POOL_BYTES = 2 << 20
+#: Sets of output arrays one pool keeps, at most.
+POOL_SETS = 16
+
+
+def _unshared(arrays: tuple[npt.NDArray[Any], ...], alone: int) -> bool:
+    """True if nothing but their tuple refers to ``arrays`` (no list, view, memoryview,
+    Future or weak reference): ``alone`` is the reference count that means so here."""
+    return all(sys.getrefcount(a) <= alone and not getweakrefcount(a) for a in arrays)
+
+
+def _alone() -> int:
+    # The count _unshared sees for arrays held by their tuple alone: the interpreter's
+    # own temporaries differ between Python versions, so measure them once.
+    return next(n for n in range(1, 16) if _unshared((np.empty(0),), n))
+
+
+_ALONE = _alone()
+#: Reference counts say nothing reliable without the GIL (free-threaded builds).
+_POOLING = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+
+
+class OutputPool:
+    """The arrays one model's outputs are copied into, reused once their user let go.
+
+    Each reply's outputs are copied out of the shared slot into arrays of their own. New
+    arrays of a hundred kilobytes and more come from memory that the C allocator has
+    just given back to the kernel (it trims its heaps as they are freed), so filling one
+    costs a page fault per 4 kB, tens per reply. This pool keeps the last sets it handed
+    out and refills the oldest when nothing but the pool refers to any of its arrays
+    (no list, view, memoryview, Future or weak reference: the reference count says so),
+    and when it is still as it was made (shape, strides, dtype, writeable). Otherwise it
+    makes a new set, so the pool grows only as far as its sets are still in use when the
+    next reply comes (few, when replies are used in order: the memory stays in cache),
+    to at most :data:`POOL_BYTES` and at most :data:`POOL_SETS` sets, after which it
+    forgets the oldest. Outputs smaller than :data:`POOL_MIN_BYTES` are not pooled.
+
+    One thread at a time (the client's reader).
+    """
+
+    __slots__ = ("_make", "_ring", "_size")
+
+    def __init__(self, views: list[npt.NDArray[Any]]) -> None:
+        nbytes = sum(v.nbytes for v in views)
+        size = min(POOL_SETS, POOL_BYTES // max(nbytes, 1)) if _POOLING else 0
+        self._size = size if nbytes >= POOL_MIN_BYTES else 0
+        self._make = [(v.shape, v.dtype) for v in views]
+        self._ring: deque[tuple[npt.NDArray[Any], ...]] = deque()
+
+    def fill(self, views: list[npt.NDArray[Any]]) -> Outputs:
+        """Copies of ``views`` (in the shapes and dtypes the pool was made for)."""
+        if not self._size:
+            return [v.copy() for v in views]
+        ring = self._ring
+        if ring and self._reusable(ring[0]):
+            arrays = ring.popleft()
+        else:
+            if len(ring) >= self._size:
+                ring.popleft()  # still in use: forget it
+            arrays = tuple(np.empty(shape, dtype) for shape, dtype in self._make)
+        for dst, src in zip(arrays, views):
+            np.copyto(dst, src)
+        ring.append(arrays)
+        return list(arrays)
+
+    def _reusable(self, arrays: tuple[npt.NDArray[Any], ...]) -> bool:
+        return _unshared(arrays, _ALONE) and all(
+            a.shape == shape and a.dtype == dtype and a.flags.writeable
+            and a.flags.c_contiguous for a, (shape, dtype) in zip(arrays, self._make)
+        )

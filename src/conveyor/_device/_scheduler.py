@@ -332,6 +332,10 @@ class Scheduler:
     def _candidates(self, dev: DeviceState) -> tuple[int, list[ClientState]] | None:
         """The highest priority with work ``dev`` can run, and the clients that have it."""
         if len(self._served) == len(dev.models):  # the device has every model: no filter
+            if len(self._active) == 1:  # the common case, in short
+                for c in self._active.values():
+                    queues = c.queues
+                    return (max(queues) if len(queues) > 1 else next(iter(queues))), [c]
             best = max(max(c.queues) for c in self._active.values())
             return best, [c for c in self._active.values() if best in c.queues]
         found: int | None = None

@@ -144,6 +144,9 @@ class DeviceServer:
         self._listeners: list[socket.socket] = []
         self._trouble: deque[Conn] = deque()
         self._replies: deque[tuple[Conn, bytes]] = deque()
+        # A device handed the I/O thread a reply and will wake it before its next run
+        # (see _run); the I/O thread clears it when it sends the replies anyway.
+        self._wake_due = False
         self._handshakes: dict[int, Conn] = {}
         self._next_client = 1
         self._stop_level = 0  # 0 running, 1 draining, 2 stopping at once (set by signals)
@@ -242,6 +245,8 @@ class DeviceServer:
             while self._role.main_turn():
                 try:
                     self._io_round()
+                    while self._role.main_keeps():
+                        self._io_round()
                 finally:
                     self._role.release(MAIN)
         finally:
@@ -261,7 +266,6 @@ class DeviceServer:
         self._poll(self._poll_timeout())
 
     def _poll_timeout(self) -> float | None:
-        now = time.monotonic()
         ends = []
         deadline = self.scheduler.next_deadline_ns()
         if deadline is not None:
@@ -272,7 +276,7 @@ class DeviceServer:
             ends.append(self._accept_paused_until)
         if not ends:
             return None
-        return max(0.0, min(ends) - now)
+        return max(0.0, min(ends) - time.monotonic())
 
     def _poll(self, timeout: float | None) -> None:
         for obj, mask in self._sel.poll(timeout):
@@ -292,6 +296,7 @@ class DeviceServer:
     def _service(self) -> None:
         """Work between polls: replies handed over by devices, stop requests, connections
         in trouble, deadlines, timeouts."""
+        self._wake_due = False  # first: a reply handed over from here on wakes us again
         while self._replies:
             conn, reply = self._replies.popleft()
             conn.send(reply)
@@ -630,6 +635,7 @@ class DeviceServer:
             self._role.release(dev.index)
             if self._stop_level:
                 self._wake()
+            self._wake_if_due()
 
     def _device_step(self, dev: _Dev) -> bool:
         """Run one request (answering expired ones), or do one round of I/O while idle (see
@@ -637,7 +643,7 @@ class DeviceServer:
         or taken out). A function of its own so that no reference to a finished request,
         and so to its client's memory, survives while the device waits for the next one.
         """
-        work = self._role.device_next(dev.state, self._wake)
+        work = self._role.device_next(dev.state, self._wake, self._wake_if_due)
         if work is None:
             return False
         req, expired, io = work
@@ -661,7 +667,17 @@ class DeviceServer:
         self._role.device_ran(dev.index)
         return dev.state.failed is None
 
+    def _wake_if_due(self) -> None:
+        """Wake the I/O thread for a reply handed over to it, if not done yet."""
+        if self._wake_due:
+            self._wake_due = False
+            self._wake()
+
     def _run(self, dev: _Dev, req: Request) -> None:
+        # A reply handed over after the last run: wake the I/O thread now that this
+        # thread is about to let go of the GIL, so that it does not wake only to wait
+        # for it.
+        self._wake_if_due()
         conn = req.conn
         if not conn.alive:
             self.scheduler.done(req, 0, ok=False)
@@ -693,9 +709,10 @@ class DeviceServer:
         if self._role.holder == MAIN and self.scheduler.queued:
             # The device runs again at once: let the I/O thread send the reply. Waking the
             # client from here would let the kernel run it on this CPU, in this thread's
-            # place (a "sync" wake-up), delaying the next run.
+            # place (a "sync" wake-up), delaying the next run. The I/O thread is woken
+            # when this one starts that run, or before it waits if there is none for it.
             self._replies.append((conn, reply))
-            self._wake()
+            self._wake_due = True
         else:
             conn.send(reply)
         if not conn.alive and conn.client.running == 0:

@@ -30,13 +30,20 @@ class Channel(Generic[T]):
         maxsize: the most items it holds (>= 1).
         drop_oldest: when full, ``put`` removes the oldest item and returns it instead of
             blocking.
+        refill_at: a blocked ``put`` is woken once the channel is down to this many items
+            (default ``maxsize - 1``: as soon as there is room). A lower mark lets a
+            producer that only feeds the channel (the pipeline's feeder) wake once per
+            several items instead of once per item.
     """
 
-    def __init__(self, maxsize: int, *, drop_oldest: bool = False) -> None:
+    def __init__(
+        self, maxsize: int, *, drop_oldest: bool = False, refill_at: int | None = None
+    ) -> None:
         if maxsize < 1:
             raise ValueError("maxsize must be at least 1")
         self.maxsize = maxsize
         self.drop_oldest = drop_oldest
+        self.refill_at = maxsize - 1 if refill_at is None else max(0, min(refill_at, maxsize - 1))
         self._items: deque[T] = deque()
         # One lock, two conditions (as queue.Queue): a put wakes one getter and a get one
         # putter, never every thread waiting on the channel.
@@ -77,7 +84,8 @@ class Channel(Generic[T]):
                     raise Aborted
                 self._not_empty.wait()
             item = self._items.popleft()
-            self._not_full.notify()
+            if len(self._items) <= self.refill_at:
+                self._not_full.notify()
             return item
 
     def try_get(self) -> T | None:
@@ -88,7 +96,8 @@ class Channel(Generic[T]):
             if not self._items:
                 return None
             item = self._items.popleft()
-            self._not_full.notify()
+            if len(self._items) <= self.refill_at:
+                self._not_full.notify()
             return item
 
     def remove_if(self, pred: Callable[[T], bool]) -> list[T]:
@@ -99,7 +108,7 @@ class Channel(Generic[T]):
             for it in self._items:
                 (out if pred(it) else keep).append(it)
             self._items = keep
-            if out:
+            if out and len(self._items) <= self.refill_at:
                 self._not_full.notify(len(out))
             return out
 
@@ -109,7 +118,8 @@ class Channel(Generic[T]):
             for it in self._items:
                 if pred(it):
                     self._items.remove(it)
-                    self._not_full.notify()
+                    if len(self._items) <= self.refill_at:
+                        self._not_full.notify()
                     return it
             return None
 

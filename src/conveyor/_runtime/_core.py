@@ -161,8 +161,12 @@ class Core:
         self.inflight = inflight
         self.closing = False
         self.started_ns = time.monotonic_ns()
+        # The first channel is filled by the feeder alone: it wakes the feeder once it is
+        # half empty, not at every item taken (one wake-up per item costs CPU the stages need).
         self.channels: list[Channel[Item]] = [
-            Channel(maxsize, drop_oldest=(live and i == 0)) for i in range(len(stages))
+            Channel(maxsize, drop_oldest=(live and i == 0),
+                    refill_at=maxsize // 2 if i == 0 and not live else None)
+            for i in range(len(stages))
         ]
         names: dict[str, int] = {}
         self.stats: list[StageStats] = []

@@ -1,32 +1,55 @@
 """Messages between a pipeline and its own process-stage workers.
 
-Objects are pickled with protocol 5; numpy arrays (any buffer of 4 KiB or more) travel
-out of band through the sender's memfd segment, so only a small pickle crosses the
-socket. Pickle is used only between a parent and the children it spawned on a private
-socket pair, never on a socket anyone else can reach.
+Frame: header ``<BBBxIIQqq`` (kind, segment slot, form, body length, buffer count, index,
+start ns, end ns), then the body, whose layout the form gives:
 
-Frame: header ``<BBQIIqq`` (kind, segment slot, index, pickle length, buffer count, start
-ns, end ns), the pickle, then (offset, length) pairs of the out-of-band buffers in the
-segment. Each side writes into two segments in turn, so that with at most two messages
+- ``PICKLE``: a pickle (protocol 5), then (offset, length) pairs of its out-of-band
+  buffers (any buffer of 4 KiB or more) in the sender's memfd segment.
+- ``INT``: an int64; the payload is an ``int``.
+- ``ARRAY``: a bare C-contiguous numpy array: ndim and dtype-string length (``<BB``),
+  the dtype string, the shape (``<q`` each), then the data itself when it is under
+  4 KiB, else one (offset, length) pair in the segment.
+
+The two short forms save a pickle round trip (several microseconds each way) on the
+commonest payloads: task numbers out, arrays back. Pickle is used only between a parent
+and the children it spawned on a private socket pair, never on a socket anyone else can
+reach.
+
+Each side writes into two segments in turn, so that with at most two messages
 outstanding (the parent sends a worker its next task before the last result is back) a
-message's buffers are never overwritten before the peer has read them.
+message's buffers are never overwritten before the peer has read them. A segment is
+announced by a ``SEGMENT`` message (index: its size) carrying its descriptor with
+``SCM_RIGHTS``. The receiver reads the socket through one buffer, so one system call
+takes in every message already queued.
 """
 
 from __future__ import annotations
 
+import array
+import os
 import pickle
 import socket
 import struct
 from typing import Any
 
+import numpy as np
+
 from .._shm import Segment, align
 
 __all__ = ["MsgSocket", "PeerClosed", "RemoteError"]
 
-HEAD = struct.Struct("<BBQIIqq")
+HEAD = struct.Struct("<BBBxIIQqq")
 BUF = struct.Struct("<QQ")
+I64 = struct.Struct("<q")
+DESC = struct.Struct("<BB")
 SETUP, READY, TASK, OK, ERR, SEGMENT = 1, 2, 3, 4, 5, 6
+PICKLE, INT, ARRAY = 0, 1, 2
 INBAND_LIMIT = 4096
+RECV_SIZE = 1 << 16
+_ANC_SIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: & on the flag enum runs Python code
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
+_CACHE_MAX = 64
 
 
 class RemoteError(Exception):
@@ -37,8 +60,27 @@ class PeerClosed(Exception):
     """The other end closed the socket (or the process died)."""
 
 
+def _describe(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes | None:
+    """The ARRAY descriptor of arrays of this dtype and shape, or None when the dtype
+    does not survive the short form (objects, fields, datetimes)."""
+    if (dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None
+            or dtype.itemsize == 0 or len(shape) > 255):
+        return None
+    code: bytes = dtype.str.encode("ascii")
+    try:
+        if np.dtype(code.decode()) != dtype:
+            return None
+        np.empty(1, dtype).data.cast("B")  # the data must export a buffer
+    except (TypeError, ValueError):
+        return None
+    return DESC.pack(len(shape), len(code)) + code + struct.pack(f"<{len(shape)}q", *shape)
+
+
 class MsgSocket:
-    """One end of a parent/worker socket pair, with its outgoing segment."""
+    """One end of a parent/worker socket pair, with its outgoing segments.
+
+    Not thread-safe: one thread sends and receives (or one sends, one receives).
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -46,9 +88,57 @@ class MsgSocket:
         self._turn = 0
         self._ins: list[Segment | None] = [None, None]
         self._fds: list[int] = []
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0  # unread bytes are _rbuf[_rpos:_rend]
+        self._rend = 0
+        self._descs: dict[tuple[np.dtype[Any], tuple[int, ...]], bytes | None] = {}
+        self._layouts: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
+
+    # --- sending ----------------------------------------------------------------------
 
     def send(self, kind: int, index: int, obj: Any, start_ns: int = 0, end_ns: int = 0) -> None:
-        """Pickle ``obj`` and send it. Raises PeerClosed if the peer is gone."""
+        """Send ``obj`` (pickled unless an int or a plain array). Blocks while the socket
+        is full. Raises PeerClosed if the peer is gone; pickling errors propagate."""
+        tp = type(obj)
+        try:
+            if tp is int and _INT_MIN <= obj <= _INT_MAX:
+                self.sock.sendall(HEAD.pack(kind, 0, INT, 8, 0, index, start_ns, end_ns)
+                                  + I64.pack(obj))
+                return
+            if tp is np.ndarray and obj.flags.c_contiguous:
+                dtype = obj.dtype
+                key = (dtype, obj.shape)
+                try:
+                    desc = self._descs[key]
+                except KeyError:
+                    if len(self._descs) >= _CACHE_MAX:
+                        self._descs.clear()
+                    desc = self._descs[key] = _describe(*key)
+                # Metadata does not change a dtype's hash or equality; the short form drops it.
+                if desc is not None and dtype.metadata is None:
+                    self._send_array(kind, index, obj, desc, start_ns, end_ns)
+                    return
+            self._send_pickle(kind, index, obj, start_ns, end_ns)
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise PeerClosed(str(exc)) from exc
+
+    def _send_array(self, kind: int, index: int, obj: Any, desc: bytes, start_ns: int,
+                    end_ns: int) -> None:
+        n = obj.nbytes
+        if n < INBAND_LIMIT:
+            self.sock.sendall(HEAD.pack(kind, 0, ARRAY, len(desc) + n, 0, index, start_ns,
+                                        end_ns) + desc + obj.tobytes())
+            return
+        slot = self._turn
+        out = self._segment(slot, n)
+        out.buf[0:n] = obj.data.cast("B")
+        self.sock.sendall(HEAD.pack(kind, slot, ARRAY, len(desc) + BUF.size, 1, index,
+                                    start_ns, end_ns) + desc + BUF.pack(0, n))
+        self._turn = slot ^ 1  # only once sent: a failed send must not skip a slot
+
+    def _send_pickle(self, kind: int, index: int, obj: Any, start_ns: int,
+                     end_ns: int) -> None:
         bufs: list[memoryview] = []
 
         def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
@@ -59,78 +149,180 @@ class MsgSocket:
             return False
 
         data = pickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
-        table = b""
         try:
             slot = self._turn
+            table = b""
             if bufs:
-                self._turn ^= 1
-                need = sum(align(b.nbytes) for b in bufs)
-                out = self._outs[slot]
-                if out is None or out.size < need:
-                    if out is not None:
-                        out.close()
-                    out = self._outs[slot] = Segment.create(max(need * 2, 1 << 20),
-                                                            name="conveyor-stage")
-                    socket.send_fds(
-                        self.sock, [HEAD.pack(SEGMENT, slot, out.size, 0, 0, 0, 0)], [out.fd])
-                    out.close_fd()
+                out = self._segment(slot, sum(align(b.nbytes) for b in bufs))
                 pos = 0
                 for b in bufs:
                     out.buf[pos : pos + b.nbytes] = b
                     table += BUF.pack(pos, b.nbytes)
                     pos += align(b.nbytes)
-            self.sock.sendall(HEAD.pack(kind, slot, index, len(data), len(bufs), start_ns,
-                                        end_ns) + data + table)
-        except (BrokenPipeError, ConnectionError) as exc:
-            raise PeerClosed(str(exc)) from exc
+            self.sock.sendall(HEAD.pack(kind, slot, PICKLE, len(data) + len(table), len(bufs),
+                                        index, start_ns, end_ns) + data + table)
+            if bufs:
+                self._turn = slot ^ 1
         finally:
             for b in bufs:
                 b.release()
 
-    def _recv_exact(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, n, 1)
-            except (ConnectionError, OSError) as exc:
-                raise PeerClosed(str(exc)) from exc
-            self._fds.extend(fds)
-            if not data:
-                raise PeerClosed("end of stream")
-            chunks.append(data)
-            n -= len(data)
-        return b"".join(chunks)
+    def _segment(self, slot: int, need: int) -> Segment:
+        """Our outgoing segment ``slot``, replaced (and announced) if under ``need``."""
+        out = self._outs[slot]
+        if out is not None and out.size >= need:
+            return out
+        if out is not None:
+            self._outs[slot] = None
+            out.close()
+        out = Segment.create(max(need * 2, 1 << 20), name="conveyor-stage")
+        try:
+            socket.send_fds(self.sock, [HEAD.pack(SEGMENT, slot, PICKLE, 0, 0, out.size, 0, 0)],
+                            [out.fd])
+        except BaseException:
+            out.close()
+            raise
+        out.close_fd()
+        self._outs[slot] = out
+        return out
+
+    # --- receiving --------------------------------------------------------------------
+
+    def _read(self, view: memoryview) -> int:
+        """One read into ``view``, keeping any descriptors; the byte count (never 0)."""
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([view], _ANC_SIZE)
+        except OSError as exc:
+            raise PeerClosed(str(exc)) from exc
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if flags & _MSG_CTRUNC:
+            raise PeerClosed("descriptors truncated")
+        if not n:
+            raise PeerClosed("end of stream")
+        return n
+
+    def _fill(self, need: int) -> int:
+        """Read until ``need`` (at most RECV_SIZE) bytes are buffered; their offset."""
+        pos, end = self._rpos, self._rend
+        if pos == end:
+            pos = end = 0
+        elif pos + need > RECV_SIZE:
+            end -= pos
+            self._rview[:end] = bytes(self._rview[pos : pos + end])
+            pos = 0
+        self._rpos, self._rend = pos, end
+        while end - pos < need:
+            end += self._read(self._rview[end:])
+            self._rend = end
+        return pos
+
+    def _read_large(self, total: int) -> memoryview:
+        """A whole frame longer than the buffer, in a buffer of its own."""
+        frame = memoryview(bytearray(total))
+        have = self._rend - self._rpos
+        frame[:have] = self._rview[self._rpos : self._rend]
+        self._rpos = self._rend = 0
+        while have < total:
+            have += self._read(frame[have:])
+        return frame
 
     def recv(self) -> tuple[int, int, Any, int, int]:
         """Block for the next message: ``(kind, index, object, start_ns, end_ns)``.
 
-        Raises PeerClosed at end of stream; exceptions from unpickling propagate.
+        Blocks on the socket (under its timeout, if one is set); to cancel, shut the
+        socket down from another thread. Raises PeerClosed at end of stream (a frame cut
+        short included), on a timeout or a malformed frame; exceptions from unpickling
+        propagate.
         """
         while True:
-            kind, slot, index, plen, nbufs, start_ns, end_ns = HEAD.unpack(
-                self._recv_exact(HEAD.size))
+            pos = self._rpos
+            if self._rend - pos < HEAD.size:
+                pos = self._fill(HEAD.size)
+            kind, slot, form, blen, nbufs, index, start_ns, end_ns = HEAD.unpack_from(
+                self._rbuf, pos)
             if slot > 1:
                 raise PeerClosed(f"bad segment slot {slot}")
+            total = HEAD.size + blen
+            if total <= RECV_SIZE:
+                if self._rend - pos < total:
+                    pos = self._fill(total)
+                self._rpos = pos + total
+                frame = self._rview
+            else:
+                frame = self._read_large(total)
+                pos = 0
             if kind != SEGMENT:
-                break
+                obj = self._decode(frame, pos + HEAD.size, form, blen, nbufs, slot)
+                return kind, index, obj, start_ns, end_ns
             if not self._fds:
                 raise PeerClosed("segment message without a descriptor")
             old = self._ins[slot]
+            self._ins[slot] = None
             if old is not None:
                 old.close()
             self._ins[slot] = Segment.attach(self._fds.pop(0), index)
-        body = self._recv_exact(plen + nbufs * BUF.size)
+
+    def _decode(self, frame: memoryview, at: int, form: int, blen: int, nbufs: int,
+                slot: int) -> Any:
+        if form == INT:
+            return I64.unpack_from(frame, at)[0]
+        if form == ARRAY:
+            ndim, dlen = DESC.unpack_from(frame, at)
+            dend = at + DESC.size + dlen + 8 * ndim
+            code = bytes(frame[at:dend])
+            try:
+                dtype, shape, nbytes = self._layouts[code]
+            except KeyError:
+                if len(self._layouts) >= _CACHE_MAX:
+                    self._layouts.clear()
+                dtype = np.dtype(code[DESC.size : DESC.size + dlen].decode("ascii"))
+                shape = struct.unpack_from(f"<{ndim}q", code, DESC.size + dlen)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                self._layouts[code] = dtype, shape, nbytes
+            if nbufs:
+                off, length = BUF.unpack_from(frame, dend)
+                if length != nbytes:
+                    raise PeerClosed("array size does not match its shape")
+                data = self._segment_bytes(slot, off, length)
+            else:
+                if blen - (dend - at) != nbytes:
+                    raise PeerClosed("array size does not match its shape")
+                data = bytearray(frame[dend : dend + nbytes])
+            return np.ndarray(shape, dtype, buffer=data)
+        if form != PICKLE:
+            raise PeerClosed(f"bad frame form {form}")
+        plen = blen - nbufs * BUF.size
+        if plen < 0:
+            raise PeerClosed("bad frame length")
         buffers = []
         for i in range(nbufs):
-            off, length = BUF.unpack_from(body, plen + i * BUF.size)
-            seg = self._ins[slot]
-            assert seg is not None
-            buffers.append(bytearray(seg.buf[off : off + length]))
-        obj = pickle.loads(body[:plen], buffers=buffers)
-        return kind, index, obj, start_ns, end_ns
+            off, length = BUF.unpack_from(frame, at + plen + i * BUF.size)
+            buffers.append(self._segment_bytes(slot, off, length))
+        return pickle.loads(frame[at : at + plen], buffers=buffers)
+
+    def _segment_bytes(self, slot: int, off: int, length: int) -> bytearray:
+        """A copy of bytes the peer put in its segment ``slot`` (it reuses the slot
+        two messages later)."""
+        seg = self._ins[slot]
+        if seg is None or off + length > seg.size:
+            raise PeerClosed("buffer outside the peer's segment")
+        return bytearray(seg.buf[off : off + length])
 
     def close(self) -> None:
+        """Close the socket and unmap the segments."""
         for seg in (*self._outs, *self._ins):
             if seg is not None:
                 seg.close()
+        self._outs = [None, None]
+        self._ins = [None, None]
+        while self._fds:
+            fd = self._fds.pop()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self.sock.close()

@@ -240,6 +240,7 @@ class SimRunner(Runner):
         except (ValueError, RuntimeError) as exc:
             raise InvalidModelError(f"LiteRT could not read {path}: {exc}") from exc
         self._fixed = _reference_outputs(path, data, self.inputs, self.outputs)
+        self._shapes = [s.shape for s in self.inputs]
         self._closed = False
 
     def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
@@ -254,9 +255,7 @@ class SimRunner(Runner):
         """
         if self._closed:
             raise DeviceError(f"model {self.model} on {self._device.spec} is closed")
-        if len(arrays) != len(self.inputs) or any(
-            tuple(a.shape) != s.shape for a, s in zip(arrays, self.inputs)
-        ):
+        if [tuple(a.shape) for a in arrays] != self._shapes:
             raise DeviceError(
                 f"model {self.model} expects inputs "
                 f"{', '.join(s.describe() for s in self.inputs)}; got shapes "
@@ -311,7 +310,11 @@ class SimEdgeTPUDevice(Device):
         self._run_lock = threading.Lock()
         self._overshoot = _sleep_overshoot()
         self._on_chip: str | None = None
-        self._stats = SimStats(0, 0, 0.0, None)
+        # Runs, switches, busy seconds and the last run's timing, replaced as a whole
+        # after each run: timing() reads a consistent snapshot without the lock.
+        self._counts: tuple[int, int, float, SimTiming | None] = (0, 0, 0.0, None)
+        # The timing of a run by (model, model on the chip before): pure arithmetic.
+        self._timings: dict[tuple[str, str | None], tuple[ModelCost, SimTiming]] = {}
         self._lock: DeviceLock | None = acquire_device_lock(
             f"sim-edgetpu-{index}", f"simulated Edge TPU {index} (simulation)"
         )
@@ -368,7 +371,12 @@ class SimEdgeTPUDevice(Device):
         with self._run_lock:
             if self._lock is None:
                 raise DeviceError(f"{self.spec} (simulation) is closed")
-            timing = sim_latency(cost, self.profile, self._on_chip)
+            key = (cost.name, self._on_chip)
+            known = self._timings.get(key)
+            if known is None or known[0] is not cost:
+                known = self._timings[key] = (
+                    cost, sim_latency(cost, self.profile, self._on_chip))
+            timing = known[1]
             deadline = time.monotonic() + timing.latency_s
             # Sleep until the deadline. A sleep wakes late by about the measured overshoot,
             # so ask for that much less; the loop covers a sleep that ended early.
@@ -376,15 +384,14 @@ class SimEdgeTPUDevice(Device):
             while (left := deadline - time.monotonic()) > slack:
                 time.sleep(left - slack)
             self._on_chip = cost.name
-            s = self._stats
-            self._stats = SimStats(
-                s.runs + 1, s.switches + timing.switched, s.busy_s + timing.latency_s, timing
-            )
+            runs, switches, busy_s, _ = self._counts
+            self._counts = (runs + 1, switches + timing.switched, busy_s + timing.latency_s,
+                            timing)
             return timing
 
     def timing(self) -> SimStats:
         """Runs, parameter switches, simulated busy time and the last run's breakdown."""
-        return self._stats
+        return SimStats(*self._counts)
 
     def describe(self) -> dict[str, Any]:
         """The profile and the model's constants; says "simulation" and ``simulated: True``."""

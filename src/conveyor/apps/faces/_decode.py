@@ -7,6 +7,7 @@ the sigmoid of the clipped logit.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,15 @@ def split_outputs(
     return boxes, scores
 
 
+def _logit(p: float) -> float:
+    """The logit whose sigmoid is ``p`` (-inf for 0, inf for 1)."""
+    if p <= 0:
+        return -math.inf
+    if p >= 1:
+        return math.inf
+    return math.log(p / (1 - p))
+
+
 def decode(
     raw_boxes: npt.NDArray[np.float32], raw_scores: npt.NDArray[np.float32], config: DetectorConfig
 ) -> Detections:
@@ -55,12 +65,23 @@ def decode(
     Detections with a negative or NaN width or height are dropped, as MediaPipe does.
     """
     anchors = generate_anchors(config.anchors)
+    # The sigmoid is monotonic: only logits near or above the threshold's logit can pass,
+    # so the exact score is computed for those alone (most anchors score nothing).
+    cut = _logit(config.min_score_thresh) - 1e-4
+    candidates = np.flatnonzero(raw_scores >= cut)
     # float64: exp(100) overflows float32, and an overflow warning is noise here.
     logits = np.clip(
-        raw_scores.astype(np.float64), -config.score_clipping_thresh, config.score_clipping_thresh
+        raw_scores[candidates].astype(np.float64),
+        -config.score_clipping_thresh,
+        config.score_clipping_thresh,
     )
-    scores = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    keep = np.flatnonzero(scores >= config.min_score_thresh)
+    exact = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    passed = exact >= config.min_score_thresh
+    keep = candidates[passed]
+    scores = exact[passed]
+    if not len(keep):
+        k = config.num_keypoints
+        return Detections(np.zeros((0, 4), np.float32), scores, np.zeros((0, k, 2), np.float32))
     raw = raw_boxes[keep]
     anc = anchors[keep]
     scale = np.float32(config.scale)
@@ -78,6 +99,6 @@ def decode(
     valid = np.flatnonzero((w >= 0) & (h >= 0))  # NaN compares false: dropped too
     return Detections(
         boxes[valid].astype(np.float32),
-        scores[keep][valid],
+        scores[valid],
         keypoints[valid].astype(np.float32),
     )

@@ -94,7 +94,10 @@ def postprocess(
     """
     config = get_config(model)
     raw_boxes, raw_scores = split_outputs(outputs, config)
-    dets = weighted_nms(decode(raw_boxes, raw_scores, config), config.min_suppression_threshold)
+    found = decode(raw_boxes, raw_scores, config)
+    if not len(found):
+        return []  # the common frame: nothing scores
+    dets = weighted_nms(found, config.min_suppression_threshold)
     box = meta.letterbox
     corners = box.to_image(dets.boxes.reshape(-1, 2, 2)).reshape(-1, 4)
     keypoints = box.to_image(dets.keypoints)
