@@ -57,3 +57,8 @@ def slow(x: int) -> int:
 
 def max_score(outputs: list[np.ndarray]) -> float:
     return float(outputs[1].max())
+
+
+def sched_policy(x: int) -> int:
+    """The scheduling policy of the worker that runs the item (os.SCHED_*)."""
+    return os.sched_getscheduler(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -207,3 +208,23 @@ def test_lambda_in_process_stage_is_refused_clearly() -> None:
 def test_missing_model_fails_at_start_with_typed_error(no_leaks: None) -> None:
     with pytest.raises(conveyor.ModelNotFoundError, match="no_such_model"):
         conveyor.Pipeline(conveyor.infer("no_such_model")).start()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this platform")
+def test_background_process_stage_runs_at_idle_priority(no_leaks: None) -> None:
+    normal = os.sched_getscheduler(0)
+    with conveyor.Pipeline(
+        conveyor.stage(sf.sched_policy, workers=2, kind="process", background=True),
+    ) as pipe:
+        assert set(pipe.map(range(6))) == {os.SCHED_IDLE}
+    # Only the background stage: the next process stage's workers keep the normal policy.
+    with conveyor.Pipeline(
+        conveyor.stage(sf.sched_policy, kind="process", background=True),
+        conveyor.stage(sf.sched_policy, kind="process"),
+    ) as pipe:
+        assert set(pipe.map(range(3))) == {normal}
+
+
+def test_background_needs_a_process_stage() -> None:
+    with pytest.raises(ValueError, match="kind='process'"):
+        conveyor.stage(sf.sched_policy, background=True)

@@ -26,6 +26,7 @@ def stage(
     workers: int = 1,
     kind: Literal["thread", "process"] = "thread",
     name: str | None = None,
+    background: bool = False,
 ) -> StageDef:
     """A CPU stage: ``fn`` applied to every item by ``workers`` threads or processes.
 
@@ -34,15 +35,27 @@ def stage(
     (defined at the top level of an importable module); numpy arrays in its argument and
     result travel through shared memory. A script that uses process stages must guard its
     entry point with ``if __name__ == "__main__":``, as with multiprocessing.
+
+    ``background=True`` (process stages only) runs the workers at the lowest CPU priority
+    (Linux ``SCHED_IDLE``): the device worker and the pipeline's own threads take a core
+    from them the moment they wake, so the device never waits for a core behind the CPU
+    work feeding it. On a 2-core machine with both cores busy preparing, that wait was
+    about 0.2 ms per device run (see BENCHMARKS.md). The workers then get only the CPU
+    that no other program wants: leave it off when other CPU-bound programs share the
+    machine. Where the OS has no such policy it has no effect. Thread stages cannot have
+    it: a thread at idle priority holding the GIL would stall every other thread.
     """
     if kind not in ("thread", "process"):
         raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
+    if background and kind != "process":
+        raise ValueError("background=True needs kind='process' (a thread at idle priority "
+                         "would hold the GIL while the others wait)")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not callable(fn):
         raise TypeError(f"stage() needs a callable, got {fn!r}")
     label = name or getattr(fn, "__name__", None) or type(fn).__name__
-    return StageDef(kind=kind, name=label, workers=workers, fn=fn)
+    return StageDef(kind=kind, name=label, workers=workers, fn=fn, background=background)
 
 
 def infer(

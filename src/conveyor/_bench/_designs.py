@@ -60,6 +60,8 @@ class Setup:
             processes report are cut to it, as :class:`DeviceClock` does here (what a
             process reports also counts its own late wake-up after the run).
         exclude: processes (with their children) whose CPU time is not the design's.
+        background: conveyor's preparing processes run at idle priority
+            (``stage(..., background=True)``).
     """
 
     device: str
@@ -71,6 +73,7 @@ class Setup:
     trace: Path | None = None
     run_ns: int | None = None
     exclude: tuple[int, ...] = ()
+    background: bool = True
 
     def cap(self, spans: list[Span]) -> list[Span]:
         """``spans`` cut to :attr:`run_ns` where it is known."""
@@ -427,7 +430,8 @@ def conveyor_design(
             trace = Path(tmp) / "trace.json"
         before = time.monotonic_ns()
         pipe = Pipeline(
-            stage(partial(prepare_in_worker, work), workers=n, kind="process", name="preprocess"),
+            stage(partial(prepare_in_worker, work), workers=n, kind="process", name="preprocess",
+                  background=setup.background),
             infer(work.model, device=setup.device),
             maxsize=maxsize,
             inflight=inflight,
@@ -458,7 +462,8 @@ def conveyor_design(
                 start,
                 cpu0,
                 Timeline(),
-                f"{n} pre-processing processes + device worker process, finish in the caller",
+                f"{n} pre-processing processes{' (background)' if setup.background else ''}"
+                " + device worker process, finish in the caller",
             )
         result.timeline = _read_trace(trace, t0)
     device = result.timeline.track("device")

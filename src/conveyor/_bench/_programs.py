@@ -276,13 +276,16 @@ def two_programs(setup: Setup, alone_s: float | None = None) -> Result:
         alone = chunks_per_s(hog.last_words(), started + 100_000_000, stop)
     with ExitStack() as stack:
         hog, _ = _hog_rate(stack)
-        mine = dataclasses.replace(setup, exclude=(*setup.exclude, hog.pid))
+        # Normal priority: at idle priority the preparing processes would leave every
+        # core to the other program.
+        mine = dataclasses.replace(setup, exclude=(*setup.exclude, hog.pid), background=False)
         result = conveyor_design(mine, name="two_programs")
         ends: list[int] = hog.last_words()
     during = chunks_per_s(ends, result.start_ns, result.end_ns)
     result.extra["other_program_speed"] = during / alone if alone > 0 else 0.0
     result.notes = (
-        "conveyor as above, beside a separate pure-Python CPU-bound program; "
+        "conveyor as above (preparing at normal priority), beside a separate pure-Python "
+        "CPU-bound program; "
         "other_program_speed: its speed then / alone"
     )
     return result

@@ -65,6 +65,7 @@ class Options:
     python_ms: float = 1.0
     workers: int = 0  # 0: the usable cores
     nice: int = 0
+    background: bool = True
     trace: Path | None = None
     warmup: int = 16
 
@@ -112,6 +113,7 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         warmup=opts.warmup,
         progress=bar.update,
         trace=opts.trace,
+        background=opts.background,
     )
     machine = machine_facts()
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(), time.monotonic()
@@ -135,6 +137,7 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         "prepare_python_loops": loops,
         "cpu_workers": workers,
         "nice": opts.nice,
+        "background": opts.background,
         "wall_s": round(wall, 1),
         "device_run_ms": None if setup.run_ns is None else round(setup.run_ns / 1e6, 4),
     }

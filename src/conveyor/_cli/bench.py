@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="lower the priority of CPU-only workers by N in every design (default: 0)",
     )
+    parser.add_argument(
+        "--no-background",
+        action="store_true",
+        help="run conveyor's preparing processes at normal priority (default: idle "
+        "priority, stage(..., background=True), so the device worker never waits for a "
+        "core behind them)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     parser.add_argument(
         "--trace",
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         python_ms=args.python_ms,
         workers=args.workers,
         nice=args.nice,
+        background=not args.no_background,
         trace=args.trace,
     )
     try:

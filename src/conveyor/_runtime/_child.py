@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing.spawn
+import os
 import pickle
 import socket
 import sys
@@ -34,6 +35,21 @@ def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
     return blob, type(exc).__qualname__, str(exc), tb
 
 
+def run_in_background() -> bool:
+    """Put the calling thread under the idle scheduling policy (Linux ``SCHED_IDLE``): any
+    thread of normal policy that wakes up takes its core at once. Lowering one's own policy
+    needs no privilege. False where the platform has no such policy or refuses it.
+    """
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor-stage-worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -46,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind != SETUP:
             return 2
         multiprocessing.spawn.prepare(setup["prep"])
+        if setup.get("background"):
+            run_in_background()
         fn = pickle.loads(setup["fn"])
         link.send(READY, 0, None)
     except PeerClosed:

@@ -44,6 +44,7 @@ class StageDef:
     name: str
     workers: int
     fn: Callable[[Any], Any] | None = None
+    background: bool = False
     model: str = ""
     device: str = "cpu"
     server: str | None = None
@@ -232,7 +233,7 @@ class Core:
             raise
 
     def _spawn_proc(self, si: int, w: int, blob: bytes, name: str) -> None:
-        self.procs[si][w] = ProcWorker(blob, name)
+        self.procs[si][w] = ProcWorker(blob, name, background=self.defs[si].background)
 
     def _open_link(self, si: int, d: StageDef) -> None:
         self.links[si] = _DeviceLink(d, self.inflight)
@@ -379,7 +380,7 @@ class Core:
         if self.closing:
             return
         try:
-            new = ProcWorker(pickle_function(d.fn, d.name), d.name)
+            new = ProcWorker(pickle_function(d.fn, d.name), d.name, background=d.background)
         except WorkerStartError:
             log.exception("could not replace a worker of stage %r", d.name)
             return

@@ -51,7 +51,9 @@ class ProcWorker:
     and WorkerStartError raised.
     """
 
-    def __init__(self, fn_blob: bytes, stage: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, fn_blob: bytes, stage: str, timeout: float = 60.0, *, background: bool = False
+    ) -> None:
         self.stage = stage
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -68,7 +70,7 @@ class ProcWorker:
             prep = multiprocessing.spawn.get_preparation_data(f"conveyor-{stage}")
             prep.pop("authkey", None)
             parent.settimeout(timeout)
-            self.link.send(SETUP, 0, {"prep": prep, "fn": fn_blob})
+            self.link.send(SETUP, 0, {"prep": prep, "fn": fn_blob, "background": background})
             kind, _, payload, _, _ = self.link.recv()
             if kind == ERR:
                 exc, tb = rebuild_error(payload)
