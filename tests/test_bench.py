@@ -67,6 +67,9 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
     )
     check_shape(data, "sim-edgetpu", 40)
     assert data["machine"]["bench"]["device_run_ms"] > 0  # the simulation's own busy time
+    assert data["machine"]["bench"]["background"] is True
+    assert "(background)" in data["scenarios"]["conveyor"]["design"]
+    assert "(background)" not in data["scenarios"]["two_programs"]["design"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = json.loads(trace.read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
