@@ -127,7 +127,9 @@ def test_measured_latency_matches_the_model_within_20_percent(model: str) -> Non
         runner.run(arrays)  # the first run loads the parameters
         expected = device.expected_latency(model, model).latency_s
         measured = _best_run(runner, arrays, 5)
-        assert expected <= measured <= 1.2 * expected, (model, expected, measured)
+        # The sim asks each sleep to end early by the machine's usual wake-up lateness; a
+        # wake-up that comes on time ends a run up to that much (~0.1 ms) early.
+        assert 0.98 * expected <= measured <= 1.2 * expected, (model, expected, measured)
         assert device.timing().last.latency_s == pytest.approx(expected)  # type: ignore[union-attr]
     finally:
         device.close()
