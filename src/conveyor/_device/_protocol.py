@@ -50,6 +50,9 @@ from typing import Any
 
 from .._errors import ProtocolError, ServerGone
 
+#: The six fixed fields after the header of an INFER or a RESULT message.
+Fields6 = tuple[int, int, int, int, int, int]
+
 __all__ = [
     "HEADER",
     "INFER",
@@ -285,24 +288,29 @@ class FrameReader:
             fd = self._fds.pop(0)
         return Frame(kind, req_id, body, fd)
 
-    def next_infer(self) -> tuple[int, int, int, int, int, int] | None:
+    def _next_fixed(self, msg: struct.Struct, mtype: int, size: int) -> Fields6 | None:
+        """The fields after the header of the next message if it is a well-formed
+        ``mtype`` with a body of exactly ``size`` bytes (consumed); else None, leaving the
+        buffer as it was."""
+        lo = self._lo
+        if self._hi - lo < msg.size or self._buf[lo + 5] != mtype:
+            return None
+        magic, version, _t, _f, length, a, b, c, d, e, f = msg.unpack_from(self._buf, lo)
+        if magic != MAGIC or version != PROTOCOL_VERSION or length != size:
+            return None
+        self._lo = lo + msg.size
+        return a, b, c, d, e, f
+
+    def next_infer(self) -> Fields6 | None:
         """If the next complete message is a well-formed INFER, consume it and return
         ``(req_id, model, segment, offset, deadline_ns, priority)``; else None (leaving the
         buffer as it was: :meth:`next_frame` then reads, or rejects, the message).
 
         The request path's shortcut: one unpack, no Frame, no copy.
         """
-        lo = self._lo
-        if self._hi - lo < INFER_MSG.size or self._buf[lo + 5] != _INFER_TYPE:
-            return None
-        magic, version, _t, _f, length, req_id, model, seg, offset, deadline, prio = (
-            INFER_MSG.unpack_from(self._buf, lo))
-        if magic != MAGIC or version != PROTOCOL_VERSION or length != INFER.size:
-            return None
-        self._lo = lo + INFER_MSG.size
-        return req_id, model, seg, offset, deadline, prio
+        return self._next_fixed(INFER_MSG, _INFER_TYPE, INFER.size)
 
-    def next_result(self) -> tuple[int, int, int, int, int, int] | None:
+    def next_result(self) -> Fields6 | None:
         """If the next complete message is a RESULT without error text (every successful
         reply), consume it and return ``(req_id, status, device, queue_ns, compute_ns,
         start_ns)``; else None, leaving the buffer as it was (:meth:`next_frame` then
@@ -310,15 +318,7 @@ class FrameReader:
 
         The reply path's shortcut: one unpack, no Frame, no copy.
         """
-        lo = self._lo
-        if self._hi - lo < RESULT_MSG.size or self._buf[lo + 5] != _RESULT_TYPE:
-            return None
-        magic, version, _t, _f, length, req_id, status, device, queue, compute, start = (
-            RESULT_MSG.unpack_from(self._buf, lo))
-        if magic != MAGIC or version != PROTOCOL_VERSION or length != RESULT.size:
-            return None
-        self._lo = lo + RESULT_MSG.size
-        return req_id, status, device, queue, compute, start
+        return self._next_fixed(RESULT_MSG, _RESULT_TYPE, RESULT.size)
 
     def read_frame(self) -> Frame:
         """Block until one whole frame has arrived (blocking socket, or one with a timeout).
