@@ -8,6 +8,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,19 +110,25 @@ def test_full_queue_answers_busy_at_once(sdir: Path) -> None:
     assert st["clients"][0]["busy"] == 4
 
 
-def test_model_grouping_counts_switches(sdir: Path) -> None:
+def _alternate_models(sdir: Path, group_limit: int, n: int) -> tuple[FakeDevice, dict[str, Any]]:
+    """Queue ``n`` requests alternating between models a and b behind a held first one,
+    then let them run; the device and the server's status afterwards."""
     gate = threading.Event()
     dev = FakeDevice(gate=gate)
-    with ThreadServer(sdir / "s", [dev], ["a", "b"], group_limit=8) as srv, \
+    with ThreadServer(sdir / "s", [dev], ["a", "b"], group_limit=group_limit) as srv, \
             DeviceClient(path=srv.path) as c:
         futs = [c.submit("a", x(0))]
         assert dev.started.wait(10)
-        futs += [c.submit("b" if i % 2 else "a", x(i)) for i in range(1, 21)]
+        futs += [c.submit("b" if i % 2 else "a", x(i)) for i in range(1, n + 1)]
         c.status()
         gate.set()
         for f in futs:
             f.result(10)
-        st = c.status()
+        return dev, c.status()
+
+
+def test_model_grouping_counts_switches(sdir: Path) -> None:
+    dev, st = _alternate_models(sdir, group_limit=8, n=20)
     models = [m for m, _, _ in dev.runs]
     changes = sum(1 for p, q in itertools.pairwise(models) if p != q)
     assert st["devices"][0]["model_switches"] == changes
@@ -129,18 +136,8 @@ def test_model_grouping_counts_switches(sdir: Path) -> None:
 
 
 def test_grouping_off_switches_every_time(sdir: Path) -> None:
-    gate = threading.Event()
-    dev = FakeDevice(gate=gate)
-    with ThreadServer(sdir / "s", [dev], ["a", "b"], group_limit=0) as srv, \
-            DeviceClient(path=srv.path) as c:
-        futs = [c.submit("a", x(0))]
-        assert dev.started.wait(10)
-        futs += [c.submit("b" if i % 2 else "a", x(i)) for i in range(1, 11)]
-        c.status()
-        gate.set()
-        for f in futs:
-            f.result(10)
-        assert c.status()["devices"][0]["model_switches"] == 10
+    _, st = _alternate_models(sdir, group_limit=0, n=10)
+    assert st["devices"][0]["model_switches"] == 10
 
 
 def test_requests_go_to_a_device_that_has_the_model(sdir: Path) -> None:

@@ -70,6 +70,13 @@ class _Failed(Exception):
         self.tb = tb
 
 
+def _cancel_all(pending: Any) -> None:
+    """Cancel the items of a process worker's (item, start) queue and empty it."""
+    for it, _ in pending:
+        it.run.deliver(it.index, CANCEL)
+    pending.clear()
+
+
 class _DeviceLink:
     """The inference stage's way to a device: a private device worker, or a server."""
 
@@ -417,12 +424,17 @@ class Core:
             item = inq.get() if block else inq.try_get()
             if item is None:
                 return None
-            if item.run.cancelled:
-                item.run.deliver(item.index, CANCEL)
-                continue
-            with self.stats[si].lock:
-                self.stats[si].items_in += 1
-            return item
+            if self._count_in(si, item):
+                return item
+
+    def _count_in(self, si: int, item: Item) -> bool:
+        """Count ``item`` into stage ``si``; False (and cancelled) if its run has gone."""
+        if item.run.cancelled:
+            item.run.deliver(item.index, CANCEL)
+            return False
+        with self.stats[si].lock:
+            self.stats[si].items_in += 1
+        return True
 
     def _infer_loop(self, si: int) -> None:
         """One thread per inference stage: take items and submit them, keeping up to
@@ -434,11 +446,18 @@ class Core:
             except Aborted:
                 return
             assert item is not None
-            if not self._take_credit(si):
-                item.run.deliver(item.index, CANCEL)
+            if not self._enter_infer(si, item):
                 return
-            self._infer_submit(si, item, time.monotonic_ns(), 0)
             del item
+
+    def _enter_infer(self, si: int, item: Item) -> bool:
+        """Wait for the stage's device credit and submit ``item``; False (and the item
+        cancelled) when the pipeline closes meanwhile."""
+        if not self._take_credit(si):
+            item.run.deliver(item.index, CANCEL)
+            return False
+        self._infer_submit(si, item, time.monotonic_ns(), 0)
+        return True
 
     def _infer_submit(self, si: int, item: Item, start: int, attempt: int) -> None:
         d = self.defs[si]
@@ -513,8 +532,7 @@ class Core:
                 ok, value, tb, t0, t1 = pw.receive(item.index)
             except WorkerDiedError as exc:
                 if self.closing:
-                    for it, _ in pending:
-                        it.run.deliver(it.index, CANCEL)
+                    _cancel_all(pending)
                     return
                 pending.popleft()
                 with st.lock:
@@ -551,16 +569,12 @@ class Core:
             try:
                 item = self._take(si, block=block and not pending)
             except Aborted:
-                for it, _ in pending:
-                    it.run.deliver(it.index, CANCEL)
-                pending.clear()
+                _cancel_all(pending)
                 return False
             if item is None:
                 return True
             if not self._proc_send(si, w, item, pending):
-                for it, _ in pending:
-                    it.run.deliver(it.index, CANCEL)
-                pending.clear()
+                _cancel_all(pending)
                 return False
         return True
 
@@ -606,15 +620,8 @@ class Core:
             run.deliver(item.index, OK, item.value)
             return
         if self.defs[si].kind == "infer":
-            if run.cancelled:
-                run.deliver(item.index, CANCEL)
-                return
-            with self.stats[si].lock:
-                self.stats[si].items_in += 1
-            if not self._take_credit(si):
-                run.deliver(item.index, CANCEL)
-                return
-            self._infer_submit(si, item, time.monotonic_ns(), 0)
+            if self._count_in(si, item):
+                self._enter_infer(si, item)
             return
         try:
             self.channels[si].put(item, cancelled=lambda: run.cancelled)
