@@ -37,6 +37,7 @@ from conveyor._bench._designs import (
 from conveyor._bench._measure import cpu_seconds, machine_busy_seconds, machine_facts
 from conveyor._bench._suite import detector_name
 from conveyor._bench._workload import Workload, calibrate_python_loops, prepare
+from conveyor._runtime._sched import realtime_thread
 
 RATIO_TARGET = 1.5
 DUTY_TARGET = 0.95
@@ -54,10 +55,12 @@ def prepare_ms(work: Workload, probe: int = 200) -> float:
     return sorted(times)[probe // 2] * 1e3
 
 
-def one(device: str, detector: str, python_ms: float, items: int, workers: int) -> dict[str, Any]:
+def one(
+    device: str, detector: str, python_ms: float, items: int, workers: int, realtime: int
+) -> dict[str, Any]:
     """Both designs for one amount of Python work; a JSON-ready dict."""
     work = Workload(detector, calibrate_python_loops(python_ms), python_ms)
-    setup = Setup(device, work, items, workers)
+    setup = Setup(device, work, items, workers, realtime=realtime)
     alone = device_alone(setup)
     cost = prepare_ms(work)
     tq = threads_queues(setup)
@@ -92,13 +95,20 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=1500)
     parser.add_argument("--python-ms", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     parser.add_argument("--workers", type=int, default=0, help="default: the usable cores")
+    parser.add_argument("--no-realtime", action="store_true",
+                        help="device threads at normal priority in both designs (default: "
+                        "SCHED_FIFO 1 where the OS allows it, as conveyor bench does)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     workers = args.workers or usable_cores()
     detector = detector_name(args.model)
     machine = machine_facts()
+    realtime = 0 if args.no_realtime else 1
+    with realtime_thread(realtime) as scheduling:
+        machine["device_threads"] = scheduling
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(), time.monotonic()
-    rows = [one(args.device, detector, ms, args.items, workers) for ms in args.python_ms]
+    rows = [one(args.device, detector, ms, args.items, workers, realtime)
+            for ms in args.python_ms]
     other = (machine_busy_seconds() - busy0) - (cpu_seconds() - mine0)
     machine["other_load_cores"] = round(max(other, 0.0) / (time.monotonic() - t0), 3)
     if args.json:
@@ -115,7 +125,8 @@ def main() -> int:
         f"{args.device}, face detector {detector!r}, {workers} CPU workers, "
         f"{args.items} items per design; {machine['cpus_usable']} cores "
         f"({machine['cpu_model']}), Python {machine['python']}, LiteRT {machine['litert']}; "
-        f"other programs used {machine['other_load_cores']} cores meanwhile"
+        f"other programs used {machine['other_load_cores']} cores meanwhile; "
+        f"device threads {machine['device_threads']}"
     )
     head = (
         "python ms",

@@ -89,14 +89,20 @@ def serve(device: str, model: str, *extra: str) -> Iterator[Path]:
         tmp.rmdir()
 
 
+def _rt(realtime: int) -> list[str]:
+    return ["--realtime", str(realtime)] if realtime else []
+
+
 def _pct(values: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) / 1e3
 
 
-def _floor_child(sock: socket.socket, device: str, model: str, seg: Any) -> None:
+def _floor_child(sock: socket.socket, device: str, model: str, seg: Any, realtime: int) -> None:
     """The hand-written floor: one thread, blocking receive, run on the shared tensors."""
+    from conveyor._runtime._sched import set_realtime
     from conveyor.backends import open_device
 
+    set_realtime(realtime)
     runner = open_device(device).load(model)
     ins = [seg.array(0, s.shape, s.dtype) for s in runner.inputs]
     outs = [seg.array((1 << 20) + 8192 * i, s.shape, s.dtype)
@@ -107,10 +113,12 @@ def _floor_child(sock: socket.socket, device: str, model: str, seg: Any) -> None
         sock.send(b"r" * 48)
 
 
-def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
+def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> dict[str, Any]:
     """Alternating blocks of direct runs, the hand-written floor, and conveyor round trips;
-    times in microseconds."""
+    times in microseconds. ``realtime``: the SCHED_FIFO priority of the thread that runs
+    the model in each (this one for direct runs, the floor's, the server's device thread)."""
     from conveyor import connect
+    from conveyor._runtime._sched import realtime_thread
     from conveyor._shm import Segment
     from conveyor.backends import open_device
 
@@ -121,7 +129,7 @@ def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
     if pid == 0:
         mine.close()
         try:
-            _floor_child(theirs, device, model, seg)
+            _floor_child(theirs, device, model, seg, realtime)
         finally:
             os._exit(0)
     theirs.close()
@@ -143,14 +151,18 @@ def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
     floor: list[int] = []
     server: list[int] = []
     try:
-        with serve(device, model) as path, connect(path) as client:
+        with serve(device, model, *_rt(realtime)) as path, connect(path) as client:
             for _ in range(50):  # warm all three up
                 runner.run([img])
                 floor_trip()
                 client.infer(model, img)
             for _ in range(rounds):
-                for fn, out in ((lambda: runner.run([img]), direct), (floor_trip, floor),
-                                (lambda: client.infer(model, img), server)):
+                with realtime_thread(realtime):
+                    for _ in range(block):
+                        t0 = time.perf_counter_ns()
+                        runner.run([img])
+                        direct.append(time.perf_counter_ns() - t0)
+                for fn, out in ((floor_trip, floor), (lambda: client.infer(model, img), server)):
                     for _ in range(block):
                         t0 = time.perf_counter_ns()
                         fn()
@@ -170,9 +182,11 @@ def latency(device: str, model: str, rounds: int, block: int) -> dict[str, Any]:
     }
 
 
-def throughput(device: str, model: str, seconds: float, depth: int) -> dict[str, Any]:
+def throughput(device: str, model: str, seconds: float, depth: int, realtime: int
+               ) -> dict[str, Any]:
     """Items/s of direct back-to-back runs and of one pipelined client, alternating."""
     from conveyor import connect
+    from conveyor._runtime._sched import realtime_thread
     from conveyor.backends import open_device
 
     runner = open_device(device).load(model)
@@ -180,12 +194,13 @@ def throughput(device: str, model: str, seconds: float, depth: int) -> dict[str,
 
     def run_direct(t: float) -> float:
         n, end = 0, time.perf_counter() + t
-        while time.perf_counter() < end:
-            runner.run([img])
-            n += 1
+        with realtime_thread(realtime):
+            while time.perf_counter() < end:
+                runner.run([img])
+                n += 1
         return n / t
 
-    with serve(device, model) as path, connect(path) as client:
+    with serve(device, model, *_rt(realtime)) as path, connect(path) as client:
 
         def run_client(t: float) -> float:
             futs = [client.submit(model, img) for _ in range(depth)]
@@ -276,9 +291,10 @@ def _clients(path: Path, model: str, n: int, seconds: float, depth: int
     return rates, {k: after[k] - v for k, v in before.items()}
 
 
-def shared(device: str, model: str, seconds: float, depth: int) -> dict[str, Any]:
+def shared(device: str, model: str, seconds: float, depth: int, realtime: int
+           ) -> dict[str, Any]:
     """One client alone, then four at once, on one simulated device."""
-    with serve(device, model) as path:
+    with serve(device, model, *_rt(realtime)) as path:
         (one,), _ = _clients(path, model, 1, seconds, depth)
         rates, device_s = _clients(path, model, 4, seconds, depth)
     total = sum(rates)
@@ -304,15 +320,26 @@ def main() -> int:
                         help="CPU device specs for the latency and throughput parts "
                         "(default: cpu, all threads; cpu:1, one thread, leaving a core free "
                         "as an accelerator would)")
+    parser.add_argument("--no-realtime", action="store_true",
+                        help="every thread that runs the model at normal priority (default: "
+                        "SCHED_FIFO 1 where the OS allows it, for the server's device thread, "
+                        "the floor's and the direct runs alike)")
     args = parser.parse_args()
     scale = 0.3 if args.quick else 1.0
+    from conveyor._runtime._sched import realtime_thread
+
+    realtime = 0 if args.no_realtime else 1
+    with realtime_thread(realtime) as scheduling:
+        pass
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "device_threads": scheduling},
     }
+    print(f"threads that run the model: {scheduling}")
     results["latency"], results["throughput"] = [], []
     for device in args.devices:
-        lat = latency(device, "face_landmark", rounds=max(2, int(10 * scale)), block=200)
+        lat = latency(device, "face_landmark", rounds=max(2, int(10 * scale)), block=200,
+                      realtime=realtime)
         results["latency"].append(lat)
         met = "met" if lat["added_p50_us"] <= LATENCY_TARGET_US else "MISSED"
         print(f"latency  face_landmark {lat['input']} float32 on {device}, "
@@ -325,13 +352,15 @@ def main() -> int:
               f"running the same model adds {lat['floor_added_p50_us']:.1f} us at p50")
         print(f"  added at p50        {lat['added_p50_us']:8.1f} us  (target <= "
               f"{LATENCY_TARGET_US:g} us: {met})")
-        thr = throughput(device, "face_landmark", seconds=6 * scale, depth=args.depth)
+        thr = throughput(device, "face_landmark", seconds=6 * scale, depth=args.depth,
+                         realtime=realtime)
         results["throughput"].append(thr)
         met = "met" if thr["ratio"] >= THROUGHPUT_TARGET else "MISSED"
         print(f"throughput  on {device}, one client with {args.depth} in flight:")
         print(f"  direct {thr['direct_per_s']:.1f}/s, via server {thr['server_per_s']:.1f}/s, "
               f"ratio {thr['ratio']:.3f}x  (target >= {THROUGHPUT_TARGET}: {met})")
-    sh = shared("sim-edgetpu", "face_landmark", seconds=4 * scale, depth=args.depth)
+    sh = shared("sim-edgetpu", "face_landmark", seconds=4 * scale, depth=args.depth,
+                realtime=realtime)
     results["shared"] = sh
     print(f"shared device  {sh['device']} (simulated) {sh['model']}, {args.depth} in flight each:")
     print(f"  one client {sh['one_client_per_s']:.1f}/s, four clients "

@@ -13,6 +13,7 @@ import conveyor.cli
 from conveyor._bench._measure import Result, Timeline, busy_within, percentiles_ms
 from conveyor._bench._plot import _gaps
 from conveyor._bench._report import as_json, table
+from conveyor._runtime._sched import realtime_thread
 
 SCENARIOS = [
     "sequential",
@@ -70,6 +71,10 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
     assert data["machine"]["bench"]["background"] is True
     assert "(background)" in data["scenarios"]["conveyor"]["design"]
     assert "(background)" not in data["scenarios"]["two_programs"]["design"]
+    # Device threads at SCHED_FIFO 1 where this machine allows it, and the JSON says which.
+    with realtime_thread(1) as here:
+        pass
+    assert data["machine"]["bench"]["realtime"] == here
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = json.loads(trace.read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
@@ -79,8 +84,9 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
 
 @pytest.mark.slow
 def test_cpu(capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
-    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0")
+    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0", "--no-realtime")
     check_shape(data, "cpu", 24)
+    assert data["machine"]["bench"]["realtime"] == "normal"
     # On the CPU the device's own account is the time around each call.
     for s in data["scenarios"].values():
         assert s["duty_cycle"] == pytest.approx(s["duty_cycle_calls"], abs=1e-3)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ._errors import PipelineClosedError, StageError
 from ._runtime._core import Core, StageDef
 from ._runtime._run import CANCEL, DROP, ERR, OK, Run
+from ._runtime._sched import check_realtime
 from ._runtime._stats import Tracer
 
 __all__ = ["Pipeline", "infer", "stage"]
@@ -68,6 +69,7 @@ def infer(
     dequantize: bool = False,
     with_context: bool = False,
     name: str | None = None,
+    realtime: bool | int = False,
 ) -> StageDef:
     """The inference stage: run ``model`` (bundled name or path) on a device.
 
@@ -82,6 +84,18 @@ def infer(
     what post-processing needs to know about the frame). ``dequantize=True`` turns
     quantised outputs into float32. ``deadline`` (s)
     and ``priority`` apply to every request (see :meth:`DeviceClient.submit`).
+
+    ``realtime=True`` (or a priority, 1-99) runs the device worker's device thread under
+    Linux ``SCHED_FIFO``: it takes a core the moment its run ends, instead of waiting for
+    the Python work on the other cores to yield one. On a 2-core machine this raised the
+    simulated Edge TPU's duty cycle from about 0.89 to 0.95 (BENCHMARKS.md). It needs
+    CAP_SYS_NICE or an ``RLIMIT_RTPRIO`` (``ulimit -r``) of at least the priority; without,
+    the worker runs at normal priority, logs a warning, and ``stats()["device"]
+    ["scheduling"]`` says why (it is ``"fifo:N"`` when in force). For a server
+    (``server=``), start the server with ``conveyor serve --realtime`` instead.
+
+    Raises:
+        ValueError: ``realtime`` out of range, or given with ``server``.
     """
     spec = str(device)
     if spec.startswith("server:"):
@@ -90,12 +104,16 @@ def infer(
             from ._device._client import default_socket_path
 
             server = default_socket_path()
+    level = check_realtime(realtime)
+    if level and server is not None:
+        raise ValueError("realtime= applies to a pipeline's own device worker; a server's "
+                         "device threads get it from `conveyor serve --realtime`")
     return StageDef(
         kind="infer", name=name or os.path.basename(str(model)).removesuffix(".tflite"),
         workers=1, model=str(model), device=spec,
         server=None if server is None else str(server),
         deadline=deadline, priority=priority, dequantize=dequantize,
-        with_context=with_context,
+        with_context=with_context, realtime=level,
     )
 
 

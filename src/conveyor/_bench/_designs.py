@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .._runtime._sched import realtime_thread, set_realtime
 from ..backends import open_device
 from ._measure import DeviceClock, Result, Span, Timeline, cpu_seconds
 from ._workload import Workload, finish, lower_priority, prepare, prepare_in_worker
@@ -62,6 +63,9 @@ class Setup:
         exclude: processes (with their children) whose CPU time is not the design's.
         background: conveyor's preparing processes run at idle priority
             (``stage(..., background=True)``).
+        realtime: the SCHED_FIFO priority of every design's device thread (0: none); see
+            :func:`conveyor._runtime._sched.set_realtime`. ``sequential`` has no device
+            thread of its own and runs at normal priority.
     """
 
     device: str
@@ -74,6 +78,7 @@ class Setup:
     run_ns: int | None = None
     exclude: tuple[int, ...] = ()
     background: bool = True
+    realtime: int = 0
 
     def cap(self, spans: list[Span]) -> list[Span]:
         """``spans`` cut to :attr:`run_ns` where it is known."""
@@ -152,7 +157,7 @@ def device_alone(setup: Setup, runs: int | None = None) -> Result:
     """
     timeline = Timeline()
     runs = runs or max(100, setup.items // 4)
-    with _Device(setup, timeline) as clock:
+    with realtime_thread(setup.realtime), _Device(setup, timeline) as clock:
         tensor = prepare(setup.work, 0)
         for _ in range(5):
             clock.run(tensor)
@@ -233,7 +238,8 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
             done.done(i)
 
     async def main(clock: DeviceClock) -> None:
-        with ThreadPoolExecutor(1, thread_name_prefix="device") as executor:
+        with ThreadPoolExecutor(1, thread_name_prefix="device", initializer=set_realtime,
+                                initargs=(setup.realtime,)) as executor:
             source = iter(range(setup.items))
             await asyncio.gather(*(worker(source, clock, executor) for _ in range(depth)))
 
@@ -301,6 +307,7 @@ class _Handoff:
             self.inq.put(_END)
 
     def _device(self) -> None:
+        set_realtime(self.setup.realtime)  # this thread ends with the design
         ended = 0
         while ended < self.producers:
             item = self.inq.get()
@@ -432,7 +439,7 @@ def conveyor_design(
         pipe = Pipeline(
             stage(partial(prepare_in_worker, work), workers=n, kind="process", name="preprocess",
                   background=setup.background),
-            infer(work.model, device=setup.device),
+            infer(work.model, device=setup.device, realtime=setup.realtime),
             maxsize=maxsize,
             inflight=inflight,
             trace=trace,

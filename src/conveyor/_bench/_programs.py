@@ -177,6 +177,8 @@ def _start_server(stack: ExitStack, setup: Setup, path: Path) -> _Program:
         "--log-level",
         "warning",
     ]
+    if setup.realtime:
+        args += ["--realtime", str(setup.realtime)]
     server = _start(stack, "conveyor", args, sigterm=True)
     server.expect_ready("conveyor serve: listening on")
     return server

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._runtime._sched import realtime_thread
 from ..apps.faces import DETECTORS
 from ._designs import (
     Setup,
@@ -66,6 +67,7 @@ class Options:
     workers: int = 0  # 0: the usable cores
     nice: int = 0
     background: bool = True
+    realtime: int = 1
     trace: Path | None = None
     warmup: int = 16
 
@@ -114,8 +116,12 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         progress=bar.update,
         trace=opts.trace,
         background=opts.background,
+        realtime=opts.realtime,
     )
     machine = machine_facts()
+    # What the device threads get: set on this thread for a moment to find out.
+    with realtime_thread(opts.realtime) as scheduling:
+        pass
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(), time.monotonic()
     try:
         bar.set_description("device alone")
@@ -138,6 +144,7 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         "cpu_workers": workers,
         "nice": opts.nice,
         "background": opts.background,
+        "realtime": scheduling,
         "wall_s": round(wall, 1),
         "device_run_ms": None if setup.run_ns is None else round(setup.run_ns / 1e6, 4),
     }

@@ -96,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "priority, stage(..., background=True), so the device worker never waits for a "
         "core behind them)",
     )
+    parser.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="run every design's device thread at normal priority (default: SCHED_FIFO 1 "
+        "where the OS allows it, for every design that has a device thread; the JSON's "
+        "machine.bench.realtime says what was in force)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     parser.add_argument(
         "--trace",
@@ -144,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         nice=args.nice,
         background=not args.no_background,
+        realtime=0 if args.no_realtime else 1,
         trace=args.trace,
     )
     try:
@@ -190,5 +198,5 @@ def _title(data: dict[str, object]) -> str:
         f"{machine['cpus_usable']} cores ({machine['cpu_model']})\n"
         f"{bench['items']} items per design; prepare = letterbox + "
         f"{bench['prepare_python_ms']:g} ms of Python per item; "
-        f"{bench['cpu_workers']} CPU workers"
+        f"{bench['cpu_workers']} CPU workers; device threads {bench['realtime']}"
     )

@@ -13,6 +13,13 @@ examples:
   conveyor serve --device cpu --model face_detection_short_range --model face_landmark
   conveyor serve --socket /run/conveyor/tpu.sock --group video --device edgetpu:usb
   conveyor serve --device sim-edgetpu --max-queue 64 --metrics-port 9464
+  conveyor serve --device edgetpu --realtime
+
+--realtime runs each device thread under SCHED_FIFO, so that it takes a core the moment a
+run ends instead of waiting behind the clients' Python (on a 2-core machine, device busy
+0.79 -> 0.96 with four clients; BENCHMARKS.md). It needs root, CAP_SYS_NICE or an
+RLIMIT_RTPRIO of at least the priority (systemd: LimitRTPRIO=1); without, the server runs
+at normal priority and says so in its log and in `conveyor status`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _priority(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 99:
+        raise argparse.ArgumentTypeError(f"a SCHED_FIFO priority is 1 to 99, got {value}")
     return value
 
 
@@ -61,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with Busy (default 256)")
     parser.add_argument("--max-inflight", metavar="N", type=_positive, default=32,
                         help="requests one client may have in flight (default 32)")
+    parser.add_argument("--realtime", metavar="PRIO", type=_priority, nargs="?", const=1,
+                        default=0, help="run the device threads under SCHED_FIFO at PRIO "
+                        "(1-99, default 1 when given; see above)")
     parser.add_argument("--metrics-port", metavar="P", type=_port,
                         help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -89,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             socket_path=args.socket, devices=devices, models=models, group=args.group,
             allow_users=args.allow_users, max_queue=args.max_queue,
             max_inflight=args.max_inflight, metrics_port=args.metrics_port, ready=ready,
+            realtime=args.realtime,
         )
     except ConveyorError as exc:
         print(f"conveyor serve: {exc}", file=sys.stderr)

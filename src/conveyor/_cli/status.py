@@ -83,6 +83,8 @@ def render(status: dict[str, Any], client_rates: dict[int, float] | None = None)
     for d in status["devices"]:
         if d.get("failure"):
             lines.append(f"  device {d['index']} failed: {d['failure']}")
+        if d.get("scheduling", "normal") != "normal":
+            lines.append(f"  device {d['index']} thread: {d['scheduling']}")
     lines.append("")
     rows = [["MODEL", "DEVICES", "OK", "FAILED", "QUEUE AVG", "COMPUTE AVG"]]
     for m in status["models"]:

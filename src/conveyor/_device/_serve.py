@@ -175,10 +175,12 @@ def serve(
     max_inflight: int = 32,
     metrics_port: int | None = None,
     ready: Callable[[Path], None] | None = None,
+    realtime: int = 0,
 ) -> int:
     """Open the devices, load the models, and serve until SIGTERM or SIGINT.
 
     Blocks until the server stops. ``ready`` is called once the socket accepts clients.
+    ``realtime``: a SCHED_FIFO priority for the device threads (see :class:`DeviceServer`).
     Returns 0 after a drained stop, 1 after a forced one (a second signal).
 
     Raises:
@@ -205,7 +207,7 @@ def serve(
         raise
     server = DeviceServer(
         opened, list(models), max_queue=max_queue, max_inflight=max_inflight,
-        allowed_uids=uids, allowed_gids=[] if gid is None else [gid],
+        allowed_uids=uids, allowed_gids=[] if gid is None else [gid], realtime=realtime,
     )
     metrics = None
     listener = None

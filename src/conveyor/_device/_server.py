@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .._errors import ConveyorError, DeviceError, ModelError, ProtocolError
+from .._runtime._sched import check_realtime, set_realtime
 from .._version import __version__
 from ..backends import Device, Runner
 from ._catalog import ModelInfo
@@ -75,6 +74,8 @@ class _Dev:
         self.runners = runners
         self.state = DeviceState(index, frozenset(runners))
         self.thread: threading.Thread | None = None
+        self.scheduling = "normal"  # the device thread's CPU policy (see set_realtime)
+        self.scheduled = threading.Event()  # set once the thread has set its policy
 
 
 class DeviceServer:
@@ -93,10 +94,15 @@ class DeviceServer:
             server's own user.
         group_slack_ns, group_limit: the model-grouping bounds (see the scheduler).
         max_clients: connections served at once; more are refused.
+        realtime: a SCHED_FIFO priority (1-99) for the device threads, 0 for none (see
+            :func:`conveyor._runtime._sched.set_realtime`). Refused without the
+            privilege: the server then runs at normal priority, logs a warning and says
+            so in :meth:`status` (``devices[i]["scheduling"]``).
 
     Raises:
         ModelError, DeviceError: a model could not be loaded on any device.
-        ValueError: no devices, no models, or a model given twice.
+        ValueError: no devices, no models, a model given twice, or ``realtime`` out of
+            range.
     """
 
     def __init__(
@@ -111,7 +117,9 @@ class DeviceServer:
         group_slack_ns: int = 2_000_000,
         group_limit: int = 8,
         max_clients: int = 256,
+        realtime: int = 0,
     ) -> None:
+        self.realtime = check_realtime(realtime)
         if not devices:
             raise ValueError("a device server needs at least one device")
         if not models:
@@ -225,6 +233,9 @@ class DeviceServer:
                     daemon=True,
                 )
                 dev.thread.start()
+                # Before any client is welcomed, so that the WELCOME and status() tell
+                # the policy in force (see _device_loop).
+                dev.scheduled.wait(5.0)
 
     # --- the I/O loop -------------------------------------------------------------------
 
@@ -628,6 +639,12 @@ class DeviceServer:
     # --- the device threads -------------------------------------------------------------
 
     def _device_loop(self, dev: _Dev) -> None:
+        if self.realtime:
+            dev.scheduling = set_realtime(self.realtime)
+            if not dev.scheduling.startswith("fifo"):
+                log.warning("device %d (%s) runs at %s", dev.index, dev.device.spec,
+                            dev.scheduling)
+        dev.scheduled.set()
         try:
             while self._device_step(dev):
                 pass
@@ -686,9 +703,7 @@ class DeviceServer:
             return
         start = time.monotonic_ns()
         try:
-            outs = dev.runners[req.model_id].run(req.inputs)
-            for dst, src in zip(req.outputs, outs):
-                np.copyto(dst, src)
+            dev.runners[req.model_id].run_into(req.inputs, req.outputs)
         except DeviceError as exc:
             self._device_failed(dev, req, exc)
             return
@@ -748,7 +763,8 @@ class DeviceServer:
 
     def _describe(self, dev: _Dev) -> dict[str, Any]:
         return {**dev.device.describe(), "index": dev.index,
-                "models": [self.models[m].name for m in sorted(dev.runners)]}
+                "models": [self.models[m].name for m in sorted(dev.runners)],
+                "scheduling": dev.scheduling}
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready snapshot: server, devices, models, clients, totals. Thread-safe.

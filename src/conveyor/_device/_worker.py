@@ -29,16 +29,17 @@ class DeviceWorker:
 
     The client's handshake is the start-up handshake, under ``timeout``; on any failure
     the child is killed and reaped and the error raised (the worker's own typed error,
-    or WorkerStartError).
+    or WorkerStartError). ``realtime``: the device thread's SCHED_FIFO priority (0: none;
+    see :class:`DeviceServer`); the policy in force is in ``client.welcome["devices"]``.
     """
 
     def __init__(
         self, device: str, models: Sequence[str], *, timeout: float = 60.0,
-        max_inflight: int = 8,
+        max_inflight: int = 8, realtime: int = 0,
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = ["--fd", str(child.fileno()), "--device", device, "--max-inflight",
-                str(max_inflight)]
+                str(max_inflight), "--realtime", str(realtime)]
         for m in models:
             args += ["--model", str(m)]
         try:
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--model", action="append", required=True)
     parser.add_argument("--max-inflight", type=int, default=8)
+    parser.add_argument("--realtime", type=int, default=0)
     args = parser.parse_args(argv)
     watch_lifeline(args.lifeline)
     logging.basicConfig(level=logging.WARNING, format="conveyor device worker: %(message)s")
@@ -101,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = open_device(args.device)
         server = DeviceServer([device], args.model, max_inflight=args.max_inflight,
-                              max_queue=max(args.max_inflight * 2, 16))
+                              max_queue=max(args.max_inflight * 2, 16),
+                              realtime=args.realtime)
     except ConveyorError as exc:
         _fail(sock, exc)
         return 1

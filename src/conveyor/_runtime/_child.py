@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing.spawn
-import os
 import pickle
 import socket
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._proc import watch_lifeline
+from ._sched import run_in_background
 from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed
 
 __all__ = ["main"]
@@ -33,21 +33,6 @@ def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
     except Exception:
         blob = None
     return blob, type(exc).__qualname__, str(exc), tb
-
-
-def run_in_background() -> bool:
-    """Put the calling thread under the idle scheduling policy (Linux ``SCHED_IDLE``): any
-    thread of normal policy that wakes up takes its core at once. Lowering one's own policy
-    needs no privilege. False where the platform has no such policy or refuses it.
-    """
-    policy = getattr(os, "SCHED_IDLE", None)
-    if policy is None:
-        return False
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))
-    except OSError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

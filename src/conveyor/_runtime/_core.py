@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import (
     ConveyorError,
@@ -30,6 +30,9 @@ from ._run import CANCEL, DROP, ERR, OK, Run
 from ._stats import DeviceStats, StageStats, Tracer
 from ._wire import PeerClosed
 from ._workers import ProcWorker, pickle_function
+
+if TYPE_CHECKING:
+    from .._device._worker import DeviceWorker
 
 __all__ = ["Core", "Item", "StageDef"]
 
@@ -52,6 +55,7 @@ class StageDef:
     priority: int = 0
     dequantize: bool = False
     with_context: bool = False
+    realtime: int = 0
 
 
 class Item:
@@ -82,7 +86,6 @@ class _DeviceLink:
 
     def __init__(self, d: StageDef, inflight: int) -> None:
         from .._device._client import DeviceClient
-        from .._device._worker import DeviceWorker
 
         self.defn = d
         self._lock = threading.Lock()
@@ -94,13 +97,23 @@ class _DeviceLink:
         if d.server is not None:
             self.client = DeviceClient(path=d.server, reconnect=True, name=f"pipeline:{d.name}")
         else:
-            self.worker = DeviceWorker(d.device, [d.model], max_inflight=inflight + 2)
+            self.worker = self._spawn()
             self.client = self.worker.client
         self.model = self.client.model_info(d.model).name if d.server is None else d.model
+        self._note_scheduling()
 
-    def _restart(self, gen: int) -> None:
+    def _spawn(self) -> DeviceWorker:
         from .._device._worker import DeviceWorker
 
+        d = self.defn
+        return DeviceWorker(d.device, [d.model], max_inflight=self._inflight + 2,
+                            realtime=d.realtime)
+
+    def _note_scheduling(self) -> None:
+        devices = self.client.welcome.get("devices") or [{}]
+        self.stats.scheduling = str(devices[0].get("scheduling", "normal"))
+
+    def _restart(self, gen: int) -> None:
         with self._lock:
             if gen != self.gen or self.closing:
                 return
@@ -110,9 +123,9 @@ class _DeviceLink:
                         self.defn.device, old.process.describe_exit())
             old.process.kill()
             old.client.close()
-            self.worker = DeviceWorker(self.defn.device, [self.defn.model],
-                                       max_inflight=self._inflight + 2)
+            self.worker = self._spawn()
             self.client = self.worker.client
+            self._note_scheduling()
             self.gen += 1
             self.stats.restarts += 1
 

@@ -71,6 +71,7 @@ class DeviceStats:
         self.first_start_ns = 0
         self.last_end_ns = 0
         self.restarts = 0
+        self.scheduling = "normal"  # the device thread's CPU policy, as its worker says
 
     def record(self, start_ns: int, compute_ns: int) -> None:
         with self.lock:
@@ -95,6 +96,7 @@ class DeviceStats:
                 "duty_cycle_active": self.busy_ns / active if self.items else 0.0,
                 "items_per_s": self.items / (span / 1e9),
                 "restarts": self.restarts,
+                "scheduling": self.scheduling,
             }
 
 

@@ -174,6 +174,12 @@ class EdgeTPURunner(Runner):
         """
         return self._litert.run(arrays)
 
+    def run_into(
+        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+    ) -> None:
+        """As :meth:`run`, writing the outputs into ``outputs`` (see Runner.run_into)."""
+        self._litert.run_into(arrays, outputs)
+
     def close(self) -> None:
         """Drop the interpreter, then its delegate (in that order: the delegate must outlive it)."""
         self._litert.close()

@@ -102,12 +102,29 @@ class LiteRTRunner(Runner):
 
     def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         try:
-            for idx, arr in zip(self._in_idx, arrays):
-                self._interp.set_tensor(idx, arr)
-            self._interp.invoke()  # releases the GIL while it runs
+            self._invoke(arrays)
             return [self._interp.get_tensor(idx) for idx in self._out_idx]
         except (ValueError, RuntimeError) as exc:
             raise DeviceError(f"LiteRT failed running {self.model}: {exc}") from exc
+
+    def run_into(
+        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+    ) -> None:
+        """Run once and copy the outputs from the interpreter's own buffers into
+        ``outputs`` (no intermediate arrays). Raises DeviceError as :meth:`run` does."""
+        try:
+            self._invoke(arrays)
+        except (ValueError, RuntimeError) as exc:
+            raise DeviceError(f"LiteRT failed running {self.model}: {exc}") from exc
+        for idx, dst in zip(self._out_idx, outputs):
+            # A view of the interpreter's buffer, dropped at once: LiteRT refuses to
+            # invoke again while one is alive.
+            np.copyto(dst, self._interp.tensor(idx)())
+
+    def _invoke(self, arrays: Sequence[npt.NDArray[Any]]) -> None:
+        for idx, arr in zip(self._in_idx, arrays):
+            self._interp.set_tensor(idx, arr)
+        self._interp.invoke()  # releases the GIL while it runs
 
     def close(self) -> None:
         self._interp = None

@@ -19,9 +19,10 @@ What it reproduces of a real Edge TPU:
   opening pays the load too (Coral: "the first inference is slow").
 - **Exclusive ownership**: one process per device, through the same lock as the real
   device (:mod:`conveyor.backends._lock`); a second opener gets DeviceBusyError.
-- **No host CPU while running**: :meth:`SimRunner.run` sleeps until the run's deadline
-  (``time.sleep`` blocks in the kernel and releases the GIL); it never spins. Runs on one
-  device are serialised, as on the chip.
+- **No host CPU while running**: :meth:`SimRunner.run` sleeps until just before the
+  run's deadline (``time.sleep`` blocks in the kernel and releases the GIL), by the
+  wake-up lateness it measures, then yields until the deadline (tens of microseconds per
+  run), so that a run never ends early. Runs on one device are serialised, as on the chip.
 
 Outputs: for each loaded model, the real model's outputs for an all-zero input tensor
 (zero-point-filled for quantised inputs, i.e. real value 0), computed once at
@@ -253,6 +254,18 @@ class SimRunner(Runner):
             DeviceError: the runner or device is closed, or ``arrays`` do not match the model
                 in count or shapes (the device would reject them).
         """
+        self._execute(arrays)
+        return [out.copy() for out in self._fixed]
+
+    def run_into(
+        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+    ) -> None:
+        """As :meth:`run`, copying the fixed outputs straight into ``outputs``."""
+        self._execute(arrays)
+        for dst, src in zip(outputs, self._fixed):
+            np.copyto(dst, src)
+
+    def _execute(self, arrays: Sequence[npt.NDArray[Any]]) -> None:
         if self._closed:
             raise DeviceError(f"model {self.model} on {self._device.spec} is closed")
         if [tuple(a.shape) for a in arrays] != self._shapes:
@@ -262,7 +275,6 @@ class SimRunner(Runner):
                 f"{[list(a.shape) for a in arrays]}"
             )
         self._device._execute(self.cost)
-        return [out.copy() for out in self._fixed]
 
     def close(self) -> None:
         """Forget the model. Idempotent."""
@@ -378,11 +390,20 @@ class SimEdgeTPUDevice(Device):
                     cost, sim_latency(cost, self.profile, self._on_chip))
             timing = known[1]
             deadline = time.monotonic() + timing.latency_s
-            # Sleep until the deadline. A sleep wakes late by about the measured overshoot,
-            # so ask for that much less; the loop covers a sleep that ended early.
+            # Sleep until the deadline. A sleep wakes late by about the overshoot, so ask
+            # for that much less, and learn the overshoot from each sleep (it depends on
+            # the thread's scheduling policy and the machine's load). Then wait out what
+            # is left, yielding the GIL: a run never ends early, and a wake-up later than
+            # the deadline counts as the device idle, as it would on the chip.
             slack = self._overshoot
             while (left := deadline - time.monotonic()) > slack:
-                time.sleep(left - slack)
+                asked = left - slack
+                slept = time.monotonic()
+                time.sleep(asked)
+                late = time.monotonic() - slept - asked
+                slack = self._overshoot = min(max(slack + (late - slack) / 8, 0.0), 0.0005)
+            while time.monotonic() < deadline:
+                pass
             self._on_chip = cost.name
             runs, switches, busy_s, _ = self._counts
             self._counts = (runs + 1, switches + timing.switched, busy_s + timing.latency_s,
