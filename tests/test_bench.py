@@ -13,6 +13,7 @@ import conveyor.cli
 from conveyor._bench._measure import Result, Timeline, busy_within, percentiles_ms
 from conveyor._bench._plot import _gaps
 from conveyor._bench._report import as_json, table
+from conveyor._cli.bench import _realtime
 from conveyor._runtime._sched import realtime_thread
 
 SCENARIOS = [
@@ -84,12 +85,19 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
 
 @pytest.mark.slow
 def test_cpu(capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
-    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0", "--no-realtime")
+    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0")
     check_shape(data, "cpu", 24)
+    # The CPU's device thread computes: no real-time priority unless asked for.
     assert data["machine"]["bench"]["realtime"] == "normal"
     # On the CPU the device's own account is the time around each call.
     for s in data["scenarios"].values():
         assert s["duty_cycle"] == pytest.approx(s["duty_cycle_calls"], abs=1e-3)
+
+
+def test_realtime_by_default_only_where_the_device_thread_waits() -> None:
+    assert [_realtime("auto", d) for d in ("cpu", "cpu:1", "onnx:cpu", "auto")] == [0] * 4
+    assert [_realtime("auto", d) for d in ("sim-edgetpu", "edgetpu:usb", "onnx:cuda")] == [1] * 3
+    assert (_realtime("on", "cpu"), _realtime("off", "sim-edgetpu")) == (1, 0)
 
 
 def test_bad_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,10 @@ For the simulated Edge TPU the duty cycle is the simulated chip's own busy time;
 wake-up of the program after a run counts as idle. The device is opened by one design at
 a time: close other programs that hold it first.
 
+On an accelerator, every design's device thread runs under SCHED_FIFO 1 where the OS
+allows it (root, CAP_SYS_NICE or `ulimit -r`), so that none waits for a core after a run;
+the title line says what was in force. --no-realtime compares without.
+
 examples:
   conveyor bench --device sim-edgetpu
   conveyor bench --device sim-edgetpu --json > bench.json
@@ -96,12 +100,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "priority, stage(..., background=True), so the device worker never waits for a "
         "core behind them)",
     )
-    parser.add_argument(
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
+        "--realtime",
+        dest="realtime",
+        action="store_const",
+        const="on",
+        default="auto",
+        help="run every design's device thread under SCHED_FIFO 1 where the OS allows it "
+        "(default for accelerators; the JSON's machine.bench.realtime says what was in "
+        "force). Not the default for the CPU device, whose device thread computes: at "
+        "real-time priority it crowds the other threads off its core",
+    )
+    when.add_argument(
         "--no-realtime",
-        action="store_true",
-        help="run every design's device thread at normal priority (default: SCHED_FIFO 1 "
-        "where the OS allows it, for every design that has a device thread; the JSON's "
-        "machine.bench.realtime says what was in force)",
+        dest="realtime",
+        action="store_const",
+        const="off",
+        help="every design's device thread at normal priority",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     parser.add_argument(
@@ -151,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         nice=args.nice,
         background=not args.no_background,
-        realtime=0 if args.no_realtime else 1,
+        realtime=_realtime(args.realtime, args.device),
         trace=args.trace,
     )
     try:
@@ -186,6 +202,20 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         print(f"plot: {args.plot}")
     return 0
+
+
+def _realtime(choice: str, device: str) -> int:
+    """The device threads' SCHED_FIFO priority for ``--realtime``/``--no-realtime``/neither."""
+    if choice == "auto":
+        from ..backends import parse_device
+
+        try:
+            spec = parse_device(device)
+        except ConveyorError:
+            return 0  # the bench reports the bad spec when it opens the device
+        on_host = spec.kind in ("cpu", "auto") or (spec.kind == "onnx" and spec.bus == "cpu")
+        return 0 if on_host else 1
+    return 1 if choice == "on" else 0
 
 
 def _title(data: dict[str, object]) -> str:
