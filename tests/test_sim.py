@@ -18,6 +18,7 @@ from conveyor.backends import open_device, parse_device
 from conveyor.backends._base import zeros_like_specs
 from conveyor.backends.litert import LiteRTDevice
 from conveyor.backends.sim import (
+    _MAX_SLACK_S,
     CACHE_BYTES,
     MOBILENET_V2,
     PROFILES,
@@ -260,5 +261,24 @@ def test_run_into_writes_the_fixed_outputs() -> None:
         for got, want in zip(dst, runner.run(arrays)):
             np.testing.assert_array_equal(got, want)
         assert device.timing().runs == 2
+    finally:
+        device.close()
+
+
+def test_a_run_never_ends_early_and_the_wake_up_lateness_is_learnt() -> None:
+    device = sim()
+    try:
+        runner = device.load(SHORT)
+        arrays = zeros_like_specs(runner.inputs)
+        runner.run(arrays)
+        expected = device.expected_latency(SHORT, SHORT).latency_s
+        device._overshoot = _MAX_SLACK_S  # as if wake-ups came 0.5 ms late
+        start = time.perf_counter()
+        runner.run(arrays)
+        assert time.perf_counter() - start >= expected  # the rest is waited out
+        for _ in range(30):
+            runner.run(arrays)
+        # Learnt from the sleeps themselves (wake-ups here are late by well under 0.3 ms).
+        assert device._overshoot < 0.0003
     finally:
         device.close()

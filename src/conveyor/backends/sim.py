@@ -281,6 +281,10 @@ class SimRunner(Runner):
         self._closed = True
 
 
+#: The most a simulated run's last sleep is cut short by (then waited out, see _execute).
+_MAX_SLACK_S = 0.0005
+
+
 def _sleep_overshoot(samples: int = 7) -> float:
     """How late ``time.sleep`` wakes on this machine (median of a few 0.3 ms sleeps).
 
@@ -293,7 +297,7 @@ def _sleep_overshoot(samples: int = 7) -> float:
         time.sleep(0.0003)
         late.append(time.monotonic() - t0 - 0.0003)
     late.sort()
-    return max(0.0, min(late[len(late) // 2], 0.0005))
+    return max(0.0, min(late[len(late) // 2], _MAX_SLACK_S))
 
 
 class SimEdgeTPUDevice(Device):
@@ -400,8 +404,9 @@ class SimEdgeTPUDevice(Device):
                 asked = left - slack
                 slept = time.monotonic()
                 time.sleep(asked)
-                late = time.monotonic() - slept - asked
-                slack = self._overshoot = min(max(slack + (late - slack) / 8, 0.0), 0.0005)
+                # One very late wake-up (a preempted thread) moves the estimate a little.
+                late = min(max(time.monotonic() - slept - asked, 0.0), _MAX_SLACK_S)
+                slack = self._overshoot = slack + (late - slack) / 8
             while time.monotonic() < deadline:
                 pass
             self._on_chip = cost.name
