@@ -37,7 +37,7 @@ from conveyor._bench._designs import (
 from conveyor._bench._measure import cpu_seconds, machine_busy_seconds, machine_facts
 from conveyor._bench._suite import detector_name
 from conveyor._bench._workload import Workload, calibrate_python_loops, prepare
-from conveyor._runtime._sched import realtime_thread
+from conveyor._runtime._sched import probe_realtime
 
 RATIO_TARGET = 1.5
 DUTY_TARGET = 0.95
@@ -104,8 +104,7 @@ def main() -> int:
     detector = detector_name(args.model)
     machine = machine_facts()
     realtime = 0 if args.no_realtime else 1
-    with realtime_thread(realtime) as scheduling:
-        machine["device_threads"] = scheduling
+    machine["device_threads"] = probe_realtime(realtime)
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(), time.monotonic()
     rows = [one(args.device, detector, ms, args.items, workers, realtime)
             for ms in args.python_ms]

@@ -326,11 +326,10 @@ def main() -> int:
                         "the floor's and the direct runs alike)")
     args = parser.parse_args()
     scale = 0.3 if args.quick else 1.0
-    from conveyor._runtime._sched import realtime_thread
+    from conveyor._runtime._sched import probe_realtime
 
     realtime = 0 if args.no_realtime else 1
-    with realtime_thread(realtime) as scheduling:
-        pass
+    scheduling = probe_realtime(realtime)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "device_threads": scheduling},

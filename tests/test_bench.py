@@ -14,7 +14,7 @@ from conveyor._bench._measure import Result, Timeline, busy_within, percentiles_
 from conveyor._bench._plot import _gaps
 from conveyor._bench._report import as_json, table
 from conveyor._cli.bench import _realtime
-from conveyor._runtime._sched import realtime_thread
+from conveyor._runtime._sched import probe_realtime
 
 SCENARIOS = [
     "sequential",
@@ -73,9 +73,7 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
     assert "(background)" in data["scenarios"]["conveyor"]["design"]
     assert "(background)" not in data["scenarios"]["two_programs"]["design"]
     # Device threads at SCHED_FIFO 1 where this machine allows it, and the JSON says which.
-    with realtime_thread(1) as here:
-        pass
-    assert data["machine"]["bench"]["realtime"] == here
+    assert data["machine"]["bench"]["realtime"] == probe_realtime(1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = json.loads(trace.read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}

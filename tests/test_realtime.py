@@ -17,7 +17,7 @@ from test_server_support import FakeDevice, LogLines, ServeProcess, ThreadServer
 
 import conveyor
 from conveyor._device import _server
-from conveyor._runtime._sched import check_realtime, realtime_thread, set_realtime
+from conveyor._runtime._sched import check_realtime, probe_realtime, realtime_thread, set_realtime
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_FIFO"), reason="no SCHED_FIFO here")
 
@@ -33,7 +33,7 @@ def _in_thread(fn):  # type: ignore[no-untyped-def]
     return out[0]
 
 
-PERMITTED = _in_thread(lambda: set_realtime(1)).startswith("fifo")
+PERMITTED = probe_realtime(1).startswith("fifo")
 
 
 def fifo_threads(pid: int) -> int:
@@ -138,7 +138,7 @@ def test_server_without_the_privilege_serves_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     refusal = "normal (SCHED_FIFO 2 refused: it needs CAP_SYS_NICE or ...)"
-    monkeypatch.setattr(_server, "set_realtime", lambda priority, tid=0: refusal)
+    monkeypatch.setattr(_server, "set_realtime", lambda priority: refusal)
     device = FakeDevice()
     with (LogLines().installed() as logs,
           ThreadServer(tmp_path / "s.sock", [device], ["m"], realtime=2) as srv,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._runtime._sched import realtime_thread
+from .._runtime._sched import probe_realtime
 from ..apps.faces import DETECTORS
 from ._designs import (
     Setup,
@@ -119,9 +119,7 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         realtime=opts.realtime,
     )
     machine = machine_facts()
-    # What the device threads get: set on this thread for a moment to find out.
-    with realtime_thread(opts.realtime) as scheduling:
-        pass
+    scheduling = probe_realtime(opts.realtime)  # what the device threads get
     busy0, mine0, t0 = machine_busy_seconds(), cpu_seconds(), time.monotonic()
     try:
         bar.set_description("device alone")

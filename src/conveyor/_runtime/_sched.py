@@ -10,13 +10,12 @@ device thread does.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["MAX_REALTIME", "check_realtime", "realtime_thread", "run_in_background",
-           "set_realtime"]
+__all__ = ["MAX_REALTIME", "check_realtime", "probe_realtime", "realtime_thread",
+           "run_in_background", "set_realtime"]
 
 #: The highest SCHED_FIFO priority Linux accepts.
 MAX_REALTIME = 99
@@ -50,9 +49,9 @@ def check_realtime(priority: int | bool) -> int:
     return level
 
 
-def set_realtime(priority: int, tid: int = 0) -> str:
-    """Run thread ``tid`` (a native thread id; 0: the calling thread) under Linux's
-    ``SCHED_FIFO`` policy at ``priority`` (1-99; 0 leaves it as it is).
+def set_realtime(priority: int) -> str:
+    """Run the calling thread under Linux's ``SCHED_FIFO`` policy at ``priority`` (1-99;
+    0 leaves it as it is).
 
     A SCHED_FIFO thread takes a core from any normal thread the moment it wakes up, so a
     device thread that sleeps through each run and works briefly between runs starts the
@@ -75,13 +74,11 @@ def set_realtime(priority: int, tid: int = 0) -> str:
     if policy is None or setter is None:
         return "normal (this platform has no SCHED_FIFO)"
     try:
-        setter(tid, policy, os.sched_param(level))
+        setter(0, policy, os.sched_param(level))
     except PermissionError:
         return (f"normal (SCHED_FIFO {level} refused: it needs CAP_SYS_NICE or an "
                 f"RLIMIT_RTPRIO of at least {level}; see `ulimit -r`)")
     except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return "normal (the thread has ended)"
         return f"normal (SCHED_FIFO {level} refused: {exc.strerror or exc})"
     return f"fifo:{level}"
 
@@ -98,3 +95,10 @@ def realtime_thread(priority: int) -> Iterator[str]:
     finally:
         if saved is not None and outcome.startswith("fifo"):
             os.sched_setscheduler(0, *saved)
+
+
+def probe_realtime(priority: int) -> str:
+    """What :func:`set_realtime` gives a thread of this process at ``priority``, found
+    by setting it on the calling thread and putting it back (for reports)."""
+    with realtime_thread(priority) as outcome:
+        return outcome
