@@ -147,3 +147,16 @@ def test_server_without_the_privilege_serves_and_says_why(
         assert total[0] == 4.0 and float(y[0, 0]) == 2.0
         assert client.status()["devices"][0]["scheduling"] == refusal
     assert any(refusal in line for line in logs.lines)
+
+
+def test_ray_predictor_passes_realtime_on(no_leaks: None) -> None:
+    from conveyor.ray import Predictor
+
+    predictor = Predictor(SHORT, device="sim-edgetpu", realtime=True)
+    try:
+        out = predictor({"item": [np.zeros((128, 128, 3), np.float32)] * 2})
+        assert len(out["output"]) == 2
+        scheduling = predictor.pipeline.stats()["device"]["scheduling"]
+        assert scheduling == "fifo:1" if PERMITTED else scheduling.startswith("normal (")
+    finally:
+        predictor.pipeline.close()

@@ -40,7 +40,8 @@ class Predictor:
     the model, and ``postprocess``; the results go into the ``output`` column (an object
     array when they are not arrays of one shape). A failed item raises
     :class:`~conveyor.StageError` and fails the Ray task, as any error in map_batches.
-    The pipeline lives as long as the actor and is closed with it.
+    ``realtime`` is :func:`conveyor.infer`'s (the device thread under SCHED_FIFO, for an
+    accelerator). The pipeline lives as long as the actor and is closed with it.
     """
 
     def __init__(
@@ -56,11 +57,13 @@ class Predictor:
         column: str = "item",
         output: str = "output",
         maxsize: int = 8,
+        realtime: bool | int = False,
     ) -> None:
         stages = []
         if preprocess is not None:
             stages.append(stage(preprocess, workers=workers, kind="process"))
-        stages.append(infer(model, device=device, server=server, with_context=with_context))
+        stages.append(infer(model, device=device, server=server, with_context=with_context,
+                            realtime=realtime))
         if postprocess is not None:
             stages.append(stage(postprocess))
         self.column = column
