@@ -151,7 +151,9 @@ class DeviceServer:
         self._conns: dict[int, Conn] = {}
         self._listeners: list[socket.socket] = []
         self._trouble: deque[Conn] = deque()
-        self._replies: deque[tuple[Conn, bytes]] = deque()
+        # Requests a device ran and handed over for accounting and the reply: (request,
+        # device, start ns, end ns); see _run.
+        self._replies: deque[tuple[Request, int, int, int]] = deque()
         # A device handed the I/O thread a reply and will wake it before its next run
         # (see _run); the I/O thread clears it when it sends the replies anyway.
         self._wake_due = False
@@ -309,8 +311,7 @@ class DeviceServer:
         in trouble, deadlines, timeouts."""
         self._wake_due = False  # first: a reply handed over from here on wakes us again
         while self._replies:
-            conn, reply = self._replies.popleft()
-            conn.send(reply)
+            self._finish_ok(*self._replies.popleft())
         if self._stop_level != self._stop_seen:
             self._begin_stop()
         while self._trouble:
@@ -715,25 +716,31 @@ class DeviceServer:
                                     f"{type(exc).__name__}: {exc}"))
             return
         end = time.monotonic_ns()
+        if self._role.holder == MAIN and self.scheduler.queued:
+            # The device runs again at once: let the I/O thread account for this request
+            # and reply, off the device's path. Waking the client from here would also
+            # let the kernel run it on this CPU, in this thread's place (a "sync"
+            # wake-up), delaying the next run. The I/O thread is woken when this one
+            # starts that run, or before it waits if there is none for it.
+            self._replies.append((req, dev.index, start, end))
+            self._wake_due = True
+        else:
+            self._finish_ok(req, dev.index, start, end)
+        if self._stop_level:
+            self._wake()
+
+    def _finish_ok(self, req: Request, device: int, start: int, end: int) -> None:
+        """Account for a request that ran on ``device`` from ``start`` to ``end`` (ns), then
+        answer it."""
         compute = end - start
         queue = start - req.enqueued_ns
         # Accounted before the reply, so a client that asks for the status next sees it.
         self.scheduler.done(req, compute, ok=True)
-        self.stats.ok(dev.index, req.model_id, queue, compute, end, end - req.enqueued_ns)
-        reply = encode_result(req.req_id, Status.OK, dev.index, queue, compute, start)
-        if self._role.holder == MAIN and self.scheduler.queued:
-            # The device runs again at once: let the I/O thread send the reply. Waking the
-            # client from here would let the kernel run it on this CPU, in this thread's
-            # place (a "sync" wake-up), delaying the next run. The I/O thread is woken
-            # when this one starts that run, or before it waits if there is none for it.
-            self._replies.append((conn, reply))
-            self._wake_due = True
-        else:
-            conn.send(reply)
+        self.stats.ok(device, req.model_id, queue, compute, end, end - req.enqueued_ns)
+        conn = req.conn
+        conn.send(encode_result(req.req_id, Status.OK, device, queue, compute, start))
         if not conn.alive and conn.client.running == 0:
             conn.release()
-        if self._stop_level:
-            self._wake()
 
     def _device_failed(self, dev: _Dev, req: Request, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
