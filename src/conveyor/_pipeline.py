@@ -88,7 +88,7 @@ def infer(
     ``realtime=True`` (or a priority, 1-99) runs the device worker's device thread under
     Linux ``SCHED_FIFO``: it takes a core the moment its run ends, instead of waiting for
     the Python work on the other cores to yield one. On a 2-core machine this raised the
-    simulated Edge TPU's duty cycle from 0.92 to 0.95 (BENCHMARKS.md). It needs
+    simulated Edge TPU's duty cycle from 0.91 to 0.96 (BENCHMARKS.md). It needs
     CAP_SYS_NICE or an ``RLIMIT_RTPRIO`` (``ulimit -r``) of at least the priority; without,
     the worker runs at normal priority, logs a warning, and ``stats()["device"]
     ["scheduling"]`` says why (it is ``"fifo:N"`` when in force). For a server

@@ -17,7 +17,7 @@ examples:
 
 --realtime runs each device thread under SCHED_FIFO, so that it takes a core the moment a
 run ends instead of waiting behind the clients' Python (on a 2-core machine, device busy
-0.82 -> 0.95 with four clients; BENCHMARKS.md). It needs root, CAP_SYS_NICE or an
+0.85 -> 0.96 with four clients; BENCHMARKS.md). It needs root, CAP_SYS_NICE or an
 RLIMIT_RTPRIO of at least the priority (systemd: LimitRTPRIO=1); without, the server runs
 at normal priority and says so in its log and in `conveyor status`.
 """
