@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -160,3 +161,22 @@ def test_ray_predictor_passes_realtime_on(no_leaks: None) -> None:
         assert scheduling == "fifo:1" if PERMITTED else scheduling.startswith("normal (")
     finally:
         predictor.pipeline.close()
+
+
+@pytest.mark.skipif(not PERMITTED, reason="needs the privilege to see the policy carried over")
+def test_a_restarted_device_worker_is_realtime_too(no_leaks: None) -> None:
+    x = np.zeros((128, 128, 3), np.float32)
+    with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu", realtime=True)) as pipe:
+        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        first = link.worker.pid
+
+        def source():  # type: ignore[no-untyped-def]
+            for i in range(20):
+                if i == 10:
+                    os.kill(first, signal.SIGKILL)
+                yield x
+
+        assert len(list(pipe.map(source()))) == 20
+        assert pipe.stats()["device"]["restarts"] == 1
+        assert pipe.stats()["device"]["scheduling"] == "fifo:1"
+        assert link.worker.pid != first and fifo_threads(link.worker.pid) == 1
