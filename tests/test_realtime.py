@@ -96,13 +96,13 @@ def test_pipeline_device_thread_runs_realtime(no_leaks: None) -> None:
     x = np.zeros((128, 128, 3), np.float32)
     with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu", realtime=True)) as pipe:
         assert len(list(pipe.map([x] * 3))) == 3
-        (worker,) = [p for p in psutil.Process().children()
-                     if "conveyor._device._worker" in " ".join(p.cmdline())]
+        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        assert "conveyor._device._worker" in " ".join(psutil.Process(link.worker.pid).cmdline())
         scheduling = pipe.stats()["device"]["scheduling"]
         if PERMITTED:
             # The device thread alone: the I/O thread and the rest stay at normal priority.
             assert scheduling == "fifo:1"
-            assert fifo_threads(worker.pid) == 1
+            assert fifo_threads(link.worker.pid) == 1
         else:
             assert scheduling.startswith("normal (")
     with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu")) as pipe:
