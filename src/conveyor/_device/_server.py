@@ -310,8 +310,7 @@ class DeviceServer:
         """Work between polls: replies handed over by devices, stop requests, connections
         in trouble, deadlines, timeouts."""
         self._wake_due = False  # first: a reply handed over from here on wakes us again
-        while self._replies:
-            self._finish_ok(*self._replies.popleft())
+        self._finish_handed_over()
         if self._stop_level != self._stop_seen:
             self._begin_stop()
         while self._trouble:
@@ -390,6 +389,7 @@ class DeviceServer:
 
     def _finish(self) -> None:
         drained = self._stop_seen < 2
+        self._finish_handed_over()  # their clients get the results before the close
         sched = self.scheduler
         for req in sched.abort():
             self._reply_request(req, Status.SHUTTING_DOWN)
@@ -406,6 +406,9 @@ class DeviceServer:
         for dev in self.devices:
             if dev.thread is not None:
                 dev.thread.join(timeout=5.0 if drained else 0.2)
+        # Runs that ended meanwhile: account for them, so that their clients' memory is
+        # released (the replies go nowhere: the connections are closed).
+        self._finish_handed_over()
         self._sel.close()
         if self.devices_idle():  # a stuck device thread might still write to it
             os.close(self._wake_fd)
@@ -728,6 +731,11 @@ class DeviceServer:
             self._finish_ok(req, dev.index, start, end)
         if self._stop_level:
             self._wake()
+
+    def _finish_handed_over(self) -> None:
+        """Account for and answer the requests devices handed over (see :meth:`_run`)."""
+        while self._replies:
+            self._finish_ok(*self._replies.popleft())
 
     def _finish_ok(self, req: Request, device: int, start: int, end: int) -> None:
         """Account for a request that ran on ``device`` from ``start`` to ``end`` (ns), then
