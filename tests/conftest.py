@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -68,3 +70,17 @@ def src_env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def device_worker(pipe: Any) -> Any:
+    """The device link of a pipeline with one inference stage (its ``worker.pid`` changes
+    when the worker is restarted)."""
+    return next(iter(pipe._core.links.values()))
+
+
+def kill_at(items: Sequence[Any], at: int, pid: int) -> Iterator[Any]:
+    """Yield ``items``, killing process ``pid`` with SIGKILL just before item ``at``."""
+    for i, item in enumerate(items):
+        if i == at:
+            os.kill(pid, signal.SIGKILL)
+        yield item

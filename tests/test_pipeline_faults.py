@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import stagefns as sf
-from conftest import children, wait_for
+from conftest import children, device_worker, kill_at, wait_for
 
 import conveyor
 
@@ -36,16 +36,9 @@ def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -
         conveyor.stage(sf.image_for), conveyor.infer("face_detection_short_range"),
         conveyor.stage(sf.max_score),
     ) as pipe:
-        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        link = device_worker(pipe)
         first_pid = link.worker.pid
-
-        def source():  # type: ignore[no-untyped-def]
-            for i in range(60):
-                if i == 20:
-                    os.kill(first_pid, signal.SIGKILL)
-                yield i
-
-        out = list(pipe.map(source()))
+        out = list(pipe.map(kill_at(range(60), 20, first_pid)))
         assert len(out) == 60 and all(isinstance(o, float) for o in out)
         assert pipe.stats()["device"]["restarts"] == 1
         assert link.worker.pid != first_pid

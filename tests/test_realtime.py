@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import device_worker, kill_at
 from test_server_support import FakeDevice, LogLines, ServeProcess, ThreadServer, env, x
 
 import conveyor
@@ -96,7 +96,7 @@ def test_pipeline_device_thread_runs_realtime(no_leaks: None) -> None:
     x = np.zeros((128, 128, 3), np.float32)
     with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu", realtime=True)) as pipe:
         assert len(list(pipe.map([x] * 3))) == 3
-        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        link = device_worker(pipe)
         assert "conveyor._device._worker" in " ".join(psutil.Process(link.worker.pid).cmdline())
         scheduling = pipe.stats()["device"]["scheduling"]
         if PERMITTED:
@@ -167,16 +167,9 @@ def test_ray_predictor_passes_realtime_on(no_leaks: None) -> None:
 def test_a_restarted_device_worker_is_realtime_too(no_leaks: None) -> None:
     x = np.zeros((128, 128, 3), np.float32)
     with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu", realtime=True)) as pipe:
-        link = next(iter(pipe._core.links.values()))  # type: ignore[union-attr]
+        link = device_worker(pipe)
         first = link.worker.pid
-
-        def source():  # type: ignore[no-untyped-def]
-            for i in range(20):
-                if i == 10:
-                    os.kill(first, signal.SIGKILL)
-                yield x
-
-        assert len(list(pipe.map(source()))) == 20
+        assert len(list(pipe.map(kill_at([x] * 20, 10, first)))) == 20
         assert pipe.stats()["device"]["restarts"] == 1
         assert pipe.stats()["device"]["scheduling"] == "fifo:1"
         assert link.worker.pid != first and fifo_threads(link.worker.pid) == 1
