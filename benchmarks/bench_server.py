@@ -4,11 +4,13 @@ Three measurements, all in one run, printed as numbers and ratios:
 
 1. **Added latency.** face_landmark (a 192x192x3 float32 input) on the CPU, one request at a
    time: (a) ``Runner.run`` called directly in this process, (b) ``DeviceClient.infer`` to a
-   ``conveyor serve`` process, and, as the floor that any design with a separate process
-   pays on this machine, (c) a bare round trip: copy into shared memory, 48 bytes on a
-   socket to a one-thread process that runs the model on it, 48 bytes back. Blocks of the
-   three alternate so that drift in the machine's speed hits all; the p50 difference to
-   (a) is the added latency (target <= 50 us).
+   ``conveyor serve`` process, (c) the same request to this program's own device worker
+   (the child process a pipeline's ``infer`` stage starts), and, as the floor that any
+   design with a separate process pays on this machine, (d) a bare round trip: copy into
+   shared memory, 48 bytes on a socket to a one-thread process that runs the model on it,
+   48 bytes back. Blocks of the four alternate so that drift in the machine's speed hits
+   all. The p50 difference of (b) to (a) is the added latency (target <= 50 us); the
+   difference of (b) to (c) is what sharing the device costs over a private worker.
 2. **Throughput, one client.** The same model back to back: (a) direct, (b) one client
    keeping ``--depth`` requests in flight. Target: (b) >= 0.95x (a).
 3. **Four clients, one device.** A simulated Edge TPU (``sim-edgetpu``: device-bound, it
@@ -114,10 +116,12 @@ def _floor_child(sock: socket.socket, device: str, model: str, seg: Any, realtim
 
 
 def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> dict[str, Any]:
-    """Alternating blocks of direct runs, the hand-written floor, and conveyor round trips;
-    times in microseconds. ``realtime``: the SCHED_FIFO priority of the thread that runs
-    the model in each (this one for direct runs, the floor's, the server's device thread)."""
+    """Alternating blocks of direct runs, the hand-written floor, round trips to a private
+    device worker and to ``conveyor serve``; times in microseconds. ``realtime``: the
+    SCHED_FIFO priority of the thread that runs the model in each (this one for direct runs,
+    the floor's, the worker's and the server's device thread)."""
     from conveyor import connect
+    from conveyor._device._worker import DeviceWorker
     from conveyor._runtime._sched import realtime_thread
     from conveyor._shm import Segment
     from conveyor.backends import open_device
@@ -150,35 +154,44 @@ def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> 
     direct: list[int] = []
     floor: list[int] = []
     server: list[int] = []
+    private: list[int] = []
+    worker = DeviceWorker(device, [model], realtime=realtime)
     try:
         with serve(device, model, *_rt(realtime)) as path, connect(path) as client:
-            for _ in range(50):  # warm all three up
+            trips = ((floor_trip, floor), (lambda: client.infer(model, img), server),
+                     (lambda: worker.client.infer(model, img), private))
+            for _ in range(50):  # warm all four up
                 runner.run([img])
-                floor_trip()
-                client.infer(model, img)
+                for fn, _out in trips:
+                    fn()
             for _ in range(rounds):
                 with realtime_thread(realtime):
                     for _ in range(block):
                         t0 = time.perf_counter_ns()
                         runner.run([img])
                         direct.append(time.perf_counter_ns() - t0)
-                for fn, out in ((floor_trip, floor), (lambda: client.infer(model, img), server)):
+                for fn, out in trips:
                     for _ in range(block):
                         t0 = time.perf_counter_ns()
                         fn()
                         out.append(time.perf_counter_ns() - t0)
     finally:
+        worker.close()
         mine.close()
         os.waitpid(pid, 0)
         seg.close()
         runner.close()
-    d50, f50, s50 = _pct(direct, 50), _pct(floor, 50), _pct(server, 50)
+    d50, f50, s50, w50 = (_pct(direct, 50), _pct(floor, 50), _pct(server, 50),
+                          _pct(private, 50))
     return {
         "device": device, "model": model, "input": list(shape), "samples": len(direct),
         "direct_p50_us": round(d50, 1), "direct_p99_us": round(_pct(direct, 99), 1),
         "floor_p50_us": round(f50, 1), "floor_added_p50_us": round(f50 - d50, 1),
         "server_p50_us": round(s50, 1), "server_p99_us": round(_pct(server, 99), 1),
         "added_p50_us": round(s50 - d50, 1), "target_us": LATENCY_TARGET_US,
+        "private_worker_p50_us": round(w50, 1),
+        "private_worker_p99_us": round(_pct(private, 99), 1),
+        "server_over_private_p50_us": round(s50 - w50, 1),
     }
 
 
@@ -347,6 +360,9 @@ def main() -> int:
               f"{lat['direct_p99_us']:8.1f} us")
         print(f"  via conveyor serve  p50 {lat['server_p50_us']:8.1f} us  p99 "
               f"{lat['server_p99_us']:8.1f} us")
+        print(f"  own device worker   p50 {lat['private_worker_p50_us']:8.1f} us  p99 "
+              f"{lat['private_worker_p99_us']:8.1f} us  (the server adds "
+              f"{lat['server_over_private_p50_us']:+.1f} us over it)")
         print(f"  floor: a bare shared-memory + socket round trip to a one-thread process "
               f"running the same model adds {lat['floor_added_p50_us']:.1f} us at p50")
         print(f"  added at p50        {lat['added_p50_us']:8.1f} us  (target <= "

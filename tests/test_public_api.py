@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import conveyor
+from conveyor.apps.faces import sample_images
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -22,3 +27,26 @@ def test_every_error_is_a_conveyor_error() -> None:
         obj = getattr(conveyor, name)
         if isinstance(obj, type) and issubclass(obj, BaseException):
             assert issubclass(obj, conveyor.ConveyorError), name
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start:after.index("```", start)]
+
+
+def test_readme_pipeline_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's first example, copied into a file of its own and run: it finds a face
+    in each bundled sample that has one, and ends by printing the device's stats."""
+    script = tmp_path / "example.py"
+    script.write_text(_readme_block("## A pipeline"))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    faces = [ast.literal_eval(line) for line in lines[:-1]]
+    assert len(faces) == len(sample_images()) and any(faces), proc.stdout
+    stats = ast.literal_eval(lines[-1])
+    assert stats["items"] == len(sample_images()) and 0 < stats["duty_cycle"] <= 1

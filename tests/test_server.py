@@ -231,7 +231,8 @@ NOBODY = 65534
 
 def _as_nobody(path: Path, infer: bool) -> int:
     """Fork a child that drops to uid/gid 65534 and connects; its exit code says how it
-    went: 0 served, 2 refused by the server, 4 refused by the file system, other: bug."""
+    went: 0 served, 2 refused by the server, 4 refused by the file system (both as
+    PermissionDenied, a PermissionError), other: bug."""
     img = np.zeros(SHAPE, np.float32)
     pid = os.fork()
     if pid == 0:
@@ -242,10 +243,16 @@ def _as_nobody(path: Path, infer: bool) -> int:
             os.setuid(NOBODY)
             try:
                 client = DeviceClient(path=path, timeout=5)
-            except ServerGone as exc:
-                code = 4 if "Permission denied" in str(exc) else 5
-            except ServerError as exc:
-                code = 2 if "permission denied" in str(exc) else 3
+            except conveyor.PermissionDenied as exc:
+                code = 6
+                if not isinstance(exc, PermissionError):
+                    code = 7
+                elif "may not open the device server's socket" in str(exc):
+                    code = 4
+                elif "is not allowed by this server" in str(exc):
+                    code = 2
+            except ServerError:
+                code = 3
             else:
                 code = 0
                 if infer:

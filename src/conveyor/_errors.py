@@ -20,6 +20,7 @@ __all__ = [
     "InvalidModelError",
     "ModelError",
     "ModelNotFoundError",
+    "PermissionDenied",
     "PipelineClosedError",
     "ProtocolError",
     "ServerError",
@@ -138,6 +139,11 @@ class ServerError(ConveyorError):
 
 class ServerGone(ServerError, ConnectionError):
     """The device server (or device worker) went away; in-flight requests are lost."""
+
+
+class PermissionDenied(ServerError, PermissionError):
+    """This user may not use the device server: the socket's permissions, or the server's
+    check of the peer's credentials (``--allow-user``, ``--group``), refused it."""
 
 
 class Busy(ServerError):

@@ -14,6 +14,7 @@ the role only while such requests exist.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import select
@@ -32,6 +33,7 @@ from .._errors import (
     DeadlineExceeded,
     InputError,
     ModelNotFoundError,
+    PermissionDenied,
     ProtocolError,
     ServerError,
     ServerGone,
@@ -118,7 +120,9 @@ class DeviceClient:
 
     Raises:
         ServerGone: no server answers at ``path``.
-        ServerError: the server refused this user.
+        PermissionDenied: this user may not use the server (the socket's mode, or the
+            server's check of its credentials).
+        ServerError: the server refused the connection for another reason.
         ProtocolError: the peer does not speak this protocol (version mismatch included).
     """
 
@@ -166,6 +170,13 @@ class DeviceClient:
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDenied(
+                    f"permission denied: this user (uid {os.getuid()}) may not open the "
+                    f"device server's socket {self.path}; the server's owner can let it in "
+                    f"with `conveyor serve --group GROUP` (socket in a folder the group can "
+                    f"enter) or `--allow-user {os.getuid()}`"
+                ) from exc
             raise ServerGone(
                 f"no conveyor server at {self.path}: {exc.strerror or exc}; "
                 f"start one with `conveyor serve --socket {self.path}`"
@@ -712,7 +723,9 @@ def connect(
 
     Raises:
         ServerGone: nothing is listening at ``path``.
-        ServerError: the server refused this user.
+        PermissionDenied: this user may not use the server (the socket's mode, or the
+            server's check of its credentials; a ServerError and a PermissionError).
+        ServerError: the server refused the connection for another reason.
         ProtocolError: the peer speaks another protocol version.
     """
     return DeviceClient(

@@ -223,7 +223,11 @@ def serve(
         if metrics_port is not None:
             from ._metrics import MetricsServer
 
-            metrics = MetricsServer(server.status, metrics_port)
+            try:
+                metrics = MetricsServer(server.status, metrics_port)
+            except OSError as exc:
+                raise OSError(exc.errno, f"metrics port 127.0.0.1:{metrics_port}: "
+                              f"{exc.strerror or exc}") from exc
             log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         signals.install()
         log.info("serving %s on %s (pid %d)", ", ".join(models), ", ".join(devices),

@@ -453,22 +453,24 @@ class DeviceServer:
                                     struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
             why = None
+            error = "ServerError"
             if not self._permitted(pid, uid, gid):
                 why = f"permission denied: uid {uid} (gid {gid}) is not allowed by this server"
+                error = "PermissionDenied"
             elif len(self._conns) >= self.max_clients:
                 why = f"too many connections (at most {self.max_clients})"
             if why is not None:
                 self.stats.count("rejected_connections")
                 log.warning("refused connection from pid %d (uid %d): %s", pid, uid, why)
-                self._refuse(sock, why)
+                self._refuse(sock, why, error)
                 continue
             self._register(sock, trusted=False, pid=pid, uid=uid)
 
     @staticmethod
-    def _refuse(sock: socket.socket, why: str) -> None:
+    def _refuse(sock: socket.socket, why: str, error: str = "ServerError") -> None:
         try:
             sock.setblocking(False)
-            sock.send(encode(MsgType.ERROR, json_body({"error": "ServerError", "message": why})))
+            sock.send(encode(MsgType.ERROR, json_body({"error": error, "message": why})))
         except OSError:
             pass
         sock.close()
@@ -837,6 +839,7 @@ class DeviceServer:
                 "clients": len(clients),
                 "monitors": sum(1 for c in conns if c.monitor),
                 "items_per_s": sum(d["items_per_s"] for d in devices),
+                "requests_per_s": sum(d["items_per_s"] for d in devices),
                 "queue_s_sum": sum(m["queue"]["sum_s"] for m in models),
                 "compute_s_sum": sum(m["compute"]["sum_s"] for m in models),
                 "rejected_connections": self.stats.rejected_connections,
