@@ -101,6 +101,25 @@ def test_input_iterator_error_reaches_the_caller() -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
+@pytest.mark.parametrize("on_error", ["raise", "return", "skip"])
+def test_unordered_source_error_comes_after_the_items_before_it(on_error: str) -> None:
+    """As completed, the input iterator's error still comes last: every item admitted
+    before it keeps its outcome, whatever the on_error mode."""
+    def source():  # type: ignore[no-untyped-def]
+        yield from range(6)
+        raise OSError("camera unplugged")
+
+    with conveyor.Pipeline(conveyor.stage(sf.slow, kind="process", workers=2),
+                           ordered=False, on_error=on_error) as pipe:
+        got = []
+        with pytest.raises(conveyor.StageError) as info:
+            for out in pipe.map(source()):
+                got.append(out)
+        assert sorted(got) == list(range(6))
+        assert info.value.stage == "source" and info.value.index == 6
+        assert pipe.stats()["items"]["admitted"] == 7
+
+
 def test_bad_input_to_infer_is_a_typed_stage_error() -> None:
     with conveyor.Pipeline(conveyor.infer("face_detection_short_range"), on_error="return") as p:
         out = list(p.map([np.zeros((1, 64, 64, 3), np.float32), sf.image_for(0)]))
@@ -228,3 +247,24 @@ def test_background_process_stage_runs_at_idle_priority(no_leaks: None) -> None:
 def test_background_needs_a_process_stage() -> None:
     with pytest.raises(ValueError, match="kind='process'"):
         conveyor.stage(sf.sched_policy, background=True)
+
+
+def _exit_on_1(x: int) -> int:
+    if x == 1:
+        raise SystemExit(3)
+    if x == 3:
+        raise KeyboardInterrupt
+    return x
+
+
+def test_thread_stage_raising_systemexit_fails_only_that_item() -> None:
+    """SystemExit or KeyboardInterrupt raised by a thread stage's function fails the item
+    (as a worker process exiting would); the stage thread lives on."""
+    with conveyor.Pipeline(conveyor.stage(_exit_on_1, workers=1, name="quit"),
+                           on_error="return") as pipe:
+        out = list(pipe.map(range(5)))
+        assert out[0] == 0 and out[2] == 2 and out[4] == 4
+        for i, cls in ((1, SystemExit), (3, KeyboardInterrupt)):
+            assert isinstance(out[i], conveyor.StageError) and out[i].stage == "quit"
+            assert out[i].index == i and isinstance(out[i].__cause__, cls)
+        assert list(pipe.map([0, 2])) == [0, 2]

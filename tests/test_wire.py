@@ -353,3 +353,30 @@ def test_unpicklable_result_is_a_stage_error(no_leaks: None) -> None:
     assert "pickle" in str(out[2]) and out[2].index == 2
     for i in (0, 1, 3, 4):  # the same worker went on
         same(BIG + i, out[i])
+
+
+def lock_on_2(i: int) -> Any:
+    return threading.Lock() if i == 2 else i
+
+
+@pytest.mark.parametrize("via_thread_stage", [False, True])
+def test_unpicklable_item_for_a_process_stage_fails_alone(no_leaks: None,
+                                                          via_thread_stage: bool) -> None:
+    """An item that cannot be pickled never reaches the worker: it fails with its own
+    StageError (cause: pickle's TypeError), and the items around it go through."""
+    stages = [conveyor.stage(lock_on_2, name="make")] if via_thread_stage else []
+    stages.append(conveyor.stage(np.asarray, kind="process", name="send"))
+    items: list[Any] = list(range(5))
+    if not via_thread_stage:
+        items[2] = threading.Lock()
+    with conveyor.Pipeline(*stages, on_error="return") as pipe:
+        out = list(pipe.map(items))
+        futs = [pipe.submit(x) for x in items]
+        late = [f.exception(timeout=30) or f.result() for f in futs]
+    assert isinstance(out[2], conveyor.StageError) and out[2].index == 2
+    for got in (out, late):
+        err = got[2]
+        assert isinstance(err, conveyor.StageError), got
+        assert err.stage == "send"
+        assert isinstance(err.__cause__, TypeError) and "pickle" in str(err)
+        assert [int(got[i]) for i in (0, 1, 3, 4)] == [0, 1, 3, 4]

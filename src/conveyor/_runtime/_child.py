@@ -20,7 +20,7 @@ from typing import Any
 
 from ._proc import watch_lifeline
 from ._sched import run_in_background
-from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed
+from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, Unpicklable
 
 __all__ = ["main"]
 
@@ -83,9 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             link.send(OK, index, result, start, end)
         except PeerClosed:
             return 0
-        except Exception as exc:  # the result could not be pickled
+        except Exception as exc:  # the result could not be sent, most likely not pickled
+            cause = exc.__cause__ if isinstance(exc, Unpicklable) and isinstance(
+                exc.__cause__, Exception) else exc
             try:
-                link.send(ERR, index, _error_payload(exc), start, end)
+                link.send(ERR, index, _error_payload(cause), start, end)
             except PeerClosed:
                 return 0
         del result, value

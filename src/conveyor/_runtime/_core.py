@@ -28,7 +28,7 @@ from .._errors import (
 from ._channel import Aborted, Channel
 from ._run import CANCEL, DROP, ERR, OK, Run
 from ._stats import DeviceStats, StageStats, Tracer
-from ._wire import PeerClosed
+from ._wire import PeerClosed, Unpicklable
 from ._workers import ProcWorker, pickle_function
 
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ class _DeviceLink:
                 return
             old = self.worker
             assert old is not None
+            try:  # a worker that died has usually not been reaped yet: say how it ended
+                old.process.proc.wait(timeout=0.2)
+            except Exception:
+                pass
             log.warning("device worker pid %d for %s %s; restarting it", old.pid,
                         self.defn.device, old.process.describe_exit())
             old.process.kill()
@@ -370,7 +374,7 @@ class Core:
         err = StageError("source", index, f"the input iterator raised {type(exc).__name__}: {exc}",
                          "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         err.__cause__ = exc
-        run.deliver(index, ERR, err)
+        run.deliver_last(index, ERR, err)
 
     # --- stage workers --------------------------------------------------------------
 
@@ -381,7 +385,10 @@ class Core:
         start = time.monotonic_ns()
         try:
             return d.fn(item.value)
-        except Exception as exc:
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt raised by the function itself (signals reach
+            # only the main thread) fails the item, as a worker process exiting would: the
+            # thread must live on, or every item after it would wait forever.
             raise _Failed(exc, traceback.format_exc()) from None
         finally:
             if self.tracer is not None:
@@ -602,6 +609,11 @@ class Core:
             if pw is None:
                 raise WorkerStartError(f"stage {self.defs[si].name!r} has no worker")
             pw.send(item.index, item.value)
+        except Unpicklable as exc:  # this item fails; the worker never saw it
+            cause = exc.__cause__ or exc
+            self._stage_failed(si, item, start or time.monotonic_ns(), cause,
+                               f"the item could not be sent to a worker process: {exc}\n")
+            return True
         except (OSError, PeerClosed, WorkerStartError) as exc:
             if self.closing:
                 item.run.deliver(item.index, CANCEL)

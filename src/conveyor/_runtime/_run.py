@@ -41,6 +41,9 @@ class Run:
         self._arrived: deque[tuple[int, Outcome]] = deque()
         self._skip: set[int] = set()
         self.dropped = 0
+        # Unordered runs: the input iterator's error, held back until every item admitted
+        # before it has its outcome (ordered runs get that from the order itself).
+        self._last: tuple[int, Outcome] | None = None
         self._notify = notify
         self.on_outcome: Callable[[int, str, Any], None] | None = None
 
@@ -96,6 +99,24 @@ class Run:
         if self._notify is not None:
             self._notify()
 
+    def deliver_last(self, index: int, kind: str, value: Any = None) -> None:
+        """Record the outcome of the run's last item (the input iterator's error), to be
+        taken after every other admitted item's outcome, in unordered runs too."""
+        if self.ordered or self.on_outcome is not None:
+            self.deliver(index, kind, value)
+            return
+        with self._lock:
+            if self.cancelled:
+                self.tokens += 1
+                self.consumed += 1
+                self._tokens_cv.notify()
+                self._ready_cv.notify()
+                return
+            self._last = (index, (kind, value))
+            self._ready_cv.notify()
+        if self._notify is not None:
+            self._notify()
+
     def release_token(self) -> None:
         """Give back a token taken for an item that never came (the source ended)."""
         with self._lock:
@@ -137,10 +158,13 @@ class Run:
                 return None
             index = self.next_index
             self.next_index += 1
-        else:
-            if not self._arrived:
-                return None
+        elif self._arrived:
             index, outcome = self._arrived.popleft()
+        elif self._last is not None and self.consumed + 1 >= self.admitted:
+            index, outcome = self._last
+            self._last = None
+        else:
+            return None
         self.tokens += 1
         self.consumed += 1
         self._tokens_cv.notify()

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._shm import Segment, align
 
-__all__ = ["MsgSocket", "PeerClosed", "RemoteError"]
+__all__ = ["MsgSocket", "PeerClosed", "RemoteError", "Unpicklable"]
 
 HEAD = struct.Struct("<BBBxIIQqq")
 BUF = struct.Struct("<QQ")
@@ -58,6 +58,10 @@ class RemoteError(Exception):
 
 class PeerClosed(Exception):
     """The other end closed the socket (or the process died)."""
+
+
+class Unpicklable(Exception):
+    """The object could not be pickled; nothing was sent. ``__cause__`` says why."""
 
 
 def _describe(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes | None:
@@ -99,7 +103,8 @@ class MsgSocket:
 
     def send(self, kind: int, index: int, obj: Any, start_ns: int = 0, end_ns: int = 0) -> None:
         """Send ``obj`` (pickled unless an int or a plain array). Blocks while the socket
-        is full. Raises PeerClosed if the peer is gone; pickling errors propagate."""
+        is full. Raises PeerClosed if the peer is gone, Unpicklable (nothing sent) if
+        ``obj`` cannot be pickled."""
         tp = type(obj)
         try:
             if tp is int and _INT_MIN <= obj <= _INT_MAX:
@@ -148,7 +153,12 @@ class MsgSocket:
             bufs.append(raw)
             return False
 
-        data = pickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
+        try:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
+        except Exception as exc:
+            for b in bufs:
+                b.release()
+            raise Unpicklable(f"cannot pickle {type(obj).__name__}: {exc}") from exc
         try:
             slot = self._turn
             table = b""

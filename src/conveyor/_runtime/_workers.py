@@ -98,7 +98,8 @@ class ProcWorker:
         """Hand the worker one more task (it runs them in order); does not wait.
 
         At most two tasks may be outstanding (see :mod:`._wire`). Raises PeerClosed or
-        OSError if the worker is gone.
+        OSError if the worker is gone, Unpicklable (nothing sent) for a value that cannot
+        be pickled.
         """
         self.link.send(TASK, index, value)
 
