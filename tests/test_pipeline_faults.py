@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import wait
 
 import psutil
 import pytest
@@ -59,6 +60,17 @@ def test_live_mode_drops_oldest_and_counts_every_drop(no_leaks: None) -> None:
     assert out == sorted(out)  # still in order
     assert out[-1] == n - 1 or len(out) < n  # the freshest item survives
     assert took < n * 0.02  # the source never waited for the slow stage
+
+
+def test_live_mode_submit_cancels_the_futures_of_dropped_items(no_leaks: None) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.slow), drop="oldest", max_in_flight=3) as pipe:
+        futs = [pipe.submit(i) for i in range(40)]  # far faster than the stage
+        wait(futs, timeout=30)
+        st = pipe.stats()
+    cancelled = [f for f in futs if f.cancelled()]
+    assert cancelled and len(cancelled) == st["stages"]["slow"]["dropped"]
+    done = [f.result() for f in futs if not f.cancelled()]
+    assert len(done) + len(cancelled) == 40 and done[-1] == 39
 
 
 def test_leaving_the_with_ends_everything_within_a_second(no_leaks: None) -> None:

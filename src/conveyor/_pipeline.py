@@ -376,7 +376,8 @@ class Pipeline:
         """Put one item in and return a concurrent.futures.Future of its result.
 
         Blocks while the first channel is full (backpressure). The Future raises
-        StageError if the item fails, PipelineClosedError if the pipeline closes first.
+        StageError if the item fails, PipelineClosedError if the pipeline closes first;
+        in live mode (``drop="oldest"``) a dropped item's Future is cancelled.
         """
         core = self._ensure()
         fut: Future[Any] = Future()
@@ -401,9 +402,11 @@ class Pipeline:
             fut.set_result(value)
         elif kind == ERR:
             fut.set_exception(value)
-        elif kind in (DROP, CANCEL):
-            fut.set_exception(PipelineClosedError(
-                "the item was dropped" if kind == DROP else "the pipeline was closed"))
+        elif kind == DROP:  # live mode dropped it: cancelled, as if the caller had
+            if fut.cancel():
+                fut.set_running_or_notify_cancel()  # wakes wait() and as_completed() too
+        elif kind == CANCEL:
+            fut.set_exception(PipelineClosedError("the pipeline was closed"))
 
     # --- observation ----------------------------------------------------------------
 
