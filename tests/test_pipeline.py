@@ -120,6 +120,17 @@ def test_unordered_source_error_comes_after_the_items_before_it(on_error: str) -
         assert pipe.stats()["items"]["admitted"] == 7
 
 
+def test_stats_count_every_run_and_submit() -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.fail_on_multiple_of_7, name="f"),
+                           on_error="skip") as pipe:
+        assert list(pipe.map(range(5))) == [100, 101, 102, 104]  # 3 is skipped
+        assert list(pipe.map(range(5, 8))) == [105, 106, 107]
+        assert [pipe.submit(i).result() for i in (8, 9)] == [108, 109]
+        st = pipe.stats()
+    assert st["items"] == {"admitted": 10, "dropped": 0, "skipped": 1}
+    assert st["stages"]["f"]["in"] == 10 and st["stages"]["f"]["errors"] == 1
+
+
 def test_bad_input_to_infer_is_a_typed_stage_error() -> None:
     with conveyor.Pipeline(conveyor.infer("face_detection_short_range"), on_error="return") as p:
         out = list(p.map([np.zeros((1, 64, 64, 3), np.float32), sf.image_for(0)]))

@@ -41,7 +41,9 @@ def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -
         first_pid = link.worker.pid
         out = list(pipe.map(kill_at(range(60), 20, first_pid)))
         assert len(out) == 60 and all(isinstance(o, float) for o in out)
-        assert pipe.stats()["device"]["restarts"] == 1
+        st = pipe.stats()
+        assert st["device"]["restarts"] == 1
+        assert st["stages"]["face_detection_short_range"]["restarts"] == 1
         assert link.worker.pid != first_pid
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
 
@@ -69,6 +71,7 @@ def test_live_mode_submit_cancels_the_futures_of_dropped_items(no_leaks: None) -
         st = pipe.stats()
     cancelled = [f for f in futs if f.cancelled()]
     assert cancelled and len(cancelled) == st["stages"]["slow"]["dropped"]
+    assert st["items"]["admitted"] == 40 and st["items"]["dropped"] == len(cancelled)
     done = [f.result() for f in futs if not f.cancelled()]
     assert len(done) + len(cancelled) == 40 and done[-1] == 39
 
@@ -89,6 +92,21 @@ def test_leaving_the_with_ends_everything_within_a_second(no_leaks: None) -> Non
     assert time.monotonic() - t0 < 1.5
     assert wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() !=
                                     "zombie" for p in pids), timeout=1.0)
+
+
+def _stuck(x: int) -> int:
+    if x == 1:
+        time.sleep(3)  # no way to interrupt a thread: close() must not wait it out
+    return x
+
+
+def test_close_returns_within_a_second_despite_a_stuck_thread_stage() -> None:
+    with conveyor.Pipeline(conveyor.stage(_stuck, workers=1), maxsize=2) as pipe:
+        it = pipe.map(range(10))
+        assert next(it) == 0
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    assert took < 1.0, took
 
 
 def test_exception_in_the_with_block_closes(no_leaks: None) -> None:

@@ -183,7 +183,9 @@ class Pipeline:
         self._submit_run: Run | None = None
         self._futures: dict[int, Future[Any]] = {}
         self._submit_index = 0
+        self._submit_dropped = 0
         self._runs: list[Run] = []
+        self._past = [0, 0]  # items admitted and dropped by runs no longer in _runs
         self.skipped = 0
 
     # --- life cycle -----------------------------------------------------------------
@@ -253,8 +255,15 @@ class Pipeline:
     def _new_run(self, ordered: bool, notify: Callable[[], None] | None = None) -> Run:
         run = Run(ordered, self.max_in_flight, notify)
         with self._lock:
-            self._runs = [r for r in self._runs if not r.complete and not r.cancelled]
-            self._runs.append(run)
+            keep = []
+            for r in self._runs:
+                if r.complete or r.cancelled:
+                    self._past[0] += r.admitted
+                    self._past[1] += r.dropped
+                else:
+                    keep.append(r)
+            keep.append(run)
+            self._runs = keep
         return run
 
     def _cancel(self, run: Run, core: Core) -> None:
@@ -396,6 +405,8 @@ class Pipeline:
     def _resolve(self, index: int, kind: str, value: Any) -> None:
         with self._lock:
             fut = self._futures.pop(index, None)
+            if kind == DROP:
+                self._submit_dropped += 1
         if fut is None or fut.done():
             return
         if kind == OK:
@@ -413,6 +424,10 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         """Counts (final once closed), latency and queue depth per stage; device duty cycle.
 
+        Every count covers the pipeline's whole life: all ``map``, ``amap`` and ``submit``
+        calls so far (``items``: admitted, dropped in live mode, skipped by
+        ``on_error="skip"``); ``elapsed_s`` is the time since it started.
+
         ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
         "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:
         {"duty_cycle", "items_per_s", ...}}, "device": <the first device's entry>}``
@@ -423,9 +438,11 @@ class Pipeline:
         snap = core.snapshot()
         with self._lock:
             runs = list(self._runs)
+            admitted = self._past[0] + self._submit_index
+            dropped = self._past[1] + self._submit_dropped
         snap["items"] = {
-            "admitted": sum(r.admitted for r in runs),
-            "dropped": sum(r.dropped for r in runs),
+            "admitted": admitted + sum(r.admitted for r in runs),
+            "dropped": dropped + sum(r.dropped for r in runs),
             "skipped": self.skipped,
         }
         snap["device"] = next(iter(snap["devices"].values()), None)

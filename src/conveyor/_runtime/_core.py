@@ -282,7 +282,9 @@ class Core:
             stoppers.append(threading.Thread(target=link.close, daemon=True))
         for t in stoppers:
             t.start()
-        deadline = time.monotonic() + 1.0
+        # Workers get 0.5 s to exit before SIGKILL; a thread stuck in a stage function
+        # cannot be stopped at all, so it is waited for only until close() has used 0.8 s.
+        deadline = time.monotonic() + 0.8
         for t in stoppers:
             t.join(max(0.0, deadline - time.monotonic()))
         for t in self.threads:
@@ -691,6 +693,8 @@ class Core:
         stages = {}
         for si, st in enumerate(self.stats):
             stages[st.name] = st.snapshot(len(self.channels[si]), elapsed)
+            if si in self.links:  # an inference stage's worker is its device worker
+                stages[st.name]["restarts"] = self.links[si].stats.restarts
         devices = {self.defs[si].name: link.stats.snapshot(now, self.started_ns)
                    for si, link in self.links.items()}
         return {"elapsed_s": elapsed, "stages": stages, "devices": devices}
