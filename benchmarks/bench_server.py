@@ -155,7 +155,8 @@ def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> 
     floor: list[int] = []
     server: list[int] = []
     private: list[int] = []
-    worker = DeviceWorker(device, [model], realtime=realtime)
+    # The same client set-up as connect() gives: the waiting thread reads its own reply.
+    worker = DeviceWorker(device, [model], realtime=realtime, reader=False)
     try:
         with serve(device, model, *_rt(realtime)) as path, connect(path) as client:
             trips = ((floor_trip, floor), (lambda: client.infer(model, img), server),

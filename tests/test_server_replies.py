@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from test_server_support import FakeDevice, ThreadServer, socket_dir, x
 
 from conveyor import Busy, DeviceClient, ProtocolError, ServerError
@@ -164,6 +165,25 @@ def test_outputs_kept_by_the_caller_stay_as_they_were(sdir: Path,
             assert fut.result(10)[1].tolist() == [4.0 * i]
         for i, y in kept:
             assert y.tolist() == [[i + 1.0] * 4]
+
+
+def test_client_with_its_own_reader_serves_futures_and_waits(sdir: Path) -> None:
+    """reader=True: one thread reads every reply, in flight or not; futures, waiting
+    calls and server restarts still work, and close() ends that thread."""
+    with ThreadServer(sdir / "s", [FakeDevice()], ["m"]) as srv:
+        c = DeviceClient(path=srv.path, reader=True)
+        bg = c._bg
+        assert bg is not None and bg.is_alive()  # reading before the first request
+        for _ in range(3):  # nothing in flight between rounds: the reader stays put
+            futs = [(i, c.submit("m", x(float(i)))) for i in range(10)]
+            assert [f.result(10)[1].tolist() for _, f in futs] == [[4.0 * i] for i in range(10)]
+            assert c.infer("m", x(2.0))[1].tolist() == [8.0]
+            assert c.status()["totals"]["clients"] == 1
+        # the same thread, back on the socket with nothing in flight
+        assert c._bg is bg and wait_for(lambda: c._reading, timeout=2.0)
+        c.close()
+        bg.join(2)
+        assert not bg.is_alive()
 
 
 # --- the Future -------------------------------------------------------------------------------

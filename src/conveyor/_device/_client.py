@@ -117,6 +117,12 @@ class DeviceClient:
         timeout: seconds to wait for the connection and the handshake.
         name: shown by ``conveyor status``.
         monitor: only watch (``status()``): no shared memory, not counted as a client.
+        reader: a thread of the client's own waits on the socket at all times and
+            finishes every reply as it arrives. For a client used through futures
+            (a pipeline's): a reply then costs one thread wake-up, where a reader that
+            sleeps whenever nothing is in flight costs two (woken by the next submit,
+            then by the reply). A call that waits (``infer``) gets its reply from that
+            thread, one hop later than reading it itself.
 
     Raises:
         ServerGone: no server answers at ``path``.
@@ -135,6 +141,7 @@ class DeviceClient:
         timeout: float = 10.0,
         name: str = "",
         monitor: bool = False,
+        reader: bool = False,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.reconnect = reconnect
@@ -155,9 +162,13 @@ class DeviceClient:
         self._reading = False
         self._sleepers = 0  # threads waiting on _cv for the reader role or an outcome
         self._bg: threading.Thread | None = None
+        self._dedicated = reader
         self._models: dict[str, ModelInfo] = {}
         self.welcome: dict[str, Any] = {}
         self._connect(sock)
+        if reader:
+            with self._lock:
+                self._start_background()
 
     # --- connection -----------------------------------------------------------------
 
@@ -368,7 +379,8 @@ class DeviceClient:
                 raise
 
     def _background(self) -> None:
-        """Read replies nobody waits for yet (futures, asyncio); idle otherwise."""
+        """Read replies nobody waits for yet (futures, asyncio); idle otherwise, unless
+        the client was made with ``reader=True``: then it reads at all times."""
         read = False
         while True:
             with self._cv:
@@ -377,7 +389,8 @@ class DeviceClient:
                     if self._sleepers:
                         self._cv.notify_all()
                 while not self._closed and (
-                    self._reading or self._link is None or self._unwaited <= 0
+                    self._reading or self._link is None
+                    or (self._unwaited <= 0 and not self._dedicated)
                 ):
                     self._sleepers += 1
                     try:

@@ -31,11 +31,13 @@ class DeviceWorker:
     the child is killed and reaped and the error raised (the worker's own typed error,
     or WorkerStartError). ``realtime``: the device thread's SCHED_FIFO priority (0: none;
     see :class:`DeviceServer`); the policy in force is in ``client.welcome["devices"]``.
+    ``reader``: the client's own thread reads every reply (see :class:`DeviceClient`; on
+    by default, as a pipeline uses the worker through futures).
     """
 
     def __init__(
         self, device: str, models: Sequence[str], *, timeout: float = 60.0,
-        max_inflight: int = 8, realtime: int = 0,
+        max_inflight: int = 8, realtime: int = 0, reader: bool = True,
     ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = ["--fd", str(child.fileno()), "--device", device, "--max-inflight",
@@ -50,7 +52,7 @@ class DeviceWorker:
         finally:
             child.close()
         try:
-            self.client = DeviceClient(parent, timeout=timeout, name="pipeline")
+            self.client = DeviceClient(parent, timeout=timeout, name="pipeline", reader=reader)
         except ConveyorError as exc:
             self.process.kill()
             if type(exc).__name__ in ("ServerGone", "ProtocolError"):

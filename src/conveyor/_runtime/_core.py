@@ -95,7 +95,8 @@ class _DeviceLink:
         self.gen = 0
         self.closing = False
         if d.server is not None:
-            self.client = DeviceClient(path=d.server, reconnect=True, name=f"pipeline:{d.name}")
+            self.client = DeviceClient(path=d.server, reconnect=True, name=f"pipeline:{d.name}",
+                                       reader=True)
         else:
             self.worker = self._spawn()
             self.client = self.worker.client
