@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ def test_stage_error_names_stage_index_and_cause(no_leaks: None) -> None:
     assert isinstance(err.__cause__, sf.Boom)
     assert "bad item 10" in str(err)
     assert "fail_on_multiple_of_7" in err.traceback_text  # the worker's traceback
+    if sys.version_info >= (3, 11):  # ...also printed under the cause, as a note
+        assert "fail_on_multiple_of_7" in "".join(err.__cause__.__notes__)
     assert got == [x * 2 + 100 for x in range(5)]
 
 

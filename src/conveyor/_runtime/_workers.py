@@ -41,6 +41,9 @@ def rebuild_error(payload: tuple[Any, str, str, str]) -> tuple[BaseException, st
             exc = None
     if not isinstance(exc, BaseException):
         exc = RemoteError(f"{type_name}: {message}")
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+: shown under the exception
+    if add_note is not None and tb:
+        add_note("The traceback in the worker process:\n" + tb.rstrip())
     return exc, tb
 
 
