@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,15 @@ TOP = {"device", "model", "machine", "device_alone_items_per_s", "scenarios"}
 FIELDS = ["items_per_s", "duty_cycle", "p50_ms", "p99_ms", "cpu_cores", "ratio_to_device_alone"]
 
 
-def bench(capsys: pytest.CaptureFixture[str], *argv: str | os.PathLike[str]) -> dict[str, Any]:
-    code = conveyor.cli.main(["bench", "--json", "--no-progress", *map(os.fspath, argv)])
-    out = capsys.readouterr().out
-    assert code == 0, out
+def bench(capsys: pytest.CaptureFixture[str], *argv: str | os.PathLike[str],
+          progress: bool = False) -> tuple[dict[str, Any], str]:
+    """The bench's JSON and what it wrote on stderr."""
+    quiet = [] if progress else ["--no-progress"]
+    code = conveyor.cli.main(["bench", "--json", *quiet, *map(os.fspath, argv)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     data: dict[str, Any] = json.loads(out)  # stdout is the JSON object and nothing else
-    return data
+    return data, err
 
 
 def check_shape(data: dict[str, Any], device: str, items: int) -> None:
@@ -64,7 +68,7 @@ def check_shape(data: dict[str, Any], device: str, items: int) -> None:
 @pytest.mark.slow
 def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leaks: None) -> None:
     png, trace = tmp_path / "bench.png", tmp_path / "trace.json"
-    data = bench(
+    data, _ = bench(
         capsys, "--device", "sim-edgetpu", "--items", "40", "--plot", png, "--trace", trace
     )
     check_shape(data, "sim-edgetpu", 40)
@@ -83,8 +87,13 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
 
 @pytest.mark.slow
 def test_cpu(capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
-    data = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0")
+    data, err = bench(capsys, "--device", "cpu", "--items", "24", "--python-ms", "0",
+                      progress=True)
     check_shape(data, "cpu", 24)
+    # No terminal here: progress comes as a line per step on stderr, not a bar.
+    steps = [line for line in err.splitlines() if line.startswith("conveyor bench: [")]
+    assert len(steps) == len(SCENARIOS) + 1 and "[1/9] device alone:" in steps[0]
+    assert all(f"] {name}: " in line for name, line in zip(SCENARIOS, steps[1:]))
     # The CPU's device thread computes: no real-time priority unless asked for.
     assert data["machine"]["bench"]["realtime"] == "normal"
     # On the CPU the device's own account is the time around each call.
@@ -96,6 +105,20 @@ def test_realtime_by_default_only_where_the_device_thread_waits() -> None:
     assert [_realtime("auto", d) for d in ("cpu", "cpu:1", "onnx:cpu", "auto")] == [0] * 4
     assert [_realtime("auto", d) for d in ("sim-edgetpu", "edgetpu:usb", "onnx:cuda")] == [1] * 3
     assert (_realtime("on", "cpu"), _realtime("off", "sim-edgetpu")) == (1, 0)
+
+
+@pytest.mark.parametrize(("option", "where", "why"), [
+    ("--plot", "missing/b.png", "no such directory"),
+    ("--trace", "missing/t.json", "no such directory"),
+    ("--plot", ".", "is a directory"),
+])
+def test_unwritable_output_is_refused_before_the_run(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, option: str, where: str,
+        why: str) -> None:
+    t0 = time.monotonic()
+    assert conveyor.cli.main(["bench", option, str(tmp_path / where)]) == 2
+    assert time.monotonic() - t0 < 5  # refused at once, not after the benchmark
+    assert why in capsys.readouterr().err
 
 
 def test_bad_model(capsys: pytest.CaptureFixture[str]) -> None:

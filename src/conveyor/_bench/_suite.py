@@ -107,6 +107,15 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         leave=False,
         dynamic_ncols=True,
     )
+    # Without a terminal (CI, a pipe) tqdm stays silent: say each step in a line instead.
+    lines = progress and bar.disable
+    steps = len(SCENARIOS) + 1
+
+    def said(step: int, name: str, result: Result) -> None:
+        if lines:
+            print(f"conveyor bench: [{step}/{steps}] {name}: {result.items_per_s:.1f} "
+                  f"items/s, device busy {100 * result.duty_cycle:.0f}%",
+                  file=sys.stderr, flush=True)
     setup = Setup(
         opts.device,
         work,
@@ -125,10 +134,12 @@ def run_suite(opts: Options, *, progress: bool = True) -> Outcome:
         bar.set_description("device alone")
         alone = device_alone(setup, runs)
         bar.update(runs)
+        said(1, "device alone", alone)
         results = []
-        for name, design in SCENARIOS.items():
+        for step, (name, design) in enumerate(SCENARIOS.items(), 2):
             bar.set_description(name)
             results.append(design(setup))
+            said(step, name, results[-1])
     finally:
         bar.close()
     wall = time.monotonic() - t0

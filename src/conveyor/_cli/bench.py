@@ -15,8 +15,9 @@ weighted NMS) runs under each design, one after another:
 
 For each: items/s, the device's duty cycle (its busy time over the run), p50 and p99
 latency per item, and CPU use in cores; and the device alone (the model back to back:
-the physical bound) with each design's ratio to it. A progress bar runs on stderr; a
-table is printed at the end, or with --json the JSON object only:
+the physical bound) with each design's ratio to it. A progress bar runs on stderr (a
+line per design where stderr is not a terminal); a table is printed at the end, or with
+--json the JSON object only:
 
   {"device", "model", "machine", "device_alone_items_per_s",
    "scenarios": {NAME: {"items_per_s", "duty_cycle", "p50_ms", "p99_ms", "cpu_cores",
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,7 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="draw timelines and a bar chart of items/s into a PNG",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    for option, path in (("--trace", args.trace), ("--plot", args.plot)):
+        why = _unwritable(path)
+        if why:  # found out now, not after a minute of benchmarking
+            print(f"conveyor bench: {option} {path}: {why}", file=sys.stderr)
+            return 2
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -176,13 +184,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"conveyor bench: {exc}", file=sys.stderr)
         return 1
     data = outcome.data
+    plotted = 0
     if args.plot is not None:
         from .._bench._plot import plot
 
-        plot(args.plot, outcome.results, outcome.alone.items_per_s, title=_title(data))
+        try:
+            plot(args.plot, outcome.results, outcome.alone.items_per_s, title=_title(data))
+        except OSError as exc:  # the results are still printed below
+            print(f"conveyor bench: cannot write the plot {args.plot}: {exc}", file=sys.stderr)
+            plotted = 1
     if args.json:
         print(json.dumps(data, indent=2))
-        return 0
+        return plotted
     from .._bench._report import headline, table
 
     print(_title(data))
@@ -199,9 +212,24 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.trace is not None:
         print(f"trace of the conveyor design: {args.trace}")
-    if args.plot is not None:
+    if args.plot is not None and not plotted:
         print(f"plot: {args.plot}")
-    return 0
+    return plotted
+
+
+def _unwritable(path: Path | None) -> str:
+    """Why a file cannot be written at ``path`` ("" if it can, or no path was given)."""
+    if path is None:
+        return ""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return "is a directory"
+    if not parent.is_dir():
+        return f"no such directory {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists()
+                                                    and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return ""
 
 
 def _realtime(choice: str, device: str) -> int:
