@@ -64,7 +64,7 @@ def check_shape(data: dict[str, Any], device: str, items: int) -> None:
         assert s["ratio_to_device_alone"] == pytest.approx(s["items_per_s"] / alone, rel=1e-2)
     # Its speed beside conveyor over its speed alone (0.2 s of it in a short run, so other
     # load on the machine can push it over 1; a gross error in either rate would not pass).
-    assert 0.0 < data["scenarios"]["two_programs"]["other_program_speed"] <= 3.0
+    assert 0.0 <= data["scenarios"]["two_programs"]["other_program_speed"] <= 3.0
 
 
 @pytest.mark.slow
