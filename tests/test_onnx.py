@@ -121,3 +121,14 @@ def test_onnx_cuda_agrees_with_onnx_cpu(onnx_cpu: Any) -> None:
             for g, c in zip(gpu_runner.run([x]), cpu_runner.run([x])):
                 # cuDNN may pick TF32 or other algorithms: a looser, stated tolerance
                 np.testing.assert_allclose(g, c, rtol=1e-3, atol=1e-2, err_msg=f"{model} {name}")
+
+
+@pytest.mark.parametrize("content", [b"hello, not a model\n", b""])
+def test_corrupt_onnx_file_is_an_invalid_model(tmp_path: Path, content: bytes) -> None:
+    from conveyor import InvalidModelError
+
+    data = content or (BUNDLED_DIR / "face_landmark.onnx").read_bytes()[:5000]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(data)
+    with pytest.raises(InvalidModelError, match=str(bad)):
+        open_device("onnx:cpu").load(bad)

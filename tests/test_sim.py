@@ -282,3 +282,20 @@ def test_a_run_never_ends_early_and_the_wake_up_lateness_is_learnt() -> None:
         assert device._overshoot < 0.0003
     finally:
         device.close()
+
+
+def test_damaged_model_files_are_invalid_models(tmp_path: Path) -> None:
+    """Cut short anywhere, a model fails as InvalidModelError naming the file, never as
+    an error from deep inside the flatbuffer reader."""
+    from conveyor import InvalidModelError, resolve_model
+
+    data = resolve_model("face_detection_full_range").read_bytes()
+    dev = open_device("sim-edgetpu")
+    try:
+        for i, cut in enumerate(range(64, len(data), len(data) // 12)):
+            bad = tmp_path / f"cut{i}.tflite"
+            bad.write_bytes(data[:cut])
+            with pytest.raises(InvalidModelError, match=str(bad)):
+                dev.load(bad)
+    finally:
+        dev.close()

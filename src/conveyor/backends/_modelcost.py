@@ -139,7 +139,7 @@ def _cost_cached(path: str, mtime_ns: int, size: int) -> ModelCost:
             _op_macs(op, codes[int(op.OpcodeIndex())], subgraph, ops) for op in _operators(subgraph)
         )
         return ModelCost(p.stem, _param_bytes(model, subgraph, schema), macs, io[0], io[1])
-    except (IndexError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # a damaged flatbuffer fails in many ways (struct.error...)
         raise InvalidModelError(f"cannot read the graph of {p}: {exc!r}") from exc
 
 

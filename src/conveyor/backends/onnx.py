@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._errors import DeviceError, DeviceNotFoundError, DeviceSpecError, ModelNotFoundError
+from .._errors import (
+    DeviceError,
+    DeviceNotFoundError,
+    DeviceSpecError,
+    InvalidModelError,
+    ModelNotFoundError,
+)
 from .._models import BUNDLED_DIR
 from .._tensors import TensorSpec
 from ._base import Device, Runner
@@ -24,6 +30,8 @@ from ._spec import DeviceSpec
 __all__ = ["OnnxDevice", "OnnxRunner", "bundled_onnx_models", "resolve_onnx_model"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: ONNX Runtime's exceptions that say the model file itself is bad, whatever the device.
+_BAD_MODEL = ("InvalidProtobuf", "InvalidGraph")
 
 # ONNX Runtime's tensor type strings -> numpy dtypes.
 _DTYPES = {
@@ -181,8 +189,10 @@ class OnnxDevice(Device):
 
         Raises:
             ModelNotFoundError: no ``.onnx`` file for ``model``.
+            InvalidModelError: the file is not a valid ONNX model (not a protobuf, a
+                broken graph).
             DeviceNotFoundError: the provider could not be initialised (no such GPU...).
-            DeviceError: ONNX Runtime could not load the model.
+            DeviceError: ONNX Runtime could not load the model for another reason.
         """
         path = resolve_onnx_model(model)
         ort = self._ort
@@ -194,6 +204,10 @@ class OnnxDevice(Device):
                 str(path), options, providers=[(self.provider, self._options)]
             )
         except self._errors as exc:
+            if type(exc).__name__ in _BAD_MODEL:
+                raise InvalidModelError(
+                    f"{path} is not a model ONNX Runtime can load: {exc}"
+                ) from exc
             if self.spec.bus == "cuda":
                 raise DeviceNotFoundError(
                     f"ONNX Runtime could not start {self.provider} for {self.spec}: {exc}"
