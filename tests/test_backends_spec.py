@@ -81,6 +81,9 @@ def test_libedgetpu_device_strings(text: str, device_string: str) -> None:
         "onnx:cuda:x",
         "auto:1",
         "sim-edgetpu:a:b",
+        "cpu:\u00b2",  # digits to str.isdigit, not to int()
+        "edgetpu:\u00b2",
+        "onnx:cuda:\u0663",
     ],
 )
 def test_bad_specs_list_the_valid_forms(text: str) -> None:

@@ -41,7 +41,7 @@ log = logging.getLogger("conveyor.server")
 
 def resolve_user(user: str) -> int:
     """A user name or numeric uid as a uid. Raises ValueError for an unknown name."""
-    if user.isdigit():
+    if user.isascii() and user.isdigit():
         return int(user)
     try:
         return pwd.getpwnam(user).pw_uid
@@ -51,7 +51,7 @@ def resolve_user(user: str) -> int:
 
 def resolve_group(group: str) -> int:
     """A group name or numeric gid as a gid. Raises ValueError for an unknown name."""
-    if group.isdigit():
+    if group.isascii() and group.isdigit():
         return int(group)
     try:
         return grp.getgrnam(group).gr_gid

@@ -88,7 +88,7 @@ def _bad(spec: str, why: str) -> DeviceSpecError:
 
 
 def _index(spec: str, text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise _bad(spec, f"{text!r} is not a device number")
     return int(text)
 
@@ -116,7 +116,7 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
     elif kind == "edgetpu":
         if not rest:
             return DeviceSpec("edgetpu")
-        if len(rest) == 1 and rest[0].isdigit():
+        if len(rest) == 1 and rest[0].isascii() and rest[0].isdigit():
             return DeviceSpec("edgetpu", index=int(rest[0]))
         if rest[0] in ("usb", "pci") and len(rest) <= 2:
             return DeviceSpec(
