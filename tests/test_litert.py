@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,3 +104,31 @@ def test_run_into_writes_what_run_returns(runner: conveyor.Runner) -> None:
         runner.run_into(x, dst)
         for got, want in zip(dst, runner.run(x)):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("spec", ["cpu", "sim-edgetpu", "onnx:cpu"])
+def test_runner_checks_its_inputs(spec: str) -> None:
+    """Runner.run and run_into, the public per-device API: input that does not fit is an
+    InputError saying what the model expects, and the runner goes on working; input
+    conveyor.infer would accept (one array, a dict, a non-contiguous array) is converted."""
+    dev = conveyor.open_device(spec)
+    try:
+        runner = dev.load("face_detection_short_range")
+        good = np.zeros(runner.inputs[0].shape, np.float32)
+        want = runner.run([good])
+        bad: list[Any] = [
+            [], [good, good], [good.astype(np.float64)], [good[..., :2]], {"nope": good},
+            None, "input", [[1.0, 2.0]],
+        ]
+        outs = [np.empty(s.shape, s.dtype) for s in runner.outputs]
+        for value in bad:
+            with pytest.raises(conveyor.InputError, match="expect"):
+                runner.run(value)
+            with pytest.raises(conveyor.InputError, match="expect"):
+                runner.run_into(value, outs)
+        wide = np.zeros((1, 128, 256, 3), np.float32)[:, :, ::2]  # not contiguous
+        for value in (good, {runner.inputs[0].name: good}, [wide], good[0]):
+            for got, ref in zip(runner.run(value), want):
+                np.testing.assert_array_equal(got, ref)
+    finally:
+        dev.close()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_edgetpu import fake_edgetpu_model
 
-from conveyor._errors import DeviceBusyError, DeviceError
+from conveyor._errors import DeviceBusyError, DeviceError, InputError
 from conveyor._models import bundled_models
 from conveyor.backends import open_device, parse_device
 from conveyor.backends._base import zeros_like_specs
@@ -90,7 +90,7 @@ def test_outputs_have_the_model_specs_and_the_zero_input_values() -> None:
             np.testing.assert_array_equal(got, want)
         first[0][...] = 123  # callers own what they get
         assert not np.array_equal(runner.run(zeros)[0], first[0])
-        with pytest.raises(DeviceError, match="expects inputs"):
+        with pytest.raises(InputError, match=r"expected shape \[1, 128, 128, 3\]"):
             runner.run([np.zeros((1, 3), np.float32)])
     finally:
         device.close()

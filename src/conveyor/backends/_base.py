@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._tensors import TensorSpec
+from .._tensors import TensorSpec, prepare_inputs
 from ._spec import DeviceSpec
 
 __all__ = ["Device", "Runner"]
@@ -33,17 +33,37 @@ class Runner(abc.ABC):
     def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         """Run the model once.
 
-        ``arrays`` are already checked against :attr:`inputs` (see ``prepare_inputs``):
-        one per input, in model order, of the model's shapes and dtypes. Returns the
-        outputs in model order, in the model's dtypes. Blocks for the inference; the GIL
-        is released while the backend computes. Raises DeviceError if the device fails.
+        ``arrays``: one C-contiguous array per input, in model order, of the model's
+        shapes and dtypes (passed as they are, checked in a microsecond), or anything
+        else ``conveyor.infer`` accepts (an array for a one-input model, a dict by input
+        name, float data for a quantised input), converted first. Returns the outputs in
+        model order, in the model's dtypes. Blocks for the inference; the GIL is released
+        while the backend computes.
+
+        Raises:
+            InputError: the inputs do not fit the model (says what it expects).
+            DeviceError: the device failed.
         """
+
+    def checked(self, arrays: Any) -> Sequence[npt.NDArray[Any]]:
+        """``arrays`` as :meth:`run` needs them: as they are when they already fit the
+        model exactly, else converted by ``prepare_inputs`` (which raises InputError)."""
+        specs = self.inputs
+        if type(arrays) in (list, tuple) and len(arrays) == len(specs):
+            for arr, spec in zip(arrays, specs):
+                if (type(arr) is not np.ndarray or arr.shape != spec.shape
+                        or arr.dtype != spec.dtype or not arr.flags.c_contiguous):
+                    break
+            else:
+                return arrays  # type: ignore[no-any-return]
+        return prepare_inputs(specs, arrays, self.model)
 
     def run_into(
         self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """Run the model once and write its outputs into ``outputs`` (arrays of the
         model's output shapes and dtypes, in model order, such as shared-memory views).
+        ``arrays`` as for :meth:`run`.
 
         The device worker calls this. The default copies what :meth:`run` returns; a
         backend that can read its results in place overrides it to save the

@@ -101,6 +101,7 @@ class LiteRTRunner(Runner):
         self._out_idx = [int(d["index"]) for d in self._out]
 
     def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        arrays = self.checked(arrays)
         try:
             self._invoke(arrays)
             return [self._interp.get_tensor(idx) for idx in self._out_idx]
@@ -111,7 +112,8 @@ class LiteRTRunner(Runner):
         self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """Run once and copy the outputs from the interpreter's own buffers into
-        ``outputs`` (no intermediate arrays). Raises DeviceError as :meth:`run` does."""
+        ``outputs`` (no intermediate arrays). Raises as :meth:`run` does."""
+        arrays = self.checked(arrays)
         try:
             self._invoke(arrays)
         except (ValueError, RuntimeError) as exc:

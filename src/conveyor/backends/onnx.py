@@ -137,10 +137,12 @@ class OnnxRunner(Runner):
         """Run once; blocks (ONNX Runtime releases the GIL) for the inference.
 
         Raises:
+            InputError: the inputs do not fit the model.
             DeviceError: ONNX Runtime failed, or the runner is closed.
         """
         if self._session is None:
             raise DeviceError(f"model {self.model} is closed")
+        arrays = self.checked(arrays)
         try:
             outputs = self._session.run(None, dict(zip(self._names, arrays)))
         except self._errors as exc:

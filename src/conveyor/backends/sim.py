@@ -251,17 +251,17 @@ class SimRunner(Runner):
         runner on this device (runs are serialised). Uses no CPU while waiting.
 
         Raises:
-            DeviceError: the runner or device is closed, or ``arrays`` do not match the model
-                in count or shapes (the device would reject them).
+            InputError: the inputs do not fit the model.
+            DeviceError: the runner or device is closed.
         """
-        self._execute(arrays)
+        self._execute(self.checked(arrays))
         return [out.copy() for out in self._fixed]
 
     def run_into(
         self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """As :meth:`run`, copying the fixed outputs straight into ``outputs``."""
-        self._execute(arrays)
+        self._execute(self.checked(arrays))
         for dst, src in zip(outputs, self._fixed):
             np.copyto(dst, src)
 
