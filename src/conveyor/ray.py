@@ -8,10 +8,13 @@ post-processing), so the node's accelerator stays busy exactly as on one machine
     import ray, conveyor.ray
     from conveyor.apps.faces import preprocess, postprocess
 
+    def faces_of(pair):            # with_context: (outputs, letterbox of the frame)
+        return [face.to_json() for face in postprocess(*pair)]
+
     ds = ray.data.read_images("s3://bucket/frames/")        # a column "image"
     faces = conveyor.ray.map_batches(
         ds, "face_detection_short_range", device="edgetpu",
-        preprocess=preprocess, postprocess=postprocess, with_context=True,
+        preprocess=preprocess, postprocess=faces_of, with_context=True,
         column="image", concurrency=4, resources={"edgetpu": 1},
     )
 
@@ -98,11 +101,14 @@ def map_batches(
     example ``{"edgetpu": 1}``) pins each actor to a node that has one. Other keyword
     arguments go to :class:`Predictor`. Returns the lazy Ray Dataset.
     """
+    from ray.data import ActorPoolStrategy
+
     options: dict[str, Any] = {}
     if resources:
         options["resources"] = resources
     return dataset.map_batches(
         Predictor, fn_constructor_kwargs={"model": model, **kwargs},
-        concurrency=concurrency, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        **options,
+        # A fixed pool of actors; Ray 2.51 deprecates concurrency= for this.
+        compute=ActorPoolStrategy(size=concurrency), batch_size=batch_size,
+        batch_format="numpy", num_cpus=1, **options,
     )
