@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or ["face_detection_short_range"]
 
     def ready(path: Path) -> None:
+        shown = [f"{d} (simulation)" if d.strip().lower().startswith("sim-") else d
+                 for d in devices]
         print(f"conveyor serve: listening on {path} (pid {os.getpid()}; "
-              f"devices {', '.join(devices)}; models {', '.join(models)})", flush=True)
+              f"devices {', '.join(shown)}; models {', '.join(models)})", flush=True)
 
     try:
         return serve(

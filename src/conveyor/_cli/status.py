@@ -74,7 +74,7 @@ def render(status: dict[str, Any], client_rates: dict[int, float] | None = None)
     rows = [["DEV", "SPEC", "STATE", "MODEL", "REQ/S", "DUTY", "P50", "P99", "SWITCHES",
              "ERRORS", "DONE"]]
     for d in status["devices"]:
-        spec = str(d.get("spec", "?")) + (" (sim)" if d.get("simulated") else "")
+        spec = str(d.get("spec", "?")) + (" (simulation)" if d.get("simulated") else "")
         rows.append([str(d["index"]), spec, d["state"], d.get("current_model") or "-",
                      f"{d['items_per_s']:.1f}", f"{100 * d['duty_cycle']:.1f}%",
                      _ms(d["p50_ms"]), _ms(d["p99_ms"]), str(d["model_switches"]),

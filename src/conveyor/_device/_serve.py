@@ -230,8 +230,9 @@ def serve(
                               f"{exc.strerror or exc}") from exc
             log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         signals.install()
-        log.info("serving %s on %s (pid %d)", ", ".join(models), ", ".join(devices),
-                 os.getpid())
+        log.info("serving %s on %s (pid %d)", ", ".join(models),
+                 ", ".join(f"{d.spec} (simulation)" if d.simulated else str(d.spec)
+                           for d in opened), os.getpid())
         if ready is not None:
             ready(path)
         server.serve_forever()
