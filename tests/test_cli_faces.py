@@ -133,6 +133,19 @@ def test_detect_reports_unreadable_file_and_goes_on(
     assert lines[1] == f"conveyor: cannot read {missing}: no such file"
 
 
+def test_detect_says_a_folder_has_nothing_to_read(
+    media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    good = str(media / "astronaut.png")
+    assert main("detect", empty, good, "--json") == 1  # the image is still done
+    out, err = capsys.readouterr()
+    assert [r["source"] for r in json_lines(out)] == [good]
+    assert err.startswith(f"conveyor: no image or video files in {empty} (looked for ")
+
+
 def test_detect_searches_folders_recursively(
     media: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,7 +5,7 @@ the device, post-processing (and, with --landmarks, the landmark model on the sa
 in a thread. A folder is searched recursively, in sorted order, for image and video files.
 Boxes and keypoints are relative to the image (0..1). A file that cannot be read is reported
 on stderr (conveyor: cannot read PATH: reason) and the others are still processed; the exit
-status is then 1.
+status is then 1, as it is when a folder given holds no image or video file.
 
 examples:
   conveyor detect photo.jpg
@@ -229,11 +229,12 @@ class Source:
     name: str
 
 
-def expand_sources(paths: Sequence[str]) -> list[Source]:
+def expand_sources(paths: Sequence[str], empty: list[str] | None = None) -> list[Source]:
     """The files named by ``paths``: files as given, folders searched recursively (sorted).
 
     Inside a folder only files with an image or video suffix are taken; a path that does
-    not exist is kept so that reading it reports the error.
+    not exist is kept so that reading it reports the error. Folders with no such file
+    are added to ``empty``, if given.
     """
     sources: list[Source] = []
     for given in paths:
@@ -251,6 +252,8 @@ def expand_sources(paths: Sequence[str]) -> list[Source]:
         for rel_file in sorted(found):
             name = str(Path(rel_file).with_suffix(""))
             sources.append(Source(root / rel_file, os.path.join(given, rel_file), name))
+        if not found and empty is not None:
+            empty.append(given)
     return sources
 
 
@@ -423,7 +426,11 @@ def _frame_source(
 
 def run(args: argparse.Namespace) -> int:
     """Run ``conveyor detect``; 0 if every file was read, 1 if any failed, 2 on a setup error."""
-    sources = expand_sources(args.paths)
+    empty: list[str] = []
+    sources = expand_sources(args.paths, empty)
+    for folder in empty:  # counted as failed: the caller named nothing to detect in there
+        print(f"conveyor: no image or video files in {folder} (looked for "
+              f"{', '.join(sorted(MEDIA_SUFFIXES))})", file=sys.stderr)
     # A few still images need no more worker processes than images: fewer to start.
     stills = all(s.path.suffix.lower() in _STILL_SUFFIXES for s in sources)
     workers = max(1, min(pre_workers(), len(sources))) if stills else pre_workers()
@@ -508,4 +515,4 @@ def run(args: argparse.Namespace) -> int:
         console.close()
         if shared is not None:
             shared.close()
-    return 1 if failed else 0
+    return 1 if failed or empty else 0
