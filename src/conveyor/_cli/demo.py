@@ -15,6 +15,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device_words(spec: str) -> str:
-    return "the CPU device (cpu)" if parse_device(spec).kind == "cpu" else f"device {spec}"
+    kind = parse_device(spec).kind
+    if kind == "cpu":
+        return "the CPU device (cpu)"
+    if kind == "sim-edgetpu":
+        return (f"device {spec} (a simulation: it takes an Edge TPU's time but computes "
+                f"nothing, so it finds no faces)")
+    return f"device {spec}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         print("conveyor: --repeat must be at least 1", file=sys.stderr)
         return 2
+    try:  # found out now, not after the run
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise PermissionError(f"no permission to write in {args.out}")
+    except OSError as exc:
+        print(f"conveyor: cannot write to {args.out}: {exc}", file=sys.stderr)
+        return 1
     try:
         where = _device_words(args.device)
         pipe = face_pipeline(MODEL, args.device)
