@@ -91,6 +91,13 @@ def test_model_resolution(tmp_path: Path) -> None:
         resolve_onnx_model(mine)  # no mine.onnx beside it, none bundled: lists the bundled
     shutil.copy(bundled, tmp_path / "mine.onnx")
     assert resolve_onnx_model(mine) == tmp_path / "mine.onnx"
+    # A path of the user's is never swapped for the bundled model of the same name.
+    other = tmp_path / "other" / "face_landmark.tflite"
+    other.parent.mkdir()
+    shutil.copy(BUNDLED_DIR / "face_detection_short_range.tflite", other)
+    for given in (other, other.with_suffix(".onnx")):
+        with pytest.raises(ModelNotFoundError):
+            resolve_onnx_model(given)
 
 
 def test_describe(onnx_cpu: Any) -> None:

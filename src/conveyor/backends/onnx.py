@@ -86,9 +86,10 @@ def bundled_onnx_models() -> dict[str, Path]:
 def resolve_onnx_model(model: str | Path) -> Path:
     """The ``.onnx`` file for ``model``.
 
-    ``model`` is an ``.onnx`` path, a bundled model name (with or without ``.tflite``), or a
-    ``.tflite`` path, for which the ``.onnx`` of the same name beside it, else the bundled
-    one of that name, is used.
+    ``model`` is an ``.onnx`` path, a bundled model name (with or without ``.tflite`` or
+    ``.onnx``), or a ``.tflite`` path, for which the ``.onnx`` of the same name beside it
+    is used. A path (with a folder in it) is never swapped for a bundled model that
+    happens to have the same name.
 
     Raises:
         ModelNotFoundError: no such ``.onnx`` file (the message lists the bundled ones).
@@ -101,7 +102,8 @@ def resolve_onnx_model(model: str | Path) -> Path:
         candidates.append(path.with_suffix(".onnx"))
     stem = path.stem if path.suffix in (".tflite", ".onnx") else path.name
     bundled = bundled_onnx_models()
-    if stem in bundled:
+    bare = len(path.parts) == 1 and not path.exists()
+    if stem in bundled and (bare or path.parent.resolve() == BUNDLED_DIR.resolve()):
         candidates.append(bundled[stem])
     for candidate in candidates:
         if candidate.is_file():
