@@ -282,3 +282,10 @@ def test_thread_stage_raising_systemexit_fails_only_that_item() -> None:
             assert isinstance(out[i], conveyor.StageError) and out[i].stage == "quit"
             assert out[i].index == i and isinstance(out[i].__cause__, cls)
         assert list(pipe.map([0, 2])) == [0, 2]
+
+
+def test_stats_say_what_auto_chose() -> None:
+    with conveyor.Pipeline(conveyor.infer("face_detection_short_range", device="auto")) as pipe:
+        dev = pipe.stats()["device"]
+    assert dev["device"] == "auto"
+    assert dev["runs_on"] == "cpu" or dev["runs_on"].startswith("edgetpu")  # a concrete one

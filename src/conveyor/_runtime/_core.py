@@ -113,6 +113,9 @@ class _DeviceLink:
     def _note_scheduling(self) -> None:
         devices = self.client.welcome.get("devices") or [{}]
         self.stats.scheduling = str(devices[0].get("scheduling", "normal"))
+        choice = (devices[0].get("choices") or {}).get(self.model) or {}
+        self.stats.runs_on = str(choice.get("device") or devices[0].get("spec")
+                                 or self.stats.spec)
 
     def _restart(self, gen: int) -> None:
         with self._lock:

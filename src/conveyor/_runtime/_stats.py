@@ -72,6 +72,7 @@ class DeviceStats:
         self.last_end_ns = 0
         self.restarts = 0
         self.scheduling = "normal"  # the device thread's CPU policy, as its worker says
+        self.runs_on = spec  # what "auto" chose for the model, else the spec
 
     def record(self, start_ns: int, compute_ns: int) -> None:
         with self.lock:
@@ -97,6 +98,7 @@ class DeviceStats:
                 "items_per_s": self.items / (span / 1e9),
                 "restarts": self.restarts,
                 "scheduling": self.scheduling,
+                "runs_on": self.runs_on,
             }
 
 
