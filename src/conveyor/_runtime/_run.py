@@ -83,10 +83,7 @@ class Run:
                 self._ready_cv.notify()
                 return
             if self.cancelled:
-                self.tokens += 1
-                self.consumed += 1
-                self._tokens_cv.notify()
-                self._ready_cv.notify()
+                self._discard_locked()
                 return
             if self.ordered:
                 self._by_index[index] = (kind, value)
@@ -107,15 +104,19 @@ class Run:
             return
         with self._lock:
             if self.cancelled:
-                self.tokens += 1
-                self.consumed += 1
-                self._tokens_cv.notify()
-                self._ready_cv.notify()
+                self._discard_locked()
                 return
             self._last = (index, (kind, value))
             self._ready_cv.notify()
         if self._notify is not None:
             self._notify()
+
+    def _discard_locked(self) -> None:
+        """An outcome for a run whose caller has gone: only its token comes back."""
+        self.tokens += 1
+        self.consumed += 1
+        self._tokens_cv.notify()
+        self._ready_cv.notify()
 
     def release_token(self) -> None:
         """Give back a token taken for an item that never came (the source ended)."""
