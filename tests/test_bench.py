@@ -123,6 +123,17 @@ def test_unwritable_output_is_refused_before_the_run(
     assert why in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--items", "0"], "--items must be at least 1, got 0"),
+    (["--workers", "-2"], "--workers must be at least 0, got -2"),
+    (["--python-ms", "-0.5"], "--python-ms must be at least 0, got -0.5"),
+])
+def test_bad_numbers_name_the_option(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                     says: str) -> None:
+    assert conveyor.cli.main(["bench", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_bad_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert conveyor.cli.main(["bench", "--model", "face_landmark"]) == 2
     assert "--model must be one of" in capsys.readouterr().err

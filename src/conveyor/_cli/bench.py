@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=0,
-        help="CPU workers of the designs that have several (default: the usable cores)",
+        help="CPU workers of the designs that have several (default, or 0: the usable cores)",
     )
     parser.add_argument(
         "--nice",
@@ -147,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"conveyor bench: {exc}", file=sys.stderr)
         return 2
-    if args.items < 1 or args.workers < 0 or args.python_ms < 0:
-        print(
-            "conveyor bench: --items must be at least 1, --workers and --python-ms at least 0",
-            file=sys.stderr,
-        )
-        return 2
+    for option, value, least in (("--items", args.items, 1), ("--workers", args.workers, 0),
+                                 ("--python-ms", args.python_ms, 0)):
+        if value < least:
+            print(f"conveyor bench: {option} must be at least {least}, got {value:g}",
+                  file=sys.stderr)
+            return 2
     for option, path in (("--trace", args.trace), ("--plot", args.plot)):
         why = _unwritable(path)
         if why:  # found out now, not after a minute of benchmarking
