@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from .._errors import ConveyorError
+from ..backends import parse_device
 
 __all__ = ["add_arguments", "run"]
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     models = args.models or ["face_detection_short_range"]
 
     def ready(path: Path) -> None:
-        shown = [f"{d} (simulation)" if d.strip().lower().startswith("sim-") else d
+        shown = [f"{d} (simulation)" if parse_device(d).kind == "sim-edgetpu" else d
                  for d in devices]
         print(f"conveyor serve: listening on {path} (pid {os.getpid()}; "
               f"devices {', '.join(shown)}; models {', '.join(models)})", flush=True)

@@ -75,12 +75,9 @@ class Run:
                 # A drop is accounted at once and gives its token back, so a stalled
                 # consumer never blocks a live source; ordered runs skip the index.
                 self.dropped += 1
-                self.tokens += 1
-                self.consumed += 1
                 if self.ordered:
                     self._skip.add(index)
-                self._tokens_cv.notify()
-                self._ready_cv.notify()
+                self._discard_locked()
                 return
             if self.cancelled:
                 self._discard_locked()
@@ -112,7 +109,8 @@ class Run:
             self._notify()
 
     def _discard_locked(self) -> None:
-        """An outcome for a run whose caller has gone: only its token comes back."""
+        """An outcome nobody will take (a drop, or a run whose caller has gone): its
+        token comes back at once."""
         self.tokens += 1
         self.consumed += 1
         self._tokens_cv.notify()
