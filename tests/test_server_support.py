@@ -280,6 +280,31 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_table(pid: int) -> dict[str, str]:
+    """What each of the process's descriptors refers to (``socket:[...]``, a path...)."""
+    table = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            table[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return table
+
+
+def wait_for_fds(pid: int, before: dict[str, str], timeout: float = 10.0) -> None:
+    """Wait until ``pid`` holds as many descriptors as in ``before``; on timeout the
+    error names the ones that differ."""
+    end = time.monotonic() + timeout
+    while True:
+        now = fd_table(pid)
+        if len(now) == len(before):
+            return
+        if time.monotonic() > end:
+            extra = {fd: what for fd, what in now.items() if before.get(fd) != what}
+            gone = {fd: what for fd, what in before.items() if now.get(fd) != what}
+            raise AssertionError(f"pid {pid} holds {len(now)} descriptors, had "
+                                 f"{len(before)}: new {extra}, gone {gone}")
+        time.sleep(0.01)
+
+
 def socket_count(pid: int) -> int:
     """Sockets the process holds (a server with no connection holds its listener only)."""
     n = 0
