@@ -62,3 +62,13 @@ def max_score(outputs: list[np.ndarray]) -> float:
 def sched_policy(x: int) -> int:
     """The scheduling policy of the worker that runs the item (os.SCHED_*)."""
     return os.sched_getscheduler(0)
+
+
+def worker_pid(x: int) -> int:
+    """The pid of the process that runs the item."""
+    return os.getpid()
+
+
+def nap(x: int) -> int:
+    time.sleep(0.1)
+    return x

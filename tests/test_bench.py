@@ -69,7 +69,7 @@ def check_shape(data: dict[str, Any], device: str, items: int) -> None:
 
 @pytest.mark.slow
 def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leaks: None) -> None:
-    png, trace = tmp_path / "bench.png", tmp_path / "trace.json"
+    png, trace = tmp_path / "bench", tmp_path / "trace.json"  # no extension: PNG
     data, _ = bench(
         capsys, "--device", "sim-edgetpu", "--items", "40", "--plot", png, "--trace", trace
     )
@@ -80,7 +80,8 @@ def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leak
     assert "(background)" not in data["scenarios"]["two_programs"]["design"]
     # Device threads at SCHED_FIFO 1 where this machine allows it, and the JSON says which.
     assert data["machine"]["bench"]["realtime"] == probe_realtime(1)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # where the command said
+    assert not list(tmp_path.glob("bench.*"))  # not renamed by matplotlib
     events = json.loads(trace.read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     assert any(t.startswith("device") for t in tracks)
@@ -113,6 +114,7 @@ def test_realtime_by_default_only_where_the_device_thread_waits() -> None:
     ("--plot", "missing/b.png", "no such directory"),
     ("--trace", "missing/t.json", "no such directory"),
     ("--plot", ".", "is a directory"),
+    ("--plot", "b.txt", "cannot write .txt images"),
 ])
 def test_unwritable_output_is_refused_before_the_run(
         capsys: pytest.CaptureFixture[str], tmp_path: Path, option: str, where: str,

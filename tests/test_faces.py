@@ -178,6 +178,23 @@ def test_grayscale_and_rgba_images(short: FaceDetector, astronaut: Image8) -> No
     assert only_face(short.detect(rgba)) == only_face(short.detect(astronaut))
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_deep_grayscale_files_load_as_their_8_bit_picture(
+        tmp_path: Path, short: FaceDetector, mode: str) -> None:
+    gray = np.asarray(Image.open(sample("camera.png")))
+    if mode == "F":
+        deep = Image.fromarray(gray.astype(np.float32) / 255, mode="F")
+        path = tmp_path / "camera.tiff"
+    else:
+        deep = Image.fromarray(gray.astype(np.uint16) * 257).convert(mode)
+        path = tmp_path / ("camera.png" if mode == "I;16" else "camera.tiff")
+    deep.save(path)
+    loaded = load_image(path)
+    assert loaded.shape == (*gray.shape, 3) and loaded.dtype == np.uint8
+    assert np.abs(loaded[:, :, 0].astype(int) - gray).max() <= 1
+    assert only_face(short.detect(loaded)) == only_face(short.detect(gray))
+
+
 def test_no_face_in_the_cat(short: FaceDetector) -> None:
     assert short.detect(sample("chelsea.png")) == []
 

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+from conftest import wait_for
 from test_server_support import (
     MODEL,
     SHAPE,
@@ -183,6 +185,55 @@ def test_sigterm_drains_in_flight_requests(sdir: Path) -> None:
         assert "draining" in srv.log() or "stopping" in srv.log()
         with pytest.raises(ServerGone):
             client.infer("face_landmark", img)
+
+
+def test_sigterm_drains_requests_sent_but_not_yet_read(sdir: Path) -> None:
+    # No round trip between the submits and the signal: some requests are still in the
+    # server's socket when it stops. The client saw them sent: they are in flight too.
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--device", "sim-edgetpu:usb2", "--model", "face_landmark") as srv, \
+            conveyor.connect(path) as client:
+        img = np.zeros((1, 192, 192, 3), np.float32)
+        futs = [client.submit("face_landmark", img) for _ in range(32)]
+        srv.terminate()
+        assert all(len(f.result(30)) == 2 for f in futs)
+        assert srv.wait(30) == 0
+
+
+PARENT = """
+import subprocess, sys, time
+srv = subprocess.Popen([sys.executable, "-m", "conveyor", "serve", "--socket", sys.argv[1],
+                        "--exit-with-stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL)
+srv.stdout.readline()  # listening
+print(srv.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_exit_with_stdin_outlives_no_killed_parent(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    parent = python(PARENT, str(path))
+    try:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())
+        with conveyor.connect(path) as client:
+            assert MODEL in client.models()
+        parent.kill()  # SIGKILL: the parent runs no clean-up of its own
+        parent.wait(10)
+
+        def gone() -> bool:
+            try:
+                return psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        assert wait_for(gone, 10), "the server outlived the program that started it"
+        assert not path.exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate()
 
 
 def test_second_sigterm_stops_at_once(sdir: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_server_support import FakeDevice, LogLines, ThreadServer, socket_dir, x
 
-from conveyor import Busy, DeadlineExceeded, DeviceClient, DeviceError
+from conveyor import Busy, DeadlineExceeded, DeviceClient, DeviceError, InputError
 from conveyor._device._protocol import Status
 from conveyor._device._scheduler import ClientState, DeviceState, Request, Scheduler
 
@@ -366,3 +366,27 @@ def test_one_client_shared_by_threads_and_asyncio(sdir: Path) -> None:
             t.join(30)
         assert not any(t.is_alive() for t in threads)
     assert not errors, errors
+
+
+@pytest.mark.parametrize("bad", [{"priority": 1.5}, {"priority": True}, {"priority": "1"},
+                                 {"deadline": float("nan")}, {"deadline": "1"}])
+def test_a_bad_priority_or_deadline_is_refused_before_it_takes_a_slot(
+        sdir: Path, bad: dict[str, Any]) -> None:
+    dev = FakeDevice()
+    with ThreadServer(sdir / "s", [dev], ["m"], max_inflight=4) as srv, \
+            DeviceClient(path=srv.path) as c:
+        for _ in range(10):  # more than the client's credit of slots
+            with pytest.raises(InputError):
+                c.infer("m", x(1), **bad)
+        c.submit("m", x(2)).result(10)  # a slot was free: no wait for ever
+    assert order(dev) == [2]
+
+
+def test_huge_and_infinite_deadlines_mean_no_deadline(sdir: Path) -> None:
+    dev = FakeDevice()
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        c.infer("m", x(1), deadline=1e11)
+        c.infer("m", x(2), deadline=float("inf"))
+        with pytest.raises(DeadlineExceeded):
+            c.infer("m", x(3), deadline=float("-inf"))
+    assert order(dev) == [1, 2]

@@ -6,11 +6,13 @@ import asyncio
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Literal
 
 from ._errors import PipelineClosedError, StageError
+from ._runtime._channel import Aborted
 from ._runtime._core import Core, StageDef
 from ._runtime._run import CANCEL, DROP, ERR, OK, Run
 from ._runtime._sched import check_realtime
@@ -19,6 +21,13 @@ from ._runtime._stats import Tracer
 __all__ = ["Pipeline", "infer", "stage"]
 
 OnError = Literal["raise", "skip", "return"]
+
+
+def _call_if_alive(method: weakref.WeakMethod[Any], index: int, kind: str,
+                   value: Any) -> None:
+    fn = method()
+    if fn is not None:
+        fn(index, kind, value)
 
 
 def stage(
@@ -95,8 +104,14 @@ def infer(
     (``server=``), start the server with ``conveyor serve --realtime`` instead.
 
     Raises:
-        ValueError: ``realtime`` out of range, or given with ``server``.
+        ValueError: ``realtime`` out of range, or given with ``server``; InputError (a
+            ValueError) for a ``deadline`` that is not a number or a ``priority`` that is
+            not a 32-bit int.
     """
+    from ._device._client import check_priority, deadline_to_ns
+
+    deadline_to_ns(deadline)
+    priority = check_priority(priority)
     spec = str(device)
     if spec.startswith("server:"):
         server = spec[len("server:"):] or None
@@ -304,6 +319,8 @@ class Pipeline:
             while True:
                 got = run.take()
                 if got is None:
+                    if run.cancelled:
+                        raise PipelineClosedError("the pipeline was closed during map()")
                     return
                 keep, value = self._outcome(*got[1])
                 if keep:
@@ -322,7 +339,10 @@ class Pipeline:
         ready = asyncio.Event()
 
         def notify() -> None:
-            loop.call_soon_threadsafe(ready.set)
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
         run = self._new_run(self.ordered, notify)
         feeder_task: asyncio.Task[None] | None = None
@@ -335,6 +355,8 @@ class Pipeline:
             while True:
                 got = run.take(block=False)
                 if got is None:
+                    if run.cancelled:
+                        raise PipelineClosedError("the pipeline was closed during amap()")
                     if run.complete:
                         if feeder_task is not None and feeder_task.done():
                             feeder_task.result()
@@ -342,7 +364,7 @@ class Pipeline:
                     ready.clear()
                     got = run.take(block=False)
                     if got is None:
-                        if run.complete:
+                        if run.complete or run.cancelled:
                             continue
                         await ready.wait()
                         continue
@@ -392,14 +414,29 @@ class Pipeline:
         fut: Future[Any] = Future()
         with self._lock:
             if self._submit_run is None:
-                run = Run(False, 1 << 62)
-                run.on_outcome = self._resolve
+                # Live mode bounds submitted items in flight as it bounds a run's.
+                run = Run(False, self.max_in_flight if self.live else 1 << 62)
+                # Weakly: the run lives on in worker threads, and must not keep an
+                # unclosed pipeline from being collected (and so closed).
+                resolve = weakref.WeakMethod(self._resolve)
+                run.on_outcome = lambda i, kind, value: _call_if_alive(resolve, i, kind, value)
                 self._submit_run = run
             run = self._submit_run
             index = self._submit_index
             self._submit_index += 1
             self._futures[index] = fut
-        core.admit(run, index, item)
+        try:
+            if not core.live:
+                run.acquire()
+                core.admit(run, index, item)
+            elif run.acquire(block=False):
+                core.admit(run, index, item)
+            else:
+                core._admit_live_full(run, index, item)
+        except Aborted:  # closed while this call waited for room
+            with self._lock:
+                self._futures.pop(index, None)
+            raise PipelineClosedError("the pipeline was closed during submit()") from None
         return fut
 
     def _resolve(self, index: int, kind: str, value: Any) -> None:

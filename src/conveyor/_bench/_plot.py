@@ -1,6 +1,7 @@
 """The bench's picture: where the device idles, and what each design gets done.
 
-Top: for two designs, one above the other, a timeline over a short window: the device's
+Top: for each design tutorials teach and for conveyor, one above the other, a timeline
+over a short window: the device's
 busy spans on the first row, with every moment it idles shaded red, and below it each CPU
 worker's spans. Bottom: items/s per design as bars, with the device alone (the physical
 bound) as a dashed line. Needs matplotlib (the ``plot`` extra); draws off-screen.
@@ -14,7 +15,7 @@ from typing import Any
 
 from ._measure import Result, Span, busy_within
 
-__all__ = ["CONVEYOR_DESIGNS", "WINDOW_MS", "plot"]
+__all__ = ["CONVEYOR_DESIGNS", "TIMELINES", "WINDOW_MS", "plot", "plot_format"]
 
 #: Length of the timeline window in milliseconds: short enough that a gap of a tenth of a
 #: millisecond between two runs is still a visible red mark.
@@ -31,6 +32,28 @@ CONVEYOR_DESIGNS = ("conveyor", "server_1", "server_4", "two_programs")
 
 # Tracks shown per design, in order; the device is always first.
 _HIDDEN = ("device calls",)
+
+
+#: The designs whose timelines are drawn, one above the other: the ones tutorials
+#: teach, then conveyor.
+TIMELINES = ("sequential", "asyncio", "threads", "threads_queues", "conveyor")
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format for ``path``: its extension, or ``png`` without one.
+
+    Raises:
+        ValueError: matplotlib cannot write that format (the message lists what it can).
+        ModuleNotFoundError: matplotlib is not installed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    known = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in known:
+        raise ValueError(f"cannot write .{fmt} images; use .png, or one of "
+                         f"{', '.join('.' + k for k in sorted(known))}")
+    return fmt
 
 
 def _window(result: Result, window_ns: int) -> tuple[int, int]:
@@ -141,12 +164,13 @@ def plot(
     device_alone: float,
     *,
     title: str,
-    timelines: Sequence[str] = ("threads_queues", "conveyor"),
+    timelines: Sequence[str] = TIMELINES,
     window_ms: float = WINDOW_MS,
 ) -> Path:
-    """Draw the picture for ``results`` into the PNG at ``path``; returns ``path``.
+    """Draw the picture for ``results`` into the file at ``path``; returns ``path``.
 
-    ``timelines`` names the designs whose timelines are drawn (those present).
+    ``timelines`` names the designs whose timelines are drawn (those present). The
+    format is the file name's extension (see :func:`plot_format`), PNG without one.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed (``pip install conveyor[plot]``).
@@ -198,6 +222,6 @@ def plot(
     )
     fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format=plot_format(path))
     plt.close(fig)
     return path

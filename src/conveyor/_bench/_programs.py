@@ -42,8 +42,7 @@ class _Program:
     """A child ``python -m MODULE`` with line-based stdin/stdout and stderr kept aside.
 
     A reader thread moves stdout lines into a queue; lines ``+N`` are progress reports and
-    go to ``on_progress`` instead. ``sigterm``: it is stopped with SIGTERM (``conveyor
-    serve`` drains and exits on it) rather than by closing its standard input.
+    go to ``on_progress`` instead. It is stopped by closing its standard input.
     """
 
     def __init__(
@@ -51,11 +50,8 @@ class _Program:
         module: str,
         args: list[str],
         on_progress: Callable[[int], None] | None = None,
-        *,
-        sigterm: bool = False,
     ) -> None:
         self.module = module
-        self._sigterm = sigterm
         # Kept open for the child's whole life; closed by close().
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         # The child imports conveyor from where this process found it.
@@ -131,15 +127,13 @@ class _Program:
         return json.loads(self.line(timeout))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close its standard input (or send SIGTERM) so it exits, wait ``timeout``, then
+        """Close its standard input so that it exits, wait ``timeout``, then
         kill; reaps it. Idempotent."""
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
         except OSError:
             pass
-        if self._sigterm and self.proc.poll() is None:
-            self.proc.terminate()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -156,10 +150,8 @@ def _start(
     module: str,
     args: list[str],
     on_progress: Callable[[int], None] | None = None,
-    *,
-    sigterm: bool = False,
 ) -> _Program:
-    program = _Program(module, args, on_progress, sigterm=sigterm)
+    program = _Program(module, args, on_progress)
     stack.callback(program.close)
     return program
 
@@ -176,10 +168,11 @@ def _start_server(stack: ExitStack, setup: Setup, path: Path) -> _Program:
         str(path),
         "--log-level",
         "warning",
+        "--exit-with-stdin",  # it stops when the bench closes the pipe, or dies
     ]
     if setup.realtime:
         args += ["--realtime", str(setup.realtime)]
-    server = _start(stack, "conveyor", args, sigterm=True)
+    server = _start(stack, "conveyor", args)
     server.expect_ready("conveyor serve: listening on")
     return server
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -132,10 +133,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot",
         metavar="FILE.png",
         type=Path,
-        help="draw timelines and a bar chart of items/s into a PNG",
+        help="draw the timelines of the device and the CPU workers (sequential, asyncio, "
+             "threads, threads_queues, conveyor) and a bar chart of items/s into an image "
+             "(PNG; .svg or .pdf by extension)",
     )
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar or progress lines")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,12 +167,17 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if args.plot is not None:
         try:
-            import matplotlib  # noqa: F401
+            from .._bench._plot import plot_format
+
+            plot_format(args.plot)
         except ModuleNotFoundError:
             print(
                 "conveyor bench: --plot needs matplotlib: pip install 'conveyor[plot]'",
                 file=sys.stderr,
             )
+            return 2
+        except ValueError as exc:
+            print(f"conveyor bench: --plot {args.plot}: {exc}", file=sys.stderr)
             return 2
     opts = Options(
         device=args.device,
@@ -178,11 +190,16 @@ def run(args: argparse.Namespace) -> int:
         realtime=_realtime(args.realtime, args.device),
         trace=args.trace,
     )
+    # SIGTERM ends the bench as Ctrl-C does: every helper program and folder it started
+    # is stopped and removed on the way out.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         outcome = run_suite(opts, progress=not args.no_progress)
     except ConveyorError as exc:
         print(f"conveyor bench: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     data = outcome.data
     plotted = 0
     if args.plot is not None:
@@ -190,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             plot(args.plot, outcome.results, outcome.alone.items_per_s, title=_title(data))
-        except OSError as exc:  # the results are still printed below
+        except (OSError, ValueError) as exc:  # the results are still printed below
             print(f"conveyor bench: cannot write the plot {args.plot}: {exc}", file=sys.stderr)
             plotted = 1
     if args.json:

@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics on http://127.0.0.1:P/metrics")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default="info", help="what to log on stderr (default info)")
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="stop (draining, as on SIGTERM) when standard input closes: for "
+                             "a server started by another program, so that it never "
+                             "outlives that program")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             socket_path=args.socket, devices=devices, models=models, group=args.group,
             allow_users=args.allow_users, max_queue=args.max_queue,
             max_inflight=args.max_inflight, metrics_port=args.metrics_port, ready=ready,
-            realtime=args.realtime,
+            realtime=args.realtime, stop_on_eof=0 if args.exit_with_stdin else None,
         )
     except ConveyorError as exc:
         print(f"conveyor serve: {exc}", file=sys.stderr)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import math
+import numbers
+import operator
 import os
 import select
 import socket
@@ -75,6 +78,7 @@ __all__ = [
 Views = tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
 _OK = int(Status.OK)
 _STATUSES = frozenset(int(s) for s in Status)
+_NS_MAX = 2**63 - 1
 
 
 def default_socket_path() -> Path:
@@ -83,6 +87,33 @@ def default_socket_path() -> Path:
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "conveyor.sock"
     return Path(f"/tmp/conveyor-{os.getuid()}") / "conveyor.sock"
+
+
+def deadline_to_ns(deadline: float | None) -> int:
+    """A request's deadline in CLOCK_MONOTONIC ns (0: none), checked before it takes a
+    slot. An infinite deadline is none; one past 2**63 ns is clamped there."""
+    if deadline is None:
+        return 0
+    if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real):
+        raise InputError(f"deadline must be a number of seconds or None, got {deadline!r}")
+    deadline = float(deadline)
+    if math.isnan(deadline):
+        raise InputError("deadline must be a number of seconds or None, got nan")
+    if math.isinf(deadline):
+        return 0 if deadline > 0 else 1
+    return min(time.monotonic_ns() + max(int(deadline * 1e9), 0), _NS_MAX) or 1
+
+
+def check_priority(priority: int) -> int:
+    if isinstance(priority, bool):
+        raise InputError(f"priority must be an int, got {priority!r}")
+    try:
+        value = operator.index(priority)
+    except TypeError:
+        raise InputError(f"priority must be an int, got {priority!r}") from None
+    if not -(2**31) <= value < 2**31:
+        raise InputError(f"priority must fit in 32 bits, got {value}")
+    return value
 
 
 class _Link:
@@ -525,11 +556,8 @@ class DeviceClient:
             arrays: list[npt.NDArray[Any]] = [inputs]  # nothing to check or convert
         else:
             arrays = prepare_inputs(specs, inputs, info.name)
-        deadline_ns = 0
-        if deadline is not None:
-            deadline_ns = time.monotonic_ns() + max(int(deadline * 1e9), 0) or 1
-        if not -(2**31) <= priority < 2**31:
-            raise InputError(f"priority must fit in 32 bits, got {priority}")
+        deadline_ns = deadline_to_ns(deadline)
+        priority = check_priority(priority)
         for attempt in (0, 1):
             with self._cv:
                 while not link.free and self._link is link and not self._closed:

@@ -164,6 +164,21 @@ class _Signals:
         self._old.clear()
 
 
+def _watch_for_eof(fd: int, server: DeviceServer) -> None:
+    """Stop ``server`` (draining) once ``fd`` reads end of file; what is read is ignored."""
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:
+            pass
+        log.info("stopping: the program that started this server has gone")
+        server.request_stop(drain=True)
+
+    threading.Thread(target=watch, name="conveyor-stop-on-eof", daemon=True).start()
+
+
 def serve(
     *,
     socket_path: str | os.PathLike[str] | None = None,
@@ -176,11 +191,15 @@ def serve(
     metrics_port: int | None = None,
     ready: Callable[[Path], None] | None = None,
     realtime: int = 0,
+    stop_on_eof: int | None = None,
 ) -> int:
     """Open the devices, load the models, and serve until SIGTERM or SIGINT.
 
     Blocks until the server stops. ``ready`` is called once the socket accepts clients.
     ``realtime``: a SCHED_FIFO priority for the device threads (see :class:`DeviceServer`).
+    ``stop_on_eof``: a descriptor (a pipe from the program that started this one, such as
+    standard input): its end of file stops the server as SIGTERM does, so that it never
+    outlives that program, however it ends.
     Returns 0 after a drained stop, 1 after a forced one (a second signal).
 
     Raises:
@@ -230,6 +249,8 @@ def serve(
                               f"{exc.strerror or exc}") from exc
             log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         signals.install()
+        if stop_on_eof is not None:
+            _watch_for_eof(stop_on_eof, server)
         log.info("serving %s on %s (pid %d)", ", ".join(models),
                  ", ".join(f"{d.spec} (simulation)" if d.simulated else str(d.spec)
                            for d in opened), os.getpid())

@@ -362,6 +362,13 @@ class DeviceServer:
     def _begin_stop(self) -> None:
         level = self._stop_level
         if self._stop_seen == 0:
+            if level == 1:
+                # Requests a client sent before the stop, still unread in its socket, are
+                # in flight as far as it knows (its submit() returned): they drain too.
+                for conn in list(self._conns.values()):
+                    for _ in range(64):  # bounded: a client that goes on sending is cut off
+                        if not self._on_readable(conn):
+                            break
             log.info("stopping: %d queued and %d running requests to finish",
                      self.scheduler.queued, self.scheduler.running)
             self.scheduler.close()
@@ -489,7 +496,10 @@ class DeviceServer:
             pass
         return bool(groups & self.allowed_gids)
 
-    def _on_readable(self, conn: Conn) -> None:
+    def _on_readable(self, conn: Conn) -> bool:
+        """Read what ``conn`` sent and act on it; True if bytes came and it is still open."""
+        if self._conns.get(conn.fileno) is not conn:
+            return False
         reader = conn.reader
         try:
             reader.feed_from_socket()
@@ -504,8 +514,10 @@ class DeviceServer:
                 self._handle(conn, frame)
             if reader.eof:
                 self._close_conn(conn, None)
+                return False
+            return self._conns.get(conn.fileno) is conn
         except (BlockingIOError, InterruptedError):
-            pass
+            return False
         except ProtocolError as exc:
             self.stats.count("protocol_errors")
             log.warning("closing the connection of client %d (pid %d): protocol error: %s",
@@ -519,6 +531,7 @@ class DeviceServer:
             log.exception("internal error serving client %d (pid %d); closing its connection",
                           conn.client.id, conn.client.pid)
             self._close_conn(conn, None)
+        return False
 
     def _on_writable(self, conn: Conn) -> None:
         if conn.flush():

@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .._errors import (
     ConveyorError,
+    InputError,
     ServerGone,
     StageError,
     WorkerDiedError,
@@ -72,6 +75,23 @@ class _Failed(Exception):
     def __init__(self, exc: BaseException, tb: str) -> None:
         self.exc = exc
         self.tb = tb
+
+
+def _pair_inputs(value: Any, stage: str) -> Any:
+    """The inputs of an ``(inputs, context)`` item of a ``with_context`` stage."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value[0]
+    raise InputError(
+        f"stage {stage!r} has with_context=True: each item must be an (inputs, context) "
+        f"pair, got {_describe_value(value)}")
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__}"
 
 
 def _cancel_all(pending: Any) -> None:
@@ -488,8 +508,8 @@ class Core:
     def _infer_submit(self, si: int, item: Item, start: int, attempt: int) -> None:
         d = self.defs[si]
         link = self.links[si]
-        value = item.value[0] if d.with_context else item.value
         try:
+            value = _pair_inputs(item.value, d.name) if d.with_context else item.value
             fut, gen = link.submit(value)
         except ServerGone as exc:
             if attempt == 0 and link.restart(link.gen):
@@ -564,13 +584,11 @@ class Core:
                 with st.lock:
                     st.restarts += 1
                 self._stage_failed(si, item, start, exc, "")
+                del item
                 # The worker held only the first item; the rest never started: resend them.
-                retry = list(pending)
-                pending.clear()
                 self._replace_proc(si, w, count=False)
-                for it, t in retry:
-                    if not self._proc_send(si, w, it, pending, t):
-                        return
+                if not self._proc_resend(si, w, pending):
+                    return
                 continue
             pending.popleft()
             if self.tracer is not None:
@@ -580,12 +598,24 @@ class Core:
             if not self._proc_top_up(si, w, pending, block=False):
                 item.run.deliver(item.index, CANCEL)
                 return
-            if not ok:
-                self._stage_failed(si, item, start, value, tb)
-                continue
-            st.record(True, time.monotonic_ns() - start)
-            item.value = value
-            self._forward(si + 1, item)
+            # The item's time in the stage is the worker's own time on it: the task
+            # queued behind another in the worker's socket has not started yet.
+            busy = t1 - t0 if t1 > t0 > 0 else time.monotonic_ns() - start
+            if ok:
+                st.record(True, busy)
+                item.value = value
+                self._forward(si + 1, item)
+            else:
+                self._stage_failed(si, item, start, value, tb, busy)
+            # Hold nothing while waiting for the next result: an item keeps its run (and
+            # a submit() run its pipeline) alive.
+            del item, value
+
+    def _proc_resend(self, si: int, w: int, pending: Any) -> bool:
+        """Send the tasks in ``pending`` again, to a replacement worker."""
+        retry = list(pending)
+        pending.clear()
+        return all(self._proc_send(si, w, it, pending, t) for it, t in retry)
 
     def _proc_top_up(self, si: int, w: int, pending: Any, block: bool) -> bool:
         """Send worker ``w`` tasks until two are outstanding. With ``block``, wait for an
@@ -608,7 +638,13 @@ class Core:
                    start: int | None = None) -> bool:
         """Send ``item`` to worker ``w``; False when the pipeline is closing."""
         pw = self.procs[si][w]
-        if pw is None:
+        if pw is not None and not pending and not pw.alive:
+            # It died (killed, crashed) while idle, holding no item: that costs no item.
+            log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
+                        pw.pid, self.defs[si].name, pw.process.describe_exit())
+            self._replace_proc(si, w)
+            pw = self.procs[si][w]
+        elif pw is None:
             self._replace_proc(si, w)
             pw = self.procs[si][w]
         try:
@@ -633,8 +669,8 @@ class Core:
         return True
 
     def _stage_failed(self, si: int, item: Item, start: int, exc: BaseException,
-                      tb: str) -> None:
-        self.stats[si].record(False, time.monotonic_ns() - start)
+                      tb: str, busy_ns: int | None = None) -> None:
+        self.stats[si].record(False, time.monotonic_ns() - start if busy_ns is None else busy_ns)
         err = StageError(self.defs[si].name, item.index, f"{type(exc).__name__}: {exc}", tb)
         err.__cause__ = exc
         item.run.deliver(item.index, ERR, err)
@@ -685,9 +721,10 @@ class Core:
                 item.value = self._call(si, w, item, track)
             except _Failed as f:
                 self._stage_failed(si, item, start, f.exc, f.tb)
-                continue
-            st.record(True, time.monotonic_ns() - start)
-            self._forward(si + 1, item)
+            else:
+                st.record(True, time.monotonic_ns() - start)
+                self._forward(si + 1, item)
+            del item  # see _proc_loop
 
     # --- observation ----------------------------------------------------------------
 

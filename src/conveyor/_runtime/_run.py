@@ -68,6 +68,11 @@ class Run:
         """Record an item's outcome (thread-safe)."""
         hook = self.on_outcome
         if hook is not None:
+            # submit()'s run: the hook hands the outcome to its Future, which consumes it.
+            with self._lock:
+                if kind == DROP:
+                    self.dropped += 1
+                self._discard_locked()
             hook(index, kind, value)
             return
         with self._lock:
@@ -139,11 +144,15 @@ class Run:
             self._notify()
 
     def cancel(self) -> None:
-        """The caller has gone: outcomes still to come are discarded."""
+        """The caller has gone, or the pipeline closed under it: outcomes still to come
+        are discarded, and a consumer waiting for one is woken (:meth:`take` then gives
+        what was ready, then None)."""
         with self._lock:
             self.cancelled = True
             self._tokens_cv.notify_all()
             self._ready_cv.notify_all()
+        if self._notify is not None:
+            self._notify()
 
     # --- consumer side --------------------------------------------------------------
 
@@ -173,16 +182,16 @@ class Run:
         return self.total is not None and self.consumed >= self.total
 
     def take(self, block: bool = True) -> tuple[int, Outcome] | None:
-        """The next outcome (in input order if ordered); None when the run is complete,
-        or, with ``block`` False, when nothing is ready yet. Blocks until one is ready.
-        Interruptible (KeyboardInterrupt) in the main thread.
+        """The next outcome (in input order if ordered); None when the run is complete
+        or cancelled, or, with ``block`` False, when nothing is ready yet. Blocks until one
+        is ready. Interruptible (KeyboardInterrupt) in the main thread.
         """
         with self._lock:
             while True:
                 ready = self._ready_locked()
                 if ready is not None:
                     return ready
-                if self.done_locked() or not block:
+                if self.done_locked() or self.cancelled or not block:
                     return None
                 self._ready_cv.wait()
 

@@ -97,6 +97,11 @@ class ProcWorker:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def alive(self) -> bool:
+        """The process has not exited (a non-blocking wait: it is reaped if it has)."""
+        return self.process.returncode is None
+
     def send(self, index: int, value: Any) -> None:
         """Hand the worker one more task (it runs them in order); does not wait.
 

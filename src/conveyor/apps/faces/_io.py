@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -62,7 +63,28 @@ def sample_images() -> list[Path]:
 
 
 def _rgb(image: Image.Image) -> npt.NDArray[np.uint8]:
+    if image.mode.startswith("I") or image.mode == "F":
+        # One channel deeper than 8 bits (16-bit PNGs open as "I;16" or "I"): Pillow's
+        # convert("RGB") clips it at 255, which turns most of the picture white.
+        gray = _to_8_bits(np.asarray(image), sixteen=image.mode.startswith("I;16"))
+        return np.repeat(gray[:, :, np.newaxis], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _to_8_bits(values: npt.NDArray[Any], sixteen: bool = False) -> npt.NDArray[np.uint8]:
+    """Scale 16-bit samples (``sixteen``), other integers (16 bits if any is over 255),
+    or floats in [0, 1], to uint8."""
+    if values.dtype.kind == "f":
+        top = float(np.nanmax(values)) if values.size else 0.0
+        scaled = values * 255.0 if top <= 1.0 else values
+        return np.clip(np.nan_to_num(scaled), 0, 255).astype(np.uint8)
+    wide = values.astype(np.int64)
+    top = int(wide.max()) if wide.size else 0
+    if top > 65535:  # deeper still: scale the brightest sample to 255
+        return (np.clip(wide, 0, None) * 255 // top).astype(np.uint8)
+    if sixteen or top > 255:
+        return ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.clip(wide, 0, 255).astype(np.uint8)
 
 
 def _reason(exc: BaseException) -> str:
