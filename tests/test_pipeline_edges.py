@@ -174,3 +174,21 @@ def test_live_submit_future_of_a_dropped_item_is_cancelled_not_failed() -> None:
     assert dropped
     with pytest.raises(CancelledError):
         dropped[0].result()
+
+
+def test_device_recent_rate_covers_the_last_seconds_only() -> None:
+    from conveyor._runtime._stats import DeviceStats
+
+    s, ms = 1_000_000_000, 1_000_000
+    st = DeviceStats("sim")
+    for i in range(100):  # 100 runs of 5 ms in the first second
+        st.record(i * 10 * ms, 5 * ms)
+    early = st.snapshot(now_ns=1 * s, since_ns=0)
+    assert early["items_per_s"] == pytest.approx(100)
+    assert early["items_per_s_recent"] == pytest.approx(100)
+    assert early["duty_cycle_recent"] == pytest.approx(0.5)
+    st.record(19 * s, 5 * ms)  # one more, long after
+    late = st.snapshot(now_ns=20 * s, since_ns=0)
+    assert late["items_per_s"] == pytest.approx(101 / 20)  # whole life, idle included
+    assert late["items_per_s_recent"] == pytest.approx(1 / 5, rel=0.05)  # the last 5 s
+    assert late["duty_cycle_recent"] == pytest.approx(0.005 / 5, rel=0.05)

@@ -468,6 +468,11 @@ class Pipeline:
         ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
         "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:
         {"duty_cycle", "items_per_s", ...}}, "device": <the first device's entry>}``
+
+        A stage's latency is an item's time in it (for a process stage, the worker's own
+        time on it). A device's ``duty_cycle`` and ``items_per_s`` are over the
+        pipeline's whole life, idle time included; ``duty_cycle_recent`` and
+        ``items_per_s_recent`` over the last 5 seconds (what a live pipeline does now).
         """
         core = self._core or self._final
         if core is None:

@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DeviceStats", "StageStats", "Tracer"]
+__all__ = ["RECENT_S", "DeviceStats", "StageStats", "Tracer"]
+
+#: The window of a device's ``items_per_s_recent`` and ``duty_cycle_recent``.
+RECENT_S = 5.0
+_SLICE_NS = 100_000_000
+_SLICES = int(RECENT_S * 1e9) // _SLICE_NS
 
 
 class StageStats:
@@ -73,19 +78,40 @@ class DeviceStats:
         self.restarts = 0
         self.scheduling = "normal"  # the device thread's CPU policy, as its worker says
         self.runs_on = spec  # what "auto" chose for the model, else the spec
+        self._slices: deque[list[int]] = deque(maxlen=_SLICES + 1)  # [slice, items, busy_ns]
 
     def record(self, start_ns: int, compute_ns: int) -> None:
+        end = start_ns + compute_ns
         with self.lock:
             if not self.first_start_ns:
                 self.first_start_ns = start_ns
             self.items += 1
             self.busy_ns += compute_ns
-            self.last_end_ns = max(self.last_end_ns, start_ns + compute_ns)
+            self.last_end_ns = max(self.last_end_ns, end)
+            idx = end // _SLICE_NS
+            slices = self._slices
+            if slices and slices[-1][0] == idx:
+                slices[-1][1] += 1
+                slices[-1][2] += compute_ns
+            else:
+                slices.append([idx, 1, compute_ns])
+
+    def _recent_locked(self, now_ns: int, since_ns: int) -> tuple[float, float]:
+        """(items/s, duty cycle) over the last :data:`RECENT_S` (or since ``since_ns``)."""
+        first = now_ns // _SLICE_NS - _SLICES + 1
+        items = busy = 0
+        for idx, n, b in self._slices:
+            if idx >= first:
+                items += n
+                busy += b
+        span = max(min(now_ns - first * _SLICE_NS, now_ns - since_ns), 1)
+        return items / (span / 1e9), min(busy / span, 1.0)
 
     def snapshot(self, now_ns: int, since_ns: int) -> dict[str, Any]:
         with self.lock:
             span = max(now_ns - since_ns, 1)
             active = max(self.last_end_ns - self.first_start_ns, 1) if self.items else 1
+            rate, duty = self._recent_locked(now_ns, since_ns)
             return {
                 "device": self.spec,
                 "items": self.items,
@@ -96,6 +122,9 @@ class DeviceStats:
                 # busy / time from the first inference's start to the last one's end
                 "duty_cycle_active": self.busy_ns / active if self.items else 0.0,
                 "items_per_s": self.items / (span / 1e9),
+                # over the last RECENT_S seconds: what a live pipeline does now
+                "items_per_s_recent": rate,
+                "duty_cycle_recent": duty,
                 "restarts": self.restarts,
                 "scheduling": self.scheduling,
                 "runs_on": self.runs_on,
