@@ -72,3 +72,16 @@ def worker_pid(x: int) -> int:
 def nap(x: int) -> int:
     time.sleep(0.1)
     return x
+
+
+class CodedError(Exception):
+    """An exception whose __init__ takes other arguments than its args: plain pickling
+    cannot rebuild it."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+
+
+def raise_coded(x: int) -> int:
+    raise CodedError(x, "bad item")

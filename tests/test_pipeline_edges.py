@@ -192,3 +192,12 @@ def test_device_recent_rate_covers_the_last_seconds_only() -> None:
     assert late["items_per_s"] == pytest.approx(101 / 20)  # whole life, idle included
     assert late["items_per_s_recent"] == pytest.approx(1 / 5, rel=0.05)  # the last 5 s
     assert late["duty_cycle_recent"] == pytest.approx(0.005 / 5, rel=0.05)
+
+
+def test_worker_exception_that_pickle_cannot_rebuild_keeps_its_type(no_leaks: None) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.raise_coded, kind="process"),
+                           on_error="return") as pipe:
+        (err,) = pipe.map([7])
+    assert isinstance(err, conveyor.StageError)
+    cause = err.__cause__
+    assert type(cause) is sf.CodedError and cause.code == 7 and str(cause) == "7: bad item"

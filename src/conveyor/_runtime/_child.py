@@ -20,18 +20,22 @@ from typing import Any
 
 from ._proc import watch_lifeline
 from ._sched import run_in_background
-from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, Unpicklable
+from ._wire import ERR, OK, READY, SETUP, TASK, ByState, MsgSocket, PeerClosed, Unpicklable
 
 __all__ = ["main"]
 
 
 def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob: Any = pickle.dumps(exc, protocol=5)
-        pickle.loads(blob)
-    except Exception:
-        blob = None
+    blob: Any = None
+    for form in (exc, ByState(exc)):
+        try:
+            candidate = pickle.dumps(form, protocol=5)
+            if type(pickle.loads(candidate)) is type(exc):
+                blob = candidate
+                break
+        except Exception:
+            continue
     return blob, type(exc).__qualname__, str(exc), tb
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._shm import Segment, align
 
-__all__ = ["MsgSocket", "PeerClosed", "RemoteError", "Unpicklable"]
+__all__ = ["ByState", "MsgSocket", "PeerClosed", "RemoteError", "Unpicklable", "rebuild_exception"]
 
 HEAD = struct.Struct("<BBBxIIQqq")
 BUF = struct.Struct("<QQ")
@@ -62,6 +62,29 @@ class PeerClosed(Exception):
 
 class Unpicklable(Exception):
     """The object could not be pickled; nothing was sent. ``__cause__`` says why."""
+
+
+def rebuild_exception(cls: type[BaseException], args: tuple[Any, ...],
+                      state: dict[str, Any]) -> BaseException:
+    """An exception of ``cls`` with ``args`` and attributes ``state``, made without calling
+    its ``__init__`` (for classes whose ``__init__`` takes other arguments than ``args``,
+    which plain pickling cannot rebuild)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+class ByState:
+    """Pickles an exception as its class, args and attributes (see rebuild_exception).
+    Defined here, not in the worker's own module, which runs as ``__main__``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return rebuild_exception, (type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
 
 
 def _describe(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes | None:
