@@ -141,7 +141,8 @@ class Pipeline:
         ordered: results in input order (default), or as they complete.
         on_error: ``"raise"`` (a failed item raises :class:`StageError` where it would
             have been yielded, ending the run), ``"skip"`` (dropped and counted), or
-            ``"return"`` (the StageError is yielded in the item's place).
+            ``"return"`` (the StageError is yielded in the item's place). It applies to
+            ``map`` and ``amap``; a ``submit()`` Future always raises its item's error.
         drop: ``"oldest"`` for live mode: the source never blocks; when
             ``max_in_flight`` items are in flight, the oldest one still waiting for the
             first stage is dropped (counted in ``stats()``).
