@@ -6,6 +6,7 @@ delegate are replaced where a test needs them "present".
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -230,6 +231,20 @@ def test_library_override_to_a_missing_file(monkeypatch: pytest.MonkeyPatch) -> 
     status = find_edgetpu_library()
     assert not status.found
     assert "CONVEYOR_EDGETPU_LIBRARY=/nonexistent/libedgetpu.so.1" in status.reason
+
+
+def test_library_override_to_a_library_that_is_not_a_delegate(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctypes.CDLL(ctypes.util.find_library("m"))  # a real library that is no delegate
+    with open("/proc/self/maps") as maps:
+        libm = next(line.split()[-1] for line in maps if "/libm.so" in line)
+    monkeypatch.setenv("CONVEYOR_EDGETPU_LIBRARY", libm)
+    status = find_edgetpu_library()
+    assert not status.found
+    assert "tflite_plugin_create_delegate" in status.reason and libm in status.reason
+    add_usb(root, "2-1", CORAL_READY, busnum=2, devnum=3)
+    with pytest.raises(EdgeTPURuntimeMissingError, match="not a TFLite delegate"):
+        EdgeTPUDevice(parse_device("edgetpu"), root=str(root))
 
 
 def test_library_not_on_the_loader_path(monkeypatch: pytest.MonkeyPatch) -> None:

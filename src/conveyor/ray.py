@@ -11,7 +11,8 @@ post-processing), so the node's accelerator stays busy exactly as on one machine
     def faces_of(pair):            # with_context: (outputs, letterbox of the frame)
         return [face.to_json() for face in postprocess(*pair)]
 
-    ds = ray.data.read_images("s3://bucket/frames/")        # a column "image"
+    # a column "image"; mode="RGB": a batch mixing grey and colour frames would not stack
+    ds = ray.data.read_images("s3://bucket/frames/", mode="RGB")
     faces = conveyor.ray.map_batches(
         ds, "face_detection_short_range", device="edgetpu",
         preprocess=preprocess, postprocess=faces_of, with_context=True,

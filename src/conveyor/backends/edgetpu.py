@@ -85,12 +85,18 @@ class LibraryStatus:
         return self.library is not None
 
 
+#: The entry point every TFLite external delegate exports; libedgetpu does.
+DELEGATE_SYMBOL = "tflite_plugin_create_delegate"
+
+
 def _loads(name: str) -> str | None:
-    """None if ``name`` loads with dlopen, else the loader's message."""
+    """None if ``name`` loads with dlopen and is a TFLite delegate, else why not."""
     try:
-        ctypes.CDLL(name)
+        lib = ctypes.CDLL(name)
     except OSError as exc:
         return str(exc)
+    if not hasattr(lib, DELEGATE_SYMBOL):
+        return f"it has no {DELEGATE_SYMBOL}: not a TFLite delegate such as libedgetpu"
     return None
 
 
@@ -105,7 +111,7 @@ def find_edgetpu_library() -> LibraryStatus:
             return LibraryStatus(None, f"{LIBRARY_ENV}={override}: no such file")
         error = _loads(override)
         if error is not None:
-            return LibraryStatus(None, f"{LIBRARY_ENV}={override} does not load: {error}")
+            return LibraryStatus(None, f"{LIBRARY_ENV}={override} is not usable: {error}")
         return LibraryStatus(override)
     if _loads(DEFAULT_LIBRARY) is None:
         return LibraryStatus(DEFAULT_LIBRARY)
@@ -266,6 +272,10 @@ class EdgeTPUDevice(Device):
         assert self.info.node is not None
         try:
             return load_delegate(self.library, {"device": self.info.name})
+        except AttributeError as exc:  # no delegate entry point: not libedgetpu after all
+            raise EdgeTPURuntimeMissingError(
+                f"{self.library} is not an Edge TPU runtime ({exc}); {_INSTALL_HINT}"
+            ) from exc
         except (ValueError, RuntimeError, OSError) as exc:
             holders = find_holders(self.info.node, self._root)
             if holders:
