@@ -85,3 +85,19 @@ class CodedError(Exception):
 
 def raise_coded(x: int) -> int:
     raise CodedError(x, "bad item")
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+def raise_bad_str(x: int) -> int:
+    if x == 2:
+        raise BadStr()
+    return x
+
+
+def to_landmark_input(outputs: list[np.ndarray]) -> np.ndarray:
+    """Any 1x192x192x3 input for face_landmark, from a detector's outputs."""
+    return np.full((1, 192, 192, 3), float(outputs[1].max()) / 100, np.float32)

@@ -201,3 +201,72 @@ def test_worker_exception_that_pickle_cannot_rebuild_keeps_its_type(no_leaks: No
     assert isinstance(err, conveyor.StageError)
     cause = err.__cause__
     assert type(cause) is sf.CodedError and cause.code == 7 and str(cause) == "7: bad item"
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_an_exception_whose_str_fails_still_fails_its_item_alone(kind: str) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.raise_bad_str, kind=kind),  # type: ignore[arg-type]
+                           on_error="return") as pipe:
+        out = list(pipe.map(range(5)))
+        assert [o for i, o in enumerate(out) if i != 2] == [0, 1, 3, 4]
+        assert isinstance(out[2], conveyor.StageError) and "BadStr" in str(out[2])
+        assert type(out[2].__cause__) is sf.BadStr
+        assert list(pipe.map([0, 1, 3])) == [0, 1, 3]  # every worker lives on
+
+
+def test_two_inference_stages_stats_and_trace_in_stage_order(tmp_path: Any) -> None:
+    trace = tmp_path / "t.json"
+    for _ in range(3):  # the device workers start in parallel: order must not depend on it
+        with conveyor.Pipeline(
+            conveyor.infer("face_detection_short_range", device="cpu"),
+            conveyor.stage(sf.to_landmark_input),
+            conveyor.infer("face_landmark", device="cpu"),
+            trace=trace,
+        ) as pipe:
+            assert len(list(pipe.map([IMG] * 6))) == 6
+            st = pipe.stats()
+        assert list(st["devices"]) == ["face_detection_short_range", "face_landmark"]
+        assert st["device"] is st["devices"]["face_detection_short_range"]
+    import json
+
+    names = {e["args"]["name"] for e in json.loads(trace.read_text())["traceEvents"]
+             if e.get("name") == "thread_name"}
+    assert {"device cpu: face_detection_short_range", "device cpu: face_landmark"} <= names
+
+
+@pytest.mark.parametrize("option", [{"max_in_flight": 0}, {"max_in_flight": -1},
+                                    {"inflight": 0}])
+def test_bounds_below_one_are_refused(option: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        conveyor.Pipeline(conveyor.stage(sf.inc), **option)  # type: ignore[arg-type]
+
+
+def test_big_endian_input_is_the_same_input() -> None:
+    img = sf.image_for(3)
+    with conveyor.Pipeline(conveyor.infer("face_detection_short_range")) as pipe:
+        native, swapped = pipe.map([img, img.astype(">f4")])
+    for a, b in zip(native, swapped):
+        np.testing.assert_array_equal(a, b)
+
+
+def _reenter(pipe_box: list[Any]) -> Any:
+    def fn(x: int) -> Any:
+        return list(pipe_box[0].map([x]))
+    return fn
+
+
+def test_map_from_inside_a_stage_of_the_same_pipeline_is_refused() -> None:
+    box: list[Any] = []
+    with conveyor.Pipeline(conveyor.stage(_reenter(box)), on_error="return") as pipe:
+        box.append(pipe)
+        (err,) = pipe.map([1])
+    assert isinstance(err, conveyor.StageError)
+    assert isinstance(err.__cause__, RuntimeError) and "inside a stage" in str(err.__cause__)
+
+
+def test_a_closed_pipelines_figures_stay_put() -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.inc)) as pipe:
+        list(pipe.map(range(3)))
+    first = pipe.stats()["elapsed_s"]
+    time.sleep(0.05)
+    assert pipe.stats()["elapsed_s"] == first

@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` for ``exc``, even when its ``__str__`` itself raises."""
+    try:
+        text = str(exc)
+    except Exception as inner:
+        text = f"<str() of the exception failed: {type(inner).__name__}>"
+    return f"{type(exc).__name__}: {text}"
+
+
 class ConveyorError(Exception):
     """Base class of every error conveyor raises."""
 

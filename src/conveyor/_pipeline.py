@@ -180,6 +180,10 @@ class Pipeline:
             raise ValueError(f"drop must be None or 'oldest', got {drop!r}")
         if maxsize < 1:
             raise ValueError("maxsize must be at least 1")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if inflight < 1:
+            raise ValueError(f"inflight must be at least 1, got {inflight}")
         self.maxsize = maxsize
         self.ordered = ordered
         self.on_error = on_error
@@ -268,6 +272,14 @@ class Pipeline:
 
     # --- faces ----------------------------------------------------------------------
 
+    @staticmethod
+    def _refuse_reentry(core: Core, face: str) -> None:
+        """A stage of this pipeline waiting on the pipeline itself could wait for ever
+        (for a worker that is itself, or for room its own item takes)."""
+        if threading.current_thread() in core.threads:
+            raise RuntimeError(f"{face}() called from inside a stage of the same pipeline; "
+                               f"use a second pipeline for nested work")
+
     def _new_run(self, ordered: bool, notify: Callable[[], None] | None = None) -> Run:
         run = Run(ordered, self.max_in_flight, notify)
         with self._lock:
@@ -312,6 +324,7 @@ class Pipeline:
                 raised (always; ``stage == "source"``).
         """
         core = self._ensure()
+        self._refuse_reentry(core, "map")
         run = self._new_run(self.ordered)
         feeder = threading.Thread(target=core.feed, args=(run, inputs),
                                   name="conveyor-feeder", daemon=True)
@@ -336,6 +349,7 @@ class Pipeline:
         Cancelling the consuming task (or leaving the ``async for``) cancels the run.
         """
         core = self._ensure()
+        self._refuse_reentry(core, "amap")
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
@@ -412,6 +426,7 @@ class Pipeline:
         in live mode (``drop="oldest"``) a dropped item's Future is cancelled.
         """
         core = self._ensure()
+        self._refuse_reentry(core, "submit")
         fut: Future[Any] = Future()
         with self._lock:
             if self._submit_run is None:

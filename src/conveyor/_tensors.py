@@ -133,6 +133,8 @@ def prepare_inputs(
                 f"input {spec.name!r} of model {model!r}: expected shape {list(spec.shape)}, "
                 f"got {list(arr.shape)}"
             )
+        if arr.dtype != spec.dtype and arr.dtype.newbyteorder("=") == spec.dtype:
+            arr = arr.astype(spec.dtype)  # the same type in the other byte order
         if arr.dtype != spec.dtype:
             if spec.quantized and arr.dtype.kind == "f":
                 arr = quantize(arr, spec)

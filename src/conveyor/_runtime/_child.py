@@ -36,7 +36,11 @@ def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
                 break
         except Exception:
             continue
-    return blob, type(exc).__qualname__, str(exc), tb
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    return blob, type(exc).__qualname__, message, tb
 
 
 def main(argv: Sequence[str] | None = None) -> int:

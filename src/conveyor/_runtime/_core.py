@@ -27,6 +27,7 @@ from .._errors import (
     StageError,
     WorkerDiedError,
     WorkerStartError,
+    describe_exception,
 )
 from ._channel import Aborted, Channel
 from ._run import CANCEL, DROP, ERR, OK, Run
@@ -210,6 +211,7 @@ class Core:
         self.inflight = inflight
         self.closing = False
         self.started_ns = time.monotonic_ns()
+        self.closed_ns = 0
         # The first channel is filled by the feeder alone: it wakes the feeder once it is
         # half empty, not at every item taken (one wake-up per item costs CPU the stages need).
         self.channels: list[Channel[Item]] = [
@@ -314,6 +316,7 @@ class Core:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        self.closed_ns = time.monotonic_ns()
         if self.tracer is not None:
             self.tracer.write()
 
@@ -397,7 +400,7 @@ class Core:
             run.finish(index)
 
     def _source_failed(self, run: Run, index: int, exc: BaseException) -> None:
-        err = StageError("source", index, f"the input iterator raised {type(exc).__name__}: {exc}",
+        err = StageError("source", index, f"the input iterator raised {describe_exception(exc)}",
                          "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         err.__cause__ = exc
         run.deliver_last(index, ERR, err)
@@ -549,12 +552,18 @@ class Core:
         if timing is not None:
             link.stats.record(timing.start_ns, timing.compute_ns)
             if self.tracer is not None:
-                track = self.tracer.track(f"device {link.stats.spec}")
+                track = self.tracer.track(self._device_track(si))
                 self.tracer.span(track, link.model, timing.start_ns,
                                  timing.start_ns + timing.compute_ns, item=item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
         self._forward(si + 1, item)
+
+    def _device_track(self, si: int) -> str:
+        """The trace track of stage ``si``'s device: ``device SPEC``, and the stage's name
+        too when the pipeline has more than one inference stage (each has its worker)."""
+        name = f"device {self.links[si].stats.spec}"
+        return name if len(self.links) == 1 else f"{name}: {self.defs[si].name}"
 
     # --- process stages: one parent thread per worker, two tasks in flight ---------
 
@@ -671,7 +680,7 @@ class Core:
     def _stage_failed(self, si: int, item: Item, start: int, exc: BaseException,
                       tb: str, busy_ns: int | None = None) -> None:
         self.stats[si].record(False, time.monotonic_ns() - start if busy_ns is None else busy_ns)
-        err = StageError(self.defs[si].name, item.index, f"{type(exc).__name__}: {exc}", tb)
+        err = StageError(self.defs[si].name, item.index, describe_exception(exc), tb)
         err.__cause__ = exc
         item.run.deliver(item.index, ERR, err)
 
@@ -729,13 +738,13 @@ class Core:
     # --- observation ----------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.monotonic_ns()
+        now = self.closed_ns or time.monotonic_ns()  # a closed pipeline's figures stay put
         elapsed = (now - self.started_ns) / 1e9
         stages = {}
         for si, st in enumerate(self.stats):
             stages[st.name] = st.snapshot(len(self.channels[si]), elapsed)
             if si in self.links:  # an inference stage's worker is its device worker
                 stages[st.name]["restarts"] = self.links[si].stats.restarts
-        devices = {self.defs[si].name: link.stats.snapshot(now, self.started_ns)
-                   for si, link in self.links.items()}
+        devices = {self.defs[si].name: self.links[si].stats.snapshot(now, self.started_ns)
+                   for si in sorted(self.links)}  # in stage order: the first is "device"
         return {"elapsed_s": elapsed, "stages": stages, "devices": devices}
