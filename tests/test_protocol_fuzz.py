@@ -21,9 +21,9 @@ from test_server_support import (
     FakeDevice,
     LogLines,
     ThreadServer,
-    fd_count,
+    fd_table,
     socket_dir,
-    wait_until,
+    wait_no_new_fds,
     x,
 )
 
@@ -127,14 +127,13 @@ def test_random_frames_close_only_that_connection(server: ThreadServer, data: by
 
 
 def test_server_survives_the_fuzzing_with_no_leaks(server: ThreadServer) -> None:
-    before = fd_count(os.getpid())
+    before = fd_table(os.getpid())
     with LogLines().installed() as logs:
         for data in [b"GET / HTTP/1.1\r\n\r\n", header(77, 0), header(MsgType.HELLO, 2**32 - 1),
                      HELLO[:30], b"\0" * 100]:
             exchange(server.path, data)
         still_serves(server)
-    wait_until(lambda: gc.collect() >= 0 and fd_count(os.getpid()) == before, 5,
-               "descriptors back to the baseline")
+    wait_no_new_fds(os.getpid(), before)
     assert sum("protocol error" in line for line in logs.lines) >= 4
 
 
@@ -181,7 +180,7 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
     # Earlier tests may leave garbage holding descriptors: collect it before counting, so
     # that a collection during the test cannot move the count either way.
     gc.collect()
-    before = fd_count(os.getpid())
+    before = fd_table(os.getpid())
     r, w = os.pipe()
     unsealed = os.memfd_create("unsealed")
     os.ftruncate(unsealed, 1 << 16)
@@ -208,8 +207,7 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
             os.close(fd)
         good.close()
     still_serves(server)
-    wait_until(lambda: gc.collect() >= 0 and fd_count(os.getpid()) == before, 5,
-               "descriptors back to the baseline")
+    wait_no_new_fds(os.getpid(), before)
 
 
 def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None:

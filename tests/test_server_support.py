@@ -4,6 +4,7 @@ thread, scripted fake devices, client subprocesses, and descriptor/mapping count
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import selectors
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -287,6 +289,28 @@ def fd_table(pid: int) -> dict[str, str]:
         with contextlib.suppress(FileNotFoundError):
             table[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
     return table
+
+
+def new_fds(pid: int, before: dict[str, str]) -> list[str]:
+    """What ``pid`` holds now that it did not hold in ``before`` (by what each descriptor
+    refers to, counted: numbers are reused; descriptors closed meanwhile by others do not
+    matter)."""
+    extra = Counter(fd_table(pid).values()) - Counter(before.values())
+    return sorted(extra.elements())
+
+
+def wait_no_new_fds(pid: int, before: dict[str, str], timeout: float = 5.0) -> None:
+    """Wait until ``pid`` holds nothing :func:`new_fds` would name (collecting garbage, for
+    the test process itself); on timeout the error names what is left."""
+    end = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        left = new_fds(pid, before)
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"descriptors left after {timeout} s: {left}")
+        time.sleep(0.01)
 
 
 def wait_for_fds(pid: int, before: dict[str, str], timeout: float = 10.0) -> None:
