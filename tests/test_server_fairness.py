@@ -73,4 +73,7 @@ def test_equal_clients_get_equal_device_time(sdir: Path, n: int) -> None:
     assert mean > 0.2 / n, used  # the device was busy most of the window
     for name, s in used.items():
         assert abs(s - mean) <= 0.10 * mean, (name, used)
-    assert status["devices"][0]["duty_cycle"] > 0.5
+    # Over the status's own 5 s window, which also covers the clients' start-up: on a
+    # loaded machine that can halve it.
+    window_busy = sum(used.values()) / 1.5
+    assert 0.4 * window_busy < status["devices"][0]["duty_cycle"] <= 1.0
