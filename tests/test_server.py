@@ -131,6 +131,9 @@ def test_status_json_text_and_top(sdir: Path) -> None:
         assert me["name"] == "watched" and me["completed"] == 10 and me["pid"] == os.getpid()
         for key in ("queued", "running", "failed", "busy", "deadline_exceeded", "device_s"):
             assert key in me, key
+        # Ten requests over at most the connection's life (under the 5 s window).
+        assert me["requests_per_s"] >= 10 / me["connected_s"] * 0.9 > 0
+        assert me["running"] == 0 and status["totals"]["running"] == 0
         assert status["totals"]["monitors"] == 1
         text = cli("status", "--socket", str(path))
         assert text.returncode == 0
@@ -138,6 +141,9 @@ def test_status_json_text_and_top(sdir: Path) -> None:
         top = cli("top", "--socket", str(path), "--once")
         assert top.returncode == 0
         assert "conveyor top" in top.stdout and "REQ/S" in top.stdout
+        # One frame, and still the client's own rate (not 0.0 for want of a previous one).
+        row = next(line for line in top.stdout.splitlines() if "watched" in line)
+        assert float(row.split()[-1]) > 0
 
 
 def test_status_without_a_server_says_so(sdir: Path) -> None:
@@ -283,7 +289,7 @@ NOBODY = 65534
 def _as_nobody(path: Path, infer: bool) -> int:
     """Fork a child that drops to uid/gid 65534 and connects; its exit code says how it
     went: 0 served, 2 refused by the server, 4 refused by the file system (both as
-    PermissionDenied, a PermissionError), other: bug."""
+    PermissionDenied, a PermissionError, saying how to get in), other: bug."""
     img = np.zeros(SHAPE, np.float32)
     pid = os.fork()
     if pid == 0:
@@ -301,7 +307,8 @@ def _as_nobody(path: Path, infer: bool) -> int:
                 elif "may not open the device server's socket" in str(exc):
                     code = 4
                 elif "is not allowed by this server" in str(exc):
-                    code = 2
+                    # ...and the message says how the server's owner can let it in.
+                    code = 2 if f"--allow-user {NOBODY}" in str(exc) else 5
             except ServerError:
                 code = 3
             else:
@@ -351,8 +358,13 @@ def test_allowed_user_gets_in(sdir: Path) -> None:
     os.chmod(sdir, 0o755)
     path = sdir / "s.sock"
     with ServeProcess(path, "--allow-user", str(NOBODY)):
-        os.chmod(path, 0o777)
+        # Reachable by the file mode; the server's SO_PEERCRED check decides.
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666
         assert _as_nobody(path, infer=True) == 0
+    fresh = sdir / "new" / "s.sock"  # a folder the server makes: others may enter it
+    with ServeProcess(fresh, "--allow-user", "nobody"):
+        assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o711
+        assert _as_nobody(fresh, infer=True) == 0
 
 
 def test_pipeline_uses_the_shared_server(sdir: Path) -> None:

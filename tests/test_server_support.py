@@ -77,7 +77,8 @@ class ServeProcess:
 
     def __init__(self, path: Path, *args: str, ready_timeout: float = 30.0) -> None:
         self.path = path
-        self.log_path = path.parent / f"{path.name}.log"
+        where = path.parent if path.parent.exists() else path.parent.parent  # it makes one
+        self.log_path = where / f"{path.name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "conveyor", "serve", "--socket", str(path), *args],

@@ -4,8 +4,9 @@ The server loads the models on every device, then prints one line with its socke
 serves until SIGTERM or Ctrl-C (the first drains in-flight requests, a second exits at once).
 Programs connect with conveyor.connect(PATH) or use device="server:PATH" in a pipeline.
 
-The socket is private to this user (mode 0600) unless --group shares it; every connection's
-peer credentials are checked against this user, --allow-user and --group. The default path
+The socket is private to this user (mode 0600) unless --group shares it (0660) or
+--allow-user opens it (0666); every connection's peer credentials are checked against this
+user, --allow-user and --group. The default path
 is $XDG_RUNTIME_DIR/conveyor.sock, else /tmp/conveyor-<uid>/conveyor.sock. Logs go to stderr.
 
 examples:
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", metavar="NAME", help="share the socket with this group "
                         "(mode 0660) and allow its members")
     parser.add_argument("--allow-user", metavar="NAME|UID", action="append", default=[],
-                        dest="allow_users", help="also allow this user (repeat for several)")
+                        dest="allow_users", help="also allow this user (repeat for several); the "
+                        "socket is then mode 0666 and the credential check decides")
     parser.add_argument("--max-queue", metavar="N", type=_positive, default=256,
                         help="requests waiting in total before new ones are refused "
                         "with Busy (default 256)")

@@ -57,9 +57,12 @@ def table(rows: list[list[str]]) -> list[str]:
 
 
 def render(status: dict[str, Any], client_rates: dict[int, float] | None = None) -> list[str]:
-    """Human-readable lines of a status snapshot; ``client_rates`` (requests/s by client
-    id, as ``conveyor top`` measures them) adds a column."""
+    """Human-readable lines of a status snapshot. ``client_rates`` (requests/s by client
+    id) adds a column; by default the server's own per-client rates, where it gives them."""
     srv, totals = status["server"], status["totals"]
+    if client_rates is None and status["clients"] and all(
+            "requests_per_s" in c for c in status["clients"]):
+        client_rates = {c["id"]: float(c["requests_per_s"]) for c in status["clients"]}
     req = totals["requests"]
     lines = [
         f"conveyor server pid {srv['pid']} v{srv['version']} up {_duration(srv['uptime_s'])}"

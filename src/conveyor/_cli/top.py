@@ -40,12 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def frame(status: dict[str, Any], previous: dict[str, Any] | None, dt: float) -> list[str]:
-    """The lines of one frame; per-client rates come from the change since ``previous``."""
+    """The lines of one frame. Per-client rates are the server's own (over its window);
+    from a server that does not give them, the change since ``previous``."""
     rates: dict[int, float] = {}
     if previous is not None and dt > 0:
         before = {c["id"]: c["completed"] for c in previous["clients"]}
         for c in status["clients"]:
             rates[c["id"]] = max(c["completed"] - before.get(c["id"], c["completed"]), 0) / dt
+    for c in status["clients"]:
+        if "requests_per_s" in c:
+            rates[c["id"]] = float(c["requests_per_s"])
     stamp = time.strftime("%H:%M:%S")
     return [f"conveyor top  {stamp}  (q quits)", *render(status, rates)]
 

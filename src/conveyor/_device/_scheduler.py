@@ -83,6 +83,12 @@ class Request:
         self.state = QUEUED
 
 
+#: The window of a client's recent request rate, and its slices.
+RATE_WINDOW_S = 5.0
+RATE_SLICE_NS = 100_000_000
+RATE_SLICES = int(RATE_WINDOW_S * 1e9) // RATE_SLICE_NS
+
+
 @dataclass(eq=False)
 class ClientState:
     """A client's queues and accounting."""
@@ -101,6 +107,17 @@ class ClientState:
     expired: int = 0
     device_ns: int = 0
     connected_at: float = field(default_factory=time.monotonic)
+    # Requests done per 100 ms slice, for its recent rate: [slice, count], the newest last.
+    recent: deque[list[int]] = field(default_factory=lambda: deque(maxlen=RATE_SLICES + 1))
+
+    def rate(self, now_ns: int) -> float:
+        """Requests completed per second over the last :data:`RATE_WINDOW_S` (or since it
+        connected, if later)."""
+        first = now_ns // RATE_SLICE_NS - RATE_SLICES + 1
+        done = sum(n for idx, n in list(self.recent) if idx >= first)
+        since = int(self.connected_at * 1e9)
+        span = max(min(now_ns - first * RATE_SLICE_NS, now_ns - since), 1)
+        return done / (span / 1e9)
 
     @property
     def outstanding(self) -> int:
@@ -428,6 +445,11 @@ class Scheduler:
             c.device_ns += compute_ns
             if ok:
                 c.completed += 1
+                idx = time.monotonic_ns() // RATE_SLICE_NS
+                if c.recent and c.recent[-1][0] == idx:
+                    c.recent[-1][1] += 1
+                else:
+                    c.recent.append([idx, 1])
             else:
                 c.failed += 1
             if len(self._deadlines) > 64 and len(self._deadlines) > 4 * self._queued:

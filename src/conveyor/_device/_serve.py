@@ -59,11 +59,16 @@ def resolve_group(group: str) -> int:
         raise ValueError(f"no group named {group!r}") from None
 
 
-def _prepare_dir(directory: Path, gid: int | None) -> None:
+def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> None:
+    """Make the socket's folder if need be: 0700, 0750 with a group, 0711 when other
+    users are allowed (they may enter it, not list it). Warns if those let in cannot."""
     if not directory.exists():
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if gid is not None:
             os.chown(directory, -1, gid)
+        if others:
+            os.chmod(directory, 0o711)
+        elif gid is not None:
             os.chmod(directory, 0o750)
         return
     info = directory.stat()
@@ -75,6 +80,9 @@ def _prepare_dir(directory: Path, gid: int | None) -> None:
     if gid is not None and not info.st_mode & (stat.S_IXGRP | stat.S_IXOTH):
         log.warning("members of group %d cannot reach %s (mode %o); pass --socket in a "
                     "directory they can enter", gid, directory, stat.S_IMODE(info.st_mode))
+    if others and not info.st_mode & stat.S_IXOTH:
+        log.warning("the users allowed cannot reach %s (mode %o); pass --socket in a "
+                    "directory they can enter", directory, stat.S_IMODE(info.st_mode))
 
 
 def check_socket_path(path: Path) -> None:
@@ -110,8 +118,11 @@ def check_socket_path(path: Path) -> None:
                       f"(`conveyor status --socket {path}` shows it)")
 
 
-def bind_socket(path: Path, gid: int | None = None, backlog: int = 128) -> socket.socket:
-    """A listening Unix socket at ``path``: mode 0600, or 0660 with group ``gid``.
+def bind_socket(path: Path, gid: int | None = None, backlog: int = 128,
+                others: bool = False) -> socket.socket:
+    """A listening Unix socket at ``path``: mode 0600, 0660 with group ``gid``, or 0666
+    when ``others`` (some other users are allowed: the server's peer-credential check,
+    not the file mode, then decides who gets in).
 
     The socket is created under a restrictive umask, so it is never reachable by others,
     not even between bind and chmod. Raises OSError.
@@ -128,9 +139,7 @@ def bind_socket(path: Path, gid: int | None = None, backlog: int = 128) -> socke
     try:
         if gid is not None:
             os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
-        else:
-            os.chmod(path, 0o600)
+        os.chmod(path, 0o666 if others else 0o660 if gid is not None else 0o600)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -214,7 +223,7 @@ def serve(
     path = path.absolute()
     gid = resolve_group(group) if group is not None else None
     uids = [resolve_user(u) for u in allow_users]
-    _prepare_dir(path.parent, gid)
+    _prepare_dir(path.parent, gid, others=bool(uids))
     check_socket_path(path)
     opened = []
     try:
@@ -234,7 +243,7 @@ def serve(
     ino = None
     try:
         check_socket_path(path)  # loading took a while: check again just before binding
-        listener = bind_socket(path, gid)
+        listener = bind_socket(path, gid, others=bool(uids))
         info = path.lstat()
         ino = (info.st_dev, info.st_ino)
         server.add_listener(listener)

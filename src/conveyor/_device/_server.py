@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -462,7 +462,9 @@ class DeviceServer:
             why = None
             error = "ServerError"
             if not self._permitted(pid, uid, gid):
-                why = f"permission denied: uid {uid} (gid {gid}) is not allowed by this server"
+                why = (f"permission denied: uid {uid} (gid {gid}) is not allowed by this "
+                       f"server; its owner can let it in with `conveyor serve --allow-user "
+                       f"{uid}` or `--group GROUP` (a group of that user's)")
                 error = "PermissionDenied"
             elif len(self._conns) >= self.max_clients:
                 why = f"too many connections (at most {self.max_clients})"
@@ -823,11 +825,15 @@ class DeviceServer:
                 **self.stats.model(info.id),
             })
         now = time.monotonic()
+        # Runs that ended but whose accounting and reply the I/O thread has still to do
+        # are not running any more.
+        ended = Counter(req.client.id for req, *_ in list(self._replies))
         clients = [{
             "id": c.id, "pid": c.pid, "uid": c.uid, "name": c.name, "queued": c.queued,
-            "running": c.running, "completed": c.completed, "failed": c.failed,
-            "busy": c.busy, "deadline_exceeded": c.expired, "device_s": c.device_ns / 1e9,
-            "connected_s": now - c.connected_at,
+            "running": max(c.running - ended[c.id], 0), "completed": c.completed,
+            "failed": c.failed, "busy": c.busy, "deadline_exceeded": c.expired,
+            "device_s": c.device_ns / 1e9, "connected_s": now - c.connected_at,
+            "requests_per_s": c.rate(now_ns),
         } for c in sorted(self.scheduler.clients(), key=lambda c: c.id)]
         requests: dict[str, int] = {}
         for m in models:
@@ -848,7 +854,7 @@ class DeviceServer:
                 "requests": requests,
                 "errors": sum(v for k, v in requests.items() if k != "ok"),
                 "queue_depth": self.scheduler.queued,
-                "running": self.scheduler.running,
+                "running": max(self.scheduler.running - sum(ended.values()), 0),
                 "clients": len(clients),
                 "monitors": sum(1 for c in conns if c.monitor),
                 "items_per_s": sum(d["items_per_s"] for d in devices),
