@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._runtime._stats import RecentWindow
 from ._protocol import Status
 
 __all__ = ["ClientState", "DeviceState", "Request", "Scheduler"]
@@ -83,12 +84,6 @@ class Request:
         self.state = QUEUED
 
 
-#: The window of a client's recent request rate, and its slices.
-RATE_WINDOW_S = 5.0
-RATE_SLICE_NS = 100_000_000
-RATE_SLICES = int(RATE_WINDOW_S * 1e9) // RATE_SLICE_NS
-
-
 @dataclass(eq=False)
 class ClientState:
     """A client's queues and accounting."""
@@ -107,17 +102,12 @@ class ClientState:
     expired: int = 0
     device_ns: int = 0
     connected_at: float = field(default_factory=time.monotonic)
-    # Requests done per 100 ms slice, for its recent rate: [slice, count], the newest last.
-    recent: deque[list[int]] = field(default_factory=lambda: deque(maxlen=RATE_SLICES + 1))
+    recent: RecentWindow = field(default_factory=RecentWindow)  # requests completed
 
     def rate(self, now_ns: int) -> float:
-        """Requests completed per second over the last :data:`RATE_WINDOW_S` (or since it
-        connected, if later)."""
-        first = now_ns // RATE_SLICE_NS - RATE_SLICES + 1
-        done = sum(n for idx, n in list(self.recent) if idx >= first)
-        since = int(self.connected_at * 1e9)
-        span = max(min(now_ns - first * RATE_SLICE_NS, now_ns - since), 1)
-        return done / (span / 1e9)
+        """Requests completed per second over the recent window (or since it connected,
+        if later)."""
+        return self.recent.rates(now_ns, int(self.connected_at * 1e9))[0]
 
     @property
     def outstanding(self) -> int:
@@ -445,11 +435,7 @@ class Scheduler:
             c.device_ns += compute_ns
             if ok:
                 c.completed += 1
-                idx = time.monotonic_ns() // RATE_SLICE_NS
-                if c.recent and c.recent[-1][0] == idx:
-                    c.recent[-1][1] += 1
-                else:
-                    c.recent.append([idx, 1])
+                c.recent.add(time.monotonic_ns())
             else:
                 c.failed += 1
             if len(self._deadlines) > 64 and len(self._deadlines) > 4 * self._queued:

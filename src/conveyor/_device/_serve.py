@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from .._errors import ServerError
+from .._runtime._proc import on_eof
 from ._client import default_socket_path
 from ._server import DeviceServer
 
@@ -174,18 +175,13 @@ class _Signals:
 
 
 def _watch_for_eof(fd: int, server: DeviceServer) -> None:
-    """Stop ``server`` (draining) once ``fd`` reads end of file; what is read is ignored."""
+    """Stop ``server`` (draining) once ``fd`` reads end of file."""
 
-    def watch() -> None:
-        try:
-            while os.read(fd, 4096):
-                pass
-        except OSError:
-            pass
+    def stop() -> None:
         log.info("stopping: the program that started this server has gone")
         server.request_stop(drain=True)
 
-    threading.Thread(target=watch, name="conveyor-stop-on-eof", daemon=True).start()
+    on_eof(fd, stop, "conveyor-stop-on-eof")
 
 
 def serve(

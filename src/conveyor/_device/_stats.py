@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._runtime._stats import RECENT_S, RecentWindow
 from ._protocol import Status
 
 __all__ = ["BUCKETS_S", "WINDOW_S", "Histogram", "ServerStats"]
@@ -27,10 +28,8 @@ BUCKETS_S = (
     2.5, 5.0, 10.0,
 )
 _BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
-#: The window over which rates, duty cycles and percentiles are computed.
-WINDOW_S = 5.0
-_SLICE_NS = 100_000_000
-_SLICES = int(WINDOW_S * 1e9) // _SLICE_NS
+#: The window over which rates and duty cycles are computed.
+WINDOW_S = RECENT_S
 _STATUS_NAMES = {int(s): s.name.lower() for s in Status}
 _BATCH = 256  # successful inferences recorded before they are folded into the counters
 
@@ -57,13 +56,13 @@ class Histogram:
 
 
 class _DeviceStats:
-    __slots__ = ("busy_ns", "errors", "items", "latency", "slices")
+    __slots__ = ("busy_ns", "errors", "items", "latency", "recent")
 
     def __init__(self) -> None:
         self.items = 0
         self.errors = 0
         self.busy_ns = 0
-        self.slices: deque[list[int]] = deque(maxlen=_SLICES + 1)  # [slice, items, busy_ns]
+        self.recent = RecentWindow()
         self.latency: deque[int] = deque(maxlen=4096)
 
 
@@ -117,13 +116,7 @@ class ServerStats:
             d.items += 1
             d.busy_ns += compute_ns
             d.latency.append(total_ns)
-            idx = end_ns // _SLICE_NS
-            if d.slices and d.slices[-1][0] == idx:
-                s = d.slices[-1]
-                s[1] += 1
-                s[2] += compute_ns
-            else:
-                d.slices.append([idx, 1, compute_ns])
+            d.recent.add(end_ns, compute_ns)
             m = self._models[model]
             m.requests["ok"] += 1
             m.queue.observe(queue_ns)
@@ -151,23 +144,16 @@ class ServerStats:
         with self._lock:
             self._fold()
             d = self._devices[index]
-            first = now_ns // _SLICE_NS - _SLICES + 1
-            items = busy = 0
-            for idx, n, b in d.slices:
-                if idx >= first:
-                    items += n
-                    busy += b
+            rate, duty = d.recent.rates(now_ns, self.started_ns)
             latency = list(d.latency)
             totals = {"items": d.items, "errors": d.errors, "busy_s": d.busy_ns / 1e9}
             busy_total = d.busy_ns
-        span = max(min(now_ns - first * _SLICE_NS, now_ns - self.started_ns), 1)
         p50, p99 = _percentiles(latency)
-        rate = items / (span / 1e9)
         return {
             **totals,
             "items_per_s": rate,
             "requests_per_s": rate,  # the same figure, under the name Triton's users expect
-            "duty_cycle": min(busy / span, 1.0),
+            "duty_cycle": duty,
             "duty_cycle_total": min(busy_total / max(now_ns - self.started_ns, 1), 1.0),
             "p50_ms": p50,
             "p99_ms": p99,

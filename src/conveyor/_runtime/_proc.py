@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["ChildProcess", "describe_exit", "watch_lifeline"]
+__all__ = ["ChildProcess", "describe_exit", "on_eof", "watch_lifeline"]
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -90,13 +90,19 @@ def watch_lifeline(fd: int) -> None:
     how its children end.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    on_eof(fd, lambda: os._exit(0), "conveyor-lifeline")
+
+
+def on_eof(fd: int, action: Callable[[], object], name: str) -> None:
+    """Run ``action`` in a daemon thread (called ``name``) once ``fd`` reads end of file,
+    or fails; what is read is ignored."""
 
     def watch() -> None:
         try:
-            while os.read(fd, 1):
+            while os.read(fd, 4096):
                 pass
         except OSError:
             pass
-        os._exit(0)
+        action()
 
-    threading.Thread(target=watch, name="conveyor-lifeline", daemon=True).start()
+    threading.Thread(target=watch, name=name, daemon=True).start()

@@ -12,12 +12,45 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RECENT_S", "DeviceStats", "StageStats", "Tracer"]
+__all__ = ["RECENT_S", "DeviceStats", "RecentWindow", "StageStats", "Tracer"]
 
-#: The window of a device's ``items_per_s_recent`` and ``duty_cycle_recent``.
+#: The window of recent rates: a device's ``items_per_s_recent`` and ``duty_cycle_recent``
+#: here, and the device server's rates and duty cycles.
 RECENT_S = 5.0
 _SLICE_NS = 100_000_000
 _SLICES = int(RECENT_S * 1e9) // _SLICE_NS
+
+
+class RecentWindow:
+    """Counts and busy time in 100 ms slices over the last :data:`RECENT_S`, so that a
+    rate costs the same at any event rate. One writer (or its owner's lock); reading while
+    it writes is safe."""
+
+    __slots__ = ("_slices",)
+
+    def __init__(self) -> None:
+        self._slices: deque[list[int]] = deque(maxlen=_SLICES + 1)  # [slice, count, busy]
+
+    def add(self, end_ns: int, busy_ns: int = 0) -> None:
+        """One event that ended at ``end_ns`` (CLOCK_MONOTONIC), busy for ``busy_ns``."""
+        idx = end_ns // _SLICE_NS
+        slices = self._slices
+        if slices and slices[-1][0] == idx:
+            slices[-1][1] += 1
+            slices[-1][2] += busy_ns
+        else:
+            slices.append([idx, 1, busy_ns])
+
+    def rates(self, now_ns: int, since_ns: int) -> tuple[float, float]:
+        """(events/s, busy fraction) over the window, or since ``since_ns`` if later."""
+        first = now_ns // _SLICE_NS - _SLICES + 1
+        count = busy = 0
+        for idx, n, b in list(self._slices):  # a copy: a writer may append meanwhile
+            if idx >= first:
+                count += n
+                busy += b
+        span = max(min(now_ns - first * _SLICE_NS, now_ns - since_ns), 1)
+        return count / (span / 1e9), min(busy / span, 1.0)
 
 
 class StageStats:
@@ -78,7 +111,7 @@ class DeviceStats:
         self.restarts = 0
         self.scheduling = "normal"  # the device thread's CPU policy, as its worker says
         self.runs_on = spec  # what "auto" chose for the model, else the spec
-        self._slices: deque[list[int]] = deque(maxlen=_SLICES + 1)  # [slice, items, busy_ns]
+        self._recent = RecentWindow()
 
     def record(self, start_ns: int, compute_ns: int) -> None:
         end = start_ns + compute_ns
@@ -88,30 +121,13 @@ class DeviceStats:
             self.items += 1
             self.busy_ns += compute_ns
             self.last_end_ns = max(self.last_end_ns, end)
-            idx = end // _SLICE_NS
-            slices = self._slices
-            if slices and slices[-1][0] == idx:
-                slices[-1][1] += 1
-                slices[-1][2] += compute_ns
-            else:
-                slices.append([idx, 1, compute_ns])
-
-    def _recent_locked(self, now_ns: int, since_ns: int) -> tuple[float, float]:
-        """(items/s, duty cycle) over the last :data:`RECENT_S` (or since ``since_ns``)."""
-        first = now_ns // _SLICE_NS - _SLICES + 1
-        items = busy = 0
-        for idx, n, b in self._slices:
-            if idx >= first:
-                items += n
-                busy += b
-        span = max(min(now_ns - first * _SLICE_NS, now_ns - since_ns), 1)
-        return items / (span / 1e9), min(busy / span, 1.0)
+            self._recent.add(end, compute_ns)
 
     def snapshot(self, now_ns: int, since_ns: int) -> dict[str, Any]:
         with self.lock:
             span = max(now_ns - since_ns, 1)
             active = max(self.last_end_ns - self.first_start_ns, 1) if self.items else 1
-            rate, duty = self._recent_locked(now_ns, since_ns)
+            rate, duty = self._recent.rates(now_ns, since_ns)
             return {
                 "device": self.spec,
                 "items": self.items,
