@@ -101,3 +101,8 @@ def raise_bad_str(x: int) -> int:
 def to_landmark_input(outputs: list[np.ndarray]) -> np.ndarray:
     """Any 1x192x192x3 input for face_landmark, from a detector's outputs."""
     return np.full((1, 192, 192, 3), float(outputs[1].max()) / 100, np.float32)
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds

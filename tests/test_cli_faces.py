@@ -306,10 +306,12 @@ def test_detect_keeps_a_bounded_backlog(
 def test_detect_stops_a_file_whose_output_cannot_be_written(
     media: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where the output folder should be")
+    out = tmp_path / "out"  # a folder that can be written, but not these two outputs:
+    out.mkdir()
+    (out / "anim").write_text("a file where the GIF's frame folder should be")
+    (out / "astronaut.png").mkdir()  # a folder where the still's image should be
     gif, still = media / "anim.gif", media / "astronaut.png"
-    assert main("detect", gif, still, "--out", blocker / "out") == 1
+    assert main("detect", gif, still, "--out", out) == 1
     out, err = capsys.readouterr()
     assert [line.split(" (")[0] for line in out.splitlines()] == [
         f"{gif} frame 0",
@@ -424,3 +426,55 @@ def test_detect_progress_bar_only_on_a_terminal(
     assert [r["frame"] for r in json_lines(out)] == [0, 1, 2]  # stdout stays clean
     assert "file" in err  # the bar's unit
     assert f"conveyor: cannot read {media / 'missing.png'}: no such file" in err
+
+
+def test_detect_reports_a_folder_it_cannot_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "locked").mkdir()
+    shutil.copy(ASTRONAUT, tmp_path / "a.png")
+    shutil.copy(ASTRONAUT, tmp_path / "locked" / "b.png")
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:  # as a user without permission would see it
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main("detect", tmp_path) == 1  # a.png was detected, but files went unseen
+    out, err = capsys.readouterr()
+    assert "a.png" in out and "b.png" not in out
+    assert "cannot read the folder" in err and "Permission denied" in err
+
+
+def test_detect_refuses_an_unwritable_out_before_the_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    assert main("detect", ASTRONAUT, "--out", blocker) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("cannot write to") == 1
+
+
+@pytest.mark.parametrize("argv", [["status", "--timeout", "-1"], ["status", "--timeout", "nan"],
+                                  ["top", "--interval", "0"]])
+def test_seconds_must_be_above_zero(argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "conveyor", *argv], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "above 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["models"], ["models", "face_detection_short_range"],
+                                  ["devices"]])
+def test_a_reader_that_went_away_ends_the_command_quietly(argv: list[str]) -> None:
+    read, write = os.pipe()
+    os.close(read)  # nobody will ever read: the first write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "conveyor", *argv], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    said = [line for line in done.stderr.splitlines() if not line.startswith("INFO: Created")]
+    assert done.returncode == 1 and said == [], done.stderr  # LiteRT's own line aside

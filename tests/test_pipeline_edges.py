@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, wait
 from typing import Any
 
@@ -270,3 +272,68 @@ def test_a_closed_pipelines_figures_stay_put() -> None:
     first = pipe.stats()["elapsed_s"]
     time.sleep(0.05)
     assert pipe.stats()["elapsed_s"] == first
+
+
+def test_workers_are_out_of_reach_of_the_terminals_ctrl_c(no_leaks: None) -> None:
+    # Ctrl-C signals the terminal's foreground process group; the pipeline ends its own
+    # children. A worker still importing would otherwise die with a traceback of its own.
+    with conveyor.Pipeline(conveyor.stage(sf.worker_pid, kind="process"),
+                           conveyor.infer("face_detection_short_range")):
+        kids = psutil.Process().children()
+        assert len(kids) == 2  # the stage's worker and the device worker
+        for kid in kids:
+            assert os.getpgid(kid.pid) != os.getpgid(0)
+
+
+def test_live_amap_whose_item_another_caller_drops_ends() -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.sleep_for), maxsize=1, drop="oldest",
+                           max_in_flight=2) as pipe:
+        pipe.submit(0.5)  # holds the only worker
+        time.sleep(0.05)
+
+        async def main() -> list[Any]:
+            task = asyncio.ensure_future(_collect(pipe.amap([0.0])))
+            await asyncio.sleep(0.1)  # its item waits in the full first channel
+            await asyncio.to_thread(pipe.submit, 0.0)  # pushes it out: a counted drop
+            return await asyncio.wait_for(task, 10)
+
+        assert asyncio.run(main()) == []
+        assert pipe.stats()["items"]["dropped"] == 1
+
+
+async def _collect(source: Any) -> list[Any]:
+    return [x async for x in source]
+
+
+def _source_that_breaks() -> Iterator[float]:
+    yield 0.0
+    yield 0.3
+    raise ValueError("the input broke")
+
+
+def test_unordered_close_is_not_taken_for_the_inputs_error() -> None:
+    pipe = conveyor.Pipeline(conveyor.stage(sf.sleep_for, workers=2), ordered=False)
+    with pipe:
+        threading.Timer(0.1, pipe.close).start()
+        # Item 1 is still in its stage when close() comes: its outcome never arrives, so
+        # the input's error, which comes after it, must not be given either.
+        with pytest.raises(conveyor.PipelineClosedError):
+            for _ in pipe.map(_source_that_breaks()):
+                time.sleep(0.5)
+
+
+def test_close_while_map_is_starting_ends_it_with_pipeline_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import conveyor._pipeline as cp
+
+    class SlowRun(cp.Run):  # widens the moment between map()'s check and its run's start
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.2)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cp, "Run", SlowRun)
+    pipe = conveyor.Pipeline(conveyor.stage(sf.inc))
+    with pipe:
+        threading.Timer(0.05, pipe.close).start()
+        with pytest.raises(conveyor.PipelineClosedError):
+            list(pipe.map(range(20)))

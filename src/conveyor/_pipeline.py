@@ -283,6 +283,8 @@ class Pipeline:
     def _new_run(self, ordered: bool, notify: Callable[[], None] | None = None) -> Run:
         run = Run(ordered, self.max_in_flight, notify)
         with self._lock:
+            if self._closed:  # closed since the caller checked: close() never saw this run
+                raise PipelineClosedError("the pipeline is closed")
             keep = []
             for r in self._runs:
                 if r.complete or r.cancelled:
@@ -429,6 +431,8 @@ class Pipeline:
         self._refuse_reentry(core, "submit")
         fut: Future[Any] = Future()
         with self._lock:
+            if self._closed:
+                raise PipelineClosedError("the pipeline is closed")
             if self._submit_run is None:
                 # Live mode bounds submitted items in flight as it bounds a run's.
                 run = Run(False, self.max_in_flight if self.live else 1 << 62)

@@ -15,7 +15,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from .._errors import ConveyorError, StageError
 from ..apps.faces import annotate, get_config, load_image, sample_images, save_image
 from ..backends import parse_device
-from .detect import FrameResult, face_pipeline, pre_workers
+from .detect import FrameResult, face_pipeline, pre_workers, writable_folder
 
 __all__ = ["add_arguments", "run"]
 
@@ -66,12 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         print("conveyor: --repeat must be at least 1", file=sys.stderr)
         return 2
-    try:  # found out now, not after the run
-        args.out.mkdir(parents=True, exist_ok=True)
-        if not os.access(args.out, os.W_OK | os.X_OK):
-            raise PermissionError(f"no permission to write in {args.out}")
-    except OSError as exc:
-        print(f"conveyor: cannot write to {args.out}: {exc}", file=sys.stderr)
+    why_not = writable_folder(args.out)
+    if why_not:  # found out now, not after the run
+        print(f"conveyor: cannot write to {args.out}: {why_not}", file=sys.stderr)
         return 1
     try:
         where = _device_words(args.device)

@@ -229,12 +229,14 @@ class Source:
     name: str
 
 
-def expand_sources(paths: Sequence[str], empty: list[str] | None = None) -> list[Source]:
+def expand_sources(paths: Sequence[str], empty: list[str] | None = None,
+                   unreadable: list[str] | None = None) -> list[Source]:
     """The files named by ``paths``: files as given, folders searched recursively (sorted).
 
     Inside a folder only files with an image or video suffix are taken; a path that does
     not exist is kept so that reading it reports the error. Folders with no such file
-    are added to ``empty``, if given.
+    are added to ``empty``, and folders that could not be listed (with why) to
+    ``unreadable``, if given.
     """
     sources: list[Source] = []
     for given in paths:
@@ -243,7 +245,8 @@ def expand_sources(paths: Sequence[str], empty: list[str] | None = None) -> list
             sources.append(Source(root, given, root.stem or "image"))
             continue
         found: list[str] = []
-        for folder, dirs, files in os.walk(root):
+        errors: list[OSError] = []
+        for folder, dirs, files in os.walk(root, onerror=errors.append):
             dirs.sort()
             rel = os.path.relpath(folder, root)
             for f in sorted(files):
@@ -252,9 +255,22 @@ def expand_sources(paths: Sequence[str], empty: list[str] | None = None) -> list
         for rel_file in sorted(found):
             name = str(Path(rel_file).with_suffix(""))
             sources.append(Source(root / rel_file, os.path.join(given, rel_file), name))
-        if not found and empty is not None:
+        if unreadable is not None:
+            unreadable.extend(f"{e.filename}: {e.strerror or e}" for e in errors)
+        if not found and not errors and empty is not None:
             empty.append(given)
     return sources
+
+
+def writable_folder(path: Path) -> str | None:
+    """Make the folder ``path`` if need be; None if it can be written in, else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"no permission to write in {path}"
+    return None
 
 
 class OutputNames:
@@ -427,10 +443,19 @@ def _frame_source(
 def run(args: argparse.Namespace) -> int:
     """Run ``conveyor detect``; 0 if every file was read, 1 if any failed, 2 on a setup error."""
     empty: list[str] = []
-    sources = expand_sources(args.paths, empty)
+    unreadable: list[str] = []
+    sources = expand_sources(args.paths, empty, unreadable)
     for folder in empty:  # counted as failed: the caller named nothing to detect in there
         print(f"conveyor: no image or video files in {folder} (looked for "
               f"{', '.join(sorted(MEDIA_SUFFIXES))})", file=sys.stderr)
+    for why in unreadable:  # failed too: files in there went unseen
+        print(f"conveyor: cannot read the folder {why}", file=sys.stderr)
+    empty += unreadable
+    if args.out is not None:
+        why_not = writable_folder(args.out)
+        if why_not:  # found out now, not once per input after the work
+            print(f"conveyor: cannot write to {args.out}: {why_not}", file=sys.stderr)
+            return 2
     # A few still images need no more worker processes than images: fewer to start.
     stills = all(s.path.suffix.lower() in _STILL_SUFFIXES for s in sources)
     workers = max(1, min(pre_workers(), len(sources))) if stills else pre_workers()

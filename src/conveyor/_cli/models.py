@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     except ConveyorError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader went away: conveyor's main ends quietly
     except OSError as exc:
         print(f"conveyor: cannot read {args.model}: {exc}", file=sys.stderr)
         return 2

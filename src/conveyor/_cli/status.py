@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -26,8 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", metavar="PATH",
                         help="the server's socket (default: as for conveyor serve)")
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    parser.add_argument("--timeout", metavar="S", type=float, default=5.0,
+    parser.add_argument("--timeout", metavar="S", type=positive_seconds, default=5.0,
                         help="seconds to wait for the server (default 5)")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
 
 
 def fetch(socket_path: str | None, timeout: float) -> dict[str, Any]:

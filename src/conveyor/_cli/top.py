@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import ConveyorError
-from .status import render
+from .status import positive_seconds, render
 
 __all__ = ["add_arguments", "frame", "run"]
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``conveyor top``'s arguments on ``parser``."""
     parser.add_argument("--socket", metavar="PATH",
                         help="the server's socket (default: as for conveyor serve)")
-    parser.add_argument("--interval", metavar="S", type=float, default=1.0,
+    parser.add_argument("--interval", metavar="S", type=positive_seconds, default=1.0,
                         help="seconds between refreshes (default 1)")
     parser.add_argument("--once", action="store_true",
                         help="print one frame and exit (no screen control)")

@@ -46,6 +46,10 @@ class ChildProcess:
                 pass_fds=(*pass_fds, life_r),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # A session (so a process group) of its own: Ctrl-C at a terminal signals
+                # the parent's group, and the parent ends its children (the lifeline). A
+                # child still importing would otherwise die of it with a traceback.
+                start_new_session=True,
             )
         except BaseException:
             os.close(life_w)

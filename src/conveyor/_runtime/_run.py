@@ -83,11 +83,10 @@ class Run:
                 if self.ordered:
                     self._skip.add(index)
                 self._discard_locked()
-                return
-            if self.cancelled:
+            elif self.cancelled:
                 self._discard_locked()
                 return
-            if self.ordered:
+            elif self.ordered:
                 self._by_index[index] = (kind, value)
                 # Out of order: the consumer cannot use it yet, so it sleeps on.
                 if index == self.next_index or self._skip:
@@ -168,7 +167,9 @@ class Run:
             self.next_index += 1
         elif self._arrived:
             index, outcome = self._arrived.popleft()
-        elif self._last is not None and self.consumed + 1 >= self.admitted:
+        elif (self._last is not None and not self.cancelled
+              and self.consumed + 1 >= self.admitted):
+            # Not after a cancel: the items before it were cancelled, not answered.
             index, outcome = self._last
             self._last = None
         else:
