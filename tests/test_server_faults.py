@@ -4,6 +4,7 @@ a full queue, a client that stops reading, a connection that never says HELLO.""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,48 @@ def test_connection_without_hello_is_closed(sdir: Path, monkeypatch: pytest.Monk
             mute.close()
         with DeviceClient(path=srv.path) as c:
             c.infer("m", x(0))
+
+
+def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path) -> None:
+    dev = FakeDevice(delay=0.002)
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv:
+        for trial in range(15):  # the window was narrow: about one trial in five hung
+            client = DeviceClient(path=srv.path)
+            ended: list[BaseException] = []
+
+            def loop(client: DeviceClient = client, ended: list[BaseException] = ended) -> None:
+                try:
+                    while True:
+                        client.submit("m", x(1)).result()
+                except BaseException as exc:  # how it ended is what the test checks
+                    ended.append(exc)
+
+            threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.02 + 0.01 * (trial % 5))
+            client.close()
+            for t in threads:
+                t.join(5)
+            assert not any(t.is_alive() for t in threads), f"trial {trial}: a thread hung"
+            assert all(isinstance(e, ServerGone) for e in ended), ended
+
+
+def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) -> None:
+    dev = FakeDevice()
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        seen: list[BaseException | None] = []
+        done = threading.Event()
+
+        def callback(_fut: object) -> None:
+            try:
+                c.infer("m", x(2))  # would wait for a reply only this thread can read
+                seen.append(None)
+            except BaseException as exc:
+                seen.append(exc)
+            done.set()
+
+        c.submit("m", x(1)).add_done_callback(callback)
+        assert done.wait(10)
+        assert isinstance(seen[0], RuntimeError) and "done-callback" in str(seen[0])
+        c.infer("m", x(3))  # the client is still usable

@@ -192,6 +192,7 @@ class DeviceClient:
         self._slot_waiters = 0
         self._reading = False
         self._sleepers = 0  # threads waiting on _cv for the reader role or an outcome
+        self._tls = threading.local()  # .reading: this thread holds the reader role
         self._bg: threading.Thread | None = None
         self._dedicated = reader
         self._models: dict[str, ModelInfo] = {}
@@ -320,6 +321,8 @@ class DeviceClient:
         link.sock.close()
         for p in pending.values():
             p.finish(None, why)
+        with self._lock:  # a waiter woken above, before its request was finished, waits on
+            self._cv.notify_all()
         link.views.clear()
         link.pools.clear()
         if link.arena is not None:
@@ -329,7 +332,23 @@ class DeviceClient:
 
     def _read_step(self, link: _Link, timeout: float | None) -> None:
         """Holding the reader role: wait for data (at most ``timeout``), then deliver
-        every complete message received."""
+        every complete message received (Futures' done-callbacks run here)."""
+        self._tls.reading = True
+        try:
+            self._read_step_locked_role(link, timeout)
+        finally:
+            self._tls.reading = False
+
+    def _refuse_in_callback(self, what: str) -> None:
+        """A done-callback runs on the thread that reads replies: if it waited for a
+        reply (or a slot a reply frees), nobody would read it."""
+        if getattr(self._tls, "reading", False):
+            raise RuntimeError(
+                f"{what} from a Future's done-callback would wait for ever: callbacks run on "
+                f"the thread that reads the replies. Use submit() and another callback, or "
+                f"hand the work to another thread")
+
+    def _read_step_locked_role(self, link: _Link, timeout: float | None) -> None:
         reader = link.reader
         try:
             if timeout is not None:
@@ -375,6 +394,8 @@ class DeviceClient:
 
         Raises TimeoutError after ``timeout`` seconds; the request stays pending.
         """
+        if not p.finished:
+            self._refuse_in_callback("waiting for a reply")
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             if not p.waited and not p.gone:
@@ -534,6 +555,10 @@ class DeviceClient:
 
         Raises (at once): ModelNotFoundError, InputError, ServerGone.
         The Future raises: Busy, DeadlineExceeded, DeviceError, ServerGone.
+
+        The Future's done-callbacks run on the thread that reads this client's replies:
+        a callback may submit() more, but a call that waits for a reply (``infer``,
+        ``status``, ``result()`` of an unfinished Future) raises RuntimeError there.
         """
         p = self._send(model, inputs, deadline, priority, dequantize, sync=False)
         assert p.future is not None
@@ -561,6 +586,7 @@ class DeviceClient:
         for attempt in (0, 1):
             with self._cv:
                 while not link.free and self._link is link and not self._closed:
+                    self._refuse_in_callback("waiting for a free request slot")
                     wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
                     if wait is not None and wait <= 0:
                         p = Pending(info, -1, deq, True, None if sync else self._future())
