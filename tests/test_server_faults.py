@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_server_support import (
+    SLOW,
     FakeDevice,
     LogLines,
     ServeProcess,
@@ -32,7 +33,6 @@ from conveyor import Busy, DeviceClient, ServerGone
 from conveyor._device._client import query_status
 from conveyor._device._protocol import PROTOCOL_VERSION, MsgType, encode, json_body
 
-SLOW = ("--device", "sim-edgetpu:usb2", "--model", "face_landmark")  # ~4 ms a request
 IMG = np.zeros((1, 192, 192, 3), np.float32)
 
 

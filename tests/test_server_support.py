@@ -32,6 +32,10 @@ from conveyor.backends import Device, Runner, parse_device
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "face_detection_short_range"
 SHAPE = (1, 128, 128, 3)
+#: A server whose requests take a while (~4 ms each): face_landmark on a USB 2 Edge TPU
+#: (simulated), with its 1x192x192x3 float32 input.
+SLOW = ("--device", "sim-edgetpu:usb2", "--model", "face_landmark")
+LANDMARK_IN = (1, 192, 192, 3)
 
 
 def env() -> dict[str, str]:

@@ -108,9 +108,9 @@ def infer(
             ValueError) for a ``deadline`` that is not a number or a ``priority`` that is
             not a 32-bit int.
     """
-    from ._device._client import check_priority, deadline_to_ns
+    from ._device._client import check_deadline, check_priority
 
-    deadline_to_ns(deadline)
+    check_deadline(deadline)
     priority = check_priority(priority)
     spec = str(device)
     if spec.startswith("server:"):
@@ -203,7 +203,6 @@ class Pipeline:
         self._submit_run: Run | None = None
         self._futures: dict[int, Future[Any]] = {}
         self._submit_index = 0
-        self._submit_dropped = 0
         self._runs: list[Run] = []
         self._past = [0, 0]  # items admitted and dropped by runs no longer in _runs
         self.skipped = 0
@@ -400,10 +399,7 @@ class Pipeline:
                 if run.cancelled or core.closing:
                     break
                 if core.live:
-                    if run.acquire(block=False):
-                        core.admit(run, index, value)
-                    else:
-                        await asyncio.to_thread(core._admit_live_full, run, index, value)
+                    core.admit_live(run, index, value)  # never waits
                 else:
                     if not run.acquire(block=False):
                         ok = await asyncio.to_thread(run.acquire)
@@ -446,13 +442,11 @@ class Pipeline:
             self._submit_index += 1
             self._futures[index] = fut
         try:
-            if not core.live:
-                run.acquire()
-                core.admit(run, index, item)
-            elif run.acquire(block=False):
-                core.admit(run, index, item)
+            if core.live:
+                core.admit_live(run, index, item)
             else:
-                core._admit_live_full(run, index, item)
+                run.acquire()  # never waits: a submit() run has tokens to spare
+                core.admit(run, index, item)
         except Aborted:  # closed while this call waited for room
             with self._lock:
                 self._futures.pop(index, None)
@@ -462,8 +456,6 @@ class Pipeline:
     def _resolve(self, index: int, kind: str, value: Any) -> None:
         with self._lock:
             fut = self._futures.pop(index, None)
-            if kind == DROP:
-                self._submit_dropped += 1
         if fut is None or fut.done():
             return
         if kind == OK:
@@ -501,7 +493,7 @@ class Pipeline:
         with self._lock:
             runs = list(self._runs)
             admitted = self._past[0] + self._submit_index
-            dropped = self._past[1] + self._submit_dropped
+            dropped = self._past[1] + (self._submit_run.dropped if self._submit_run else 0)
         snap["items"] = {
             "admitted": admitted + sum(r.admitted for r in runs),
             "dropped": dropped + sum(r.dropped for r in runs),

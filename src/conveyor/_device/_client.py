@@ -89,19 +89,28 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/conveyor-{os.getuid()}") / "conveyor.sock"
 
 
-def deadline_to_ns(deadline: float | None) -> int:
-    """A request's deadline in CLOCK_MONOTONIC ns (0: none), checked before it takes a
-    slot. An infinite deadline is none; one past 2**63 ns is clamped there."""
+def check_deadline(deadline: float | None) -> float | None:
+    """``deadline`` (seconds from now) as a float, or None for none (an infinite one
+    included). Raises InputError for anything but a number or None, and for nan."""
     if deadline is None:
-        return 0
+        return None
     if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real):
         raise InputError(f"deadline must be a number of seconds or None, got {deadline!r}")
-    deadline = float(deadline)
-    if math.isnan(deadline):
+    value = float(deadline)
+    if math.isnan(value):
         raise InputError("deadline must be a number of seconds or None, got nan")
-    if math.isinf(deadline):
-        return 0 if deadline > 0 else 1
-    return min(time.monotonic_ns() + max(int(deadline * 1e9), 0), _NS_MAX) or 1
+    return None if value == math.inf else value
+
+
+def deadline_to_ns(deadline: float | None) -> int:
+    """A request's deadline in CLOCK_MONOTONIC ns (0: none), checked before it takes a
+    slot; one past 2**63 ns is clamped there, one in the past (-inf too) is due now."""
+    value = check_deadline(deadline)
+    if value is None:
+        return 0
+    if value == -math.inf:
+        return 1
+    return min(time.monotonic_ns() + max(int(value * 1e9), 0), _NS_MAX) or 1
 
 
 def check_priority(priority: int) -> int:
@@ -335,7 +344,7 @@ class DeviceClient:
         every complete message received (Futures' done-callbacks run here)."""
         self._tls.reading = True
         try:
-            self._read_step_locked_role(link, timeout)
+            self._read_messages(link, timeout)
         finally:
             self._tls.reading = False
 
@@ -348,7 +357,7 @@ class DeviceClient:
                 f"the thread that reads the replies. Use submit() and another callback, or "
                 f"hand the work to another thread")
 
-    def _read_step_locked_role(self, link: _Link, timeout: float | None) -> None:
+    def _read_messages(self, link: _Link, timeout: float | None) -> None:
         reader = link.reader
         try:
             if timeout is not None:

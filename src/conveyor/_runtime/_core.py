@@ -332,6 +332,13 @@ class Core:
         else:
             self.channels[0].put(item, cancelled=lambda: run.cancelled)
 
+    def admit_live(self, run: Run, index: int, value: Any) -> None:
+        """Live mode: admit one item now, never waiting (see :meth:`_admit_live_full`)."""
+        if run.acquire(block=False):
+            self.admit(run, index, value)
+        else:
+            self._admit_live_full(run, index, value)
+
     def _admit_live_full(self, run: Run, index: int, value: Any) -> None:
         """Live mode, no token free: drop the oldest item of this run still waiting and
         admit the new one in its place, or drop the new one if none is waiting."""
@@ -647,13 +654,10 @@ class Core:
                    start: int | None = None) -> bool:
         """Send ``item`` to worker ``w``; False when the pipeline is closing."""
         pw = self.procs[si][w]
-        if pw is not None and not pending and not pw.alive:
-            # It died (killed, crashed) while idle, holding no item: that costs no item.
-            log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
-                        pw.pid, self.defs[si].name, pw.process.describe_exit())
-            self._replace_proc(si, w)
-            pw = self.procs[si][w]
-        elif pw is None:
+        if pw is None or (not pending and not pw.alive):
+            if pw is not None:  # it died (killed, crashed) while idle: that costs no item
+                log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
+                            pw.pid, self.defs[si].name, pw.process.describe_exit())
             self._replace_proc(si, w)
             pw = self.procs[si][w]
         try:
