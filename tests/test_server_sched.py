@@ -386,7 +386,8 @@ def test_huge_and_infinite_deadlines_mean_no_deadline(sdir: Path) -> None:
     dev = FakeDevice()
     with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
         c.infer("m", x(1), deadline=1e11)
+        c.infer("m", x(1), deadline=1e300)  # past int64 in ns: no deadline in effect
         c.infer("m", x(2), deadline=float("inf"))
         with pytest.raises(DeadlineExceeded):
             c.infer("m", x(3), deadline=float("-inf"))
-    assert order(dev) == [1, 2]
+    assert order(dev) == [1, 1, 2]

@@ -110,7 +110,11 @@ def deadline_to_ns(deadline: float | None) -> int:
         return 0
     if value == -math.inf:
         return 1
-    return min(time.monotonic_ns() + max(int(value * 1e9), 0), _NS_MAX) or 1
+    now = time.monotonic_ns()
+    ns = value * 1e9  # a float: 1e300 s is no overflow here, as int() of it would be
+    if ns >= _NS_MAX - now:
+        return _NS_MAX
+    return now + max(int(ns), 0) or 1
 
 
 def check_priority(priority: int) -> int:
