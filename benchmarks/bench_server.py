@@ -5,12 +5,15 @@ Three measurements, all in one run, printed as numbers and ratios:
 1. **Added latency.** face_landmark (a 192x192x3 float32 input) on the CPU, one request at a
    time: (a) ``Runner.run`` called directly in this process, (b) ``DeviceClient.infer`` to a
    ``conveyor serve`` process, (c) the same request to this program's own device worker
-   (the child process a pipeline's ``infer`` stage starts), and, as the floor that any
-   design with a separate process pays on this machine, (d) a bare round trip: copy into
-   shared memory, 48 bytes on a socket to a one-thread process that runs the model on it,
-   48 bytes back. Blocks of the four alternate so that drift in the machine's speed hits
-   all. The p50 difference of (b) to (a) is the added latency (target <= 50 us); the
-   difference of (b) to (c) is what sharing the device costs over a private worker.
+   (the child process a pipeline's ``infer`` stage starts), (d) the same request to a device
+   worker *thread* in this process (a thread that owns its own interpreter and takes
+   requests from a queue, the in-process design a program would write by hand), and, as
+   the floor that any design with a separate process pays on this machine, (e) a bare
+   round trip: copy into shared memory, 48 bytes on a socket to a one-thread process that
+   runs the model on it, 48 bytes back. Blocks of the five alternate so that drift in the
+   machine's speed hits all. The p50 difference of (b) to (a) is the added latency (target
+   <= 50 us); (b) to (d) is the same against an in-process worker thread; (b) to (c) is
+   what sharing the device costs over a private worker process.
 2. **Throughput, one client.** The same model back to back: (a) direct, (b) one client
    keeping ``--depth`` requests in flight. Target: (b) >= 0.95x (a).
 3. **Four clients, one device.** A simulated Edge TPU (``sim-edgetpu``: device-bound, it
@@ -31,12 +34,14 @@ import argparse
 import json
 import os
 import platform
+import queue
 import selectors
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,11 +120,45 @@ def _floor_child(sock: socket.socket, device: str, model: str, seg: Any, realtim
         sock.send(b"r" * 48)
 
 
+@contextmanager
+def _thread_worker(device: str, model: str, realtime: int) -> Iterator[Any]:
+    """An in-process device worker thread: it owns an interpreter of its own and runs the
+    inputs it takes from a queue, replying on another. Yields the round trip function."""
+    from conveyor._runtime._sched import realtime_thread
+    from conveyor.backends import open_device
+
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def loop() -> None:
+        with realtime_thread(realtime):
+            runner = open_device(device).load(model)
+            try:
+                while (item := requests.get()) is not None:
+                    replies.put(runner.run([item]))
+            finally:
+                runner.close()
+
+    thread = threading.Thread(target=loop, name="thread-worker", daemon=True)
+    thread.start()
+
+    def trip(x: Any) -> Any:
+        requests.put(x)
+        return replies.get()
+
+    try:
+        yield trip
+    finally:
+        requests.put(None)
+        thread.join()
+
+
 def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> dict[str, Any]:
-    """Alternating blocks of direct runs, the hand-written floor, round trips to a private
-    device worker and to ``conveyor serve``; times in microseconds. ``realtime``: the
-    SCHED_FIFO priority of the thread that runs the model in each (this one for direct runs,
-    the floor's, the worker's and the server's device thread)."""
+    """Alternating blocks of direct runs, the hand-written floor, round trips to an
+    in-process worker thread, to a private device worker and to ``conveyor serve``; times
+    in microseconds. ``realtime``: the SCHED_FIFO priority of the thread that runs the
+    model in each (this one for direct runs, the worker thread, the floor's, the worker's
+    and the server's device thread)."""
     from conveyor import connect
     from conveyor._device._worker import DeviceWorker
     from conveyor._runtime._sched import realtime_thread
@@ -155,13 +194,16 @@ def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> 
     floor: list[int] = []
     server: list[int] = []
     private: list[int] = []
+    in_thread: list[int] = []
     # The same client set-up as connect() gives: the waiting thread reads its own reply.
     worker = DeviceWorker(device, [model], realtime=realtime, reader=False)
     try:
-        with serve(device, model, *_rt(realtime)) as path, connect(path) as client:
+        with serve(device, model, *_rt(realtime)) as path, connect(path) as client, \
+                _thread_worker(device, model, realtime) as thread_trip:
             trips = ((floor_trip, floor), (lambda: client.infer(model, img), server),
-                     (lambda: worker.client.infer(model, img), private))
-            for _ in range(50):  # warm all four up
+                     (lambda: worker.client.infer(model, img), private),
+                     (lambda: thread_trip(img), in_thread))
+            for _ in range(50):  # warm all five up
                 runner.run([img])
                 for fn, _out in trips:
                     fn()
@@ -182,8 +224,8 @@ def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> 
         os.waitpid(pid, 0)
         seg.close()
         runner.close()
-    d50, f50, s50, w50 = (_pct(direct, 50), _pct(floor, 50), _pct(server, 50),
-                          _pct(private, 50))
+    d50, f50, s50, w50, t50 = (_pct(direct, 50), _pct(floor, 50), _pct(server, 50),
+                               _pct(private, 50), _pct(in_thread, 50))
     return {
         "device": device, "model": model, "input": list(shape), "samples": len(direct),
         "direct_p50_us": round(d50, 1), "direct_p99_us": round(_pct(direct, 99), 1),
@@ -193,6 +235,9 @@ def latency(device: str, model: str, rounds: int, block: int, realtime: int) -> 
         "private_worker_p50_us": round(w50, 1),
         "private_worker_p99_us": round(_pct(private, 99), 1),
         "server_over_private_p50_us": round(s50 - w50, 1),
+        "thread_worker_p50_us": round(t50, 1),
+        "thread_worker_p99_us": round(_pct(in_thread, 99), 1),
+        "server_over_thread_worker_p50_us": round(s50 - t50, 1),
     }
 
 
@@ -361,6 +406,11 @@ def main() -> int:
               f"{lat['direct_p99_us']:8.1f} us")
         print(f"  via conveyor serve  p50 {lat['server_p50_us']:8.1f} us  p99 "
               f"{lat['server_p99_us']:8.1f} us")
+        over = lat["server_over_thread_worker_p50_us"]
+        print(f"  in-process worker thread p50 {lat['thread_worker_p50_us']:8.1f} us  p99 "
+              f"{lat['thread_worker_p99_us']:8.1f} us  (the server adds {over:+.1f} us over "
+              f"it: target <= {LATENCY_TARGET_US:g} us: "
+              f"{'met' if over <= LATENCY_TARGET_US else 'MISSED'})")
         print(f"  own device worker   p50 {lat['private_worker_p50_us']:8.1f} us  p99 "
               f"{lat['private_worker_p99_us']:8.1f} us  (the server adds "
               f"{lat['server_over_private_p50_us']:+.1f} us over it)")

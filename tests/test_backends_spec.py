@@ -18,6 +18,8 @@ PARSED = {
     "edgetpu:pci:0": DeviceSpec("edgetpu", bus="pci", index=0),
     "sim-edgetpu": DeviceSpec("sim-edgetpu"),
     "sim-edgetpu:usb2": DeviceSpec("sim-edgetpu", profile="usb2"),
+    "sim-edgetpu:1": DeviceSpec("sim-edgetpu", index=1),
+    "sim-edgetpu:rpi4:2": DeviceSpec("sim-edgetpu", profile="rpi4", index=2),
     "onnx:cpu": DeviceSpec("onnx", bus="cpu"),
     "onnx:cuda": DeviceSpec("onnx", bus="cuda"),
     "onnx:cuda:1": DeviceSpec("onnx", bus="cuda", index=1),
@@ -76,11 +78,14 @@ def test_libedgetpu_device_strings(text: str, device_string: str) -> None:
         "edgetpu:usb:x",
         "edgetpu:pcie",
         "edgetpu:usb:1:2",
-        "onnx",
         "onnx:tpu",
         "onnx:cuda:x",
         "auto:1",
         "sim-edgetpu:a:b",
+        "sim-edgetpu:usb9",
+        "sim-edgetpu:pci:x",
+        "sim-edgetpu:1:pci",
+        "sim-edgetpu:pci:1:2",
         "cpu:\u00b2",  # digits to str.isdigit, not to int()
         "edgetpu:\u00b2",
         "onnx:cuda:\u0663",
@@ -97,9 +102,17 @@ def test_bad_specs_list_the_valid_forms(text: str) -> None:
 
 
 def test_unknown_simulation_profile_lists_the_profiles() -> None:
+    from conveyor.backends._spec import SIM_PROFILES
     from conveyor.backends.sim import PROFILES, SimEdgeTPUDevice
 
-    with pytest.raises(DeviceSpecError, match="profiles") as info:
-        SimEdgeTPUDevice(parse_device("sim-edgetpu:usb9"))
-    for name in PROFILES:
-        assert f"sim-edgetpu:{name}" in str(info.value)
+    assert tuple(PROFILES) == SIM_PROFILES  # the grammar knows the simulation's profiles
+    for make in (lambda: parse_device("sim-edgetpu:usb9:1"),
+                 lambda: SimEdgeTPUDevice(DeviceSpec("sim-edgetpu", profile="usb9"))):
+        with pytest.raises(DeviceSpecError, match="profiles") as info:
+            make()
+        for name in PROFILES:
+            assert f"sim-edgetpu:{name}" in str(info.value)
+
+
+def test_onnx_alone_is_onnx_runtime_on_the_cpu() -> None:
+    assert parse_device("onnx") == parse_device("onnx:cpu") == DeviceSpec("onnx", bus="cpu")

@@ -231,6 +231,13 @@ def test_library_override_to_a_missing_file(monkeypatch: pytest.MonkeyPatch) -> 
     status = find_edgetpu_library()
     assert not status.found
     assert "CONVEYOR_EDGETPU_LIBRARY=/nonexistent/libedgetpu.so.1" in status.reason
+    assert "no such file" in status.reason
+
+
+def test_library_override_to_a_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CONVEYOR_EDGETPU_LIBRARY", str(tmp_path))
+    status = find_edgetpu_library()
+    assert not status.found and "a folder, not a library file" in status.reason
 
 
 def test_library_override_to_a_library_that_is_not_a_delegate(

@@ -119,6 +119,8 @@ def test_runner_checks_its_inputs(spec: str) -> None:
         bad: list[Any] = [
             [], [good, good], [good.astype(np.float64)], [good[..., :2]], {"nope": good},
             None, "input", [[1.0, 2.0]],
+            {"input": good, 0: good}, {None: good},  # keys that do not sort with names
+            [[[1.0, 2.0], [3.0]]],  # ragged: numpy cannot make an array of it
         ]
         outs = [np.empty(s.shape, s.dtype) for s in runner.outputs]
         for value in bad:
@@ -132,3 +134,17 @@ def test_runner_checks_its_inputs(spec: str) -> None:
                 np.testing.assert_array_equal(got, ref)
     finally:
         dev.close()
+
+
+def test_a_failing_run_reports_liteRTs_message_once(runner: conveyor.Runner) -> None:
+    """LiteRT's error reporter repeats every earlier message in the next exception; the
+    DeviceError of each failure carries that failure's text once, and at most a bounded
+    amount of it (a server logs every one)."""
+    failed = runner._failed  # type: ignore[attr-defined]
+    one = "Input tensor 71 lacks data"
+    texts = [str(failed(RuntimeError(one * n))) for n in range(1, 5)]
+    assert all(t.endswith(f": {one}") and t.count(one) == 1 for t in texts), texts
+    other = str(failed(RuntimeError("something else")))
+    assert other.endswith(": something else")
+    long = str(failed(RuntimeError("x" * 50_000)))
+    assert len(long) < 1200 and "more)" in long

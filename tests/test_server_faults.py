@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for
 from test_server_support import (
     SLOW,
     FakeDevice,
@@ -133,7 +134,10 @@ def test_reconnect_after_the_server_restarts(sdir: Path) -> None:
         client = conveyor.connect(path, reconnect=True)
         try:
             client.infer("face_detection_short_range", img)
+            assert client.connected
             first.kill()
+            # An idle client sees the server gone before it next calls it.
+            assert wait_for(lambda: not client.connected, timeout=5.0)
             with pytest.raises(ServerGone):
                 client.infer("face_detection_short_range", img)
             assert not client.connected

@@ -239,6 +239,34 @@ def test_exclusive_across_processes(private_locks: Path, src_env: dict[str, str]
     device.close()
 
 
+def test_numbered_simulated_devices_are_separate_devices() -> None:
+    """``sim-edgetpu:N`` is simulated device N: two open at once in one process, and a
+    server serves both; the same one twice is refused as already open here."""
+    from test_server_support import ServeProcess, socket_dir
+
+    import conveyor
+
+    first, second = open_device("sim-edgetpu:0"), open_device("sim-edgetpu:pci:1")
+    try:
+        assert (first.index, second.index) == (0, 1)  # type: ignore[attr-defined]
+        with pytest.raises(DeviceBusyError, match="already open in this process"):
+            open_device("sim-edgetpu")
+    finally:
+        first.close()
+        second.close()
+    with socket_dir() as folder, ServeProcess(
+        folder / "s.sock", "--device", "sim-edgetpu:0", "--device", "sim-edgetpu:1",
+        "--model", SHORT,
+    ) as server, conveyor.connect(server.path) as client:
+        x = np.zeros((1, 128, 128, 3), np.float32)
+        futures = [client.submit(SHORT, x) for _ in range(40)]
+        for f in futures:
+            f.result(timeout=30)
+        devices = client.status()["devices"]
+    assert [d["spec"] for d in devices] == ["sim-edgetpu:0", "sim-edgetpu:1"]
+    assert all(d["items"] > 0 for d in devices), devices  # both did work
+
+
 def test_closed_device_refuses_work() -> None:
     device = sim()
     runner = device.load(SHORT)
@@ -299,3 +327,49 @@ def test_damaged_model_files_are_invalid_models(tmp_path: Path) -> None:
                 dev.load(bad)
     finally:
         dev.close()
+
+
+def test_a_compiled_model_path_runs_in_a_pipeline_and_through_a_server(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    """A model given by the path of its Edge TPU build (``name_edgetpu.tflite``) is served
+    as ``name``; asking by that path, file name or base name finds it."""
+    from test_server_support import ThreadServer
+
+    import conveyor
+
+    path = tmp_path / "net_edgetpu.tflite"
+    path.write_bytes(fake_edgetpu_model())
+    x = np.zeros((1, 8, 8, 3), np.uint8)
+    with conveyor.Pipeline(conveyor.infer(str(path), device="sim-edgetpu")) as pipe:
+        (out,) = next(iter(pipe.map([x])))
+    assert out.shape == (1, 10) and set(out.ravel()) == {7}
+    device = sim("pci")
+    with ThreadServer(tmp_path / "s.sock", [device], [str(path)]), \
+            conveyor.connect(tmp_path / "s.sock") as client:
+        for name in (str(path), "net_edgetpu", "net_edgetpu.tflite", "net"):
+            (out,) = client.infer(name, x)
+            assert set(out.ravel()) == {7}, name
+        with pytest.raises(conveyor.ModelNotFoundError, match=r"device server at .* serves"):
+            client.infer("other", x)
+
+
+def test_a_link_whose_model_lookup_fails_ends_its_device_worker(
+    monkeypatch: pytest.MonkeyPatch, no_leaks: None
+) -> None:
+    """If the inference stage fails after its device worker started, the worker ends with
+    it and the device is free for the next pipeline (it used to be held until exit)."""
+    import conveyor
+    from conveyor._device._client import DeviceClient
+
+    def refuse(self: DeviceClient, model: str) -> None:
+        raise conveyor.ModelNotFoundError(f"no {model}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DeviceClient, "model_info", refuse)
+        with pytest.raises(conveyor.ModelNotFoundError), \
+                conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu")):
+            pass
+    with conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu")) as pipe:
+        (boxes, _scores) = next(iter(pipe.map([np.zeros((1, 128, 128, 3), np.float32)])))
+    assert boxes.shape == (1, 896, 16)

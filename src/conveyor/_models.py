@@ -6,9 +6,16 @@ from pathlib import Path
 
 from ._errors import ModelNotFoundError
 
-__all__ = ["BUNDLED_DIR", "bundled_models", "resolve_model"]
+__all__ = ["BUNDLED_DIR", "COMPILED_SUFFIX", "base_name", "bundled_models", "resolve_model"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+COMPILED_SUFFIX = "_edgetpu"
+
+
+def base_name(path: Path) -> str:
+    """The model name of a plain or compiled file: ``name`` for ``name_edgetpu.tflite``."""
+    stem = path.stem
+    return stem[: -len(COMPILED_SUFFIX)] if stem.endswith(COMPILED_SUFFIX) else stem
 
 
 def bundled_models() -> dict[str, Path]:

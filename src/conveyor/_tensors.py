@@ -91,12 +91,12 @@ def dequantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[np.flo
 def _as_list(specs: Sequence[TensorSpec], inputs: Inputs, model: str) -> list[Any]:
     if isinstance(inputs, Mapping):
         names = [s.name for s in specs]
-        unknown = sorted(set(inputs) - set(names))
+        unknown = sorted((k for k in inputs if k not in names), key=repr)
         missing = [n for n in names if n not in inputs]
         if unknown or missing:
             raise InputError(
                 f"model {model!r} expects inputs named {names}; "
-                f"got {sorted(inputs)} (missing {missing}, unknown {unknown})"
+                f"got {sorted(inputs, key=repr)} (missing {missing}, unknown {unknown})"
             )
         return [inputs[n] for n in names]
     if isinstance(inputs, np.ndarray) or not isinstance(inputs, (list, tuple)):
@@ -125,7 +125,13 @@ def prepare_inputs(
         )
     out: list[npt.NDArray[Any]] = []
     for spec, value in zip(specs, arrays):
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:  # a ragged nested list, for one
+            raise InputError(
+                f"input {spec.name!r} of model {model!r}: expected an array of shape "
+                f"{list(spec.shape)}; {type(value).__name__} is not one ({exc})"
+            ) from exc
         if arr.shape != spec.shape and (1, *arr.shape) == spec.shape:
             arr = arr[np.newaxis]
         if arr.shape != spec.shape:

@@ -154,8 +154,9 @@ def _sim() -> dict[str, Any]:
         "sim-edgetpu",
         "sim-edgetpu",
         True,
-        f"simulated Edge TPU (simulation, no hardware); profiles: {', '.join(profiles)}"
-        + (f"; held by conveyor pid {owner}" if owner is not None else ""),
+        f"simulated Edge TPU (simulation, no hardware); profiles: {', '.join(profiles)}; "
+        f"sim-edgetpu:N for simulated device N"
+        + (f"; device 0 held by conveyor pid {owner}" if owner is not None else ""),
         profiles=list(PROFILES),
         holder=owner,
     )

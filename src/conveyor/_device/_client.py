@@ -41,6 +41,7 @@ from .._errors import (
     ServerError,
     ServerGone,
 )
+from .._models import base_name
 from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
@@ -543,10 +544,15 @@ class DeviceClient:
     def _lookup(self, model: str) -> ModelInfo:
         info = self._models.get(model)
         if info is None:
-            info = self._models.get(Path(model).stem)
+            # A path or file name names the model it holds: ``dir/name.tflite`` and an Edge
+            # TPU build ``name_edgetpu.tflite`` are both served as ``name``.
+            info = self._models.get(Path(model).stem) or self._models.get(
+                base_name(Path(model)))
         if info is None:
+            where = ("this pipeline's device worker" if self.path is None
+                     else f"the device server at {self.path}")
             raise ModelNotFoundError(
-                f"the device server does not serve {model!r}; it serves {sorted(self._models)}"
+                f"{where} does not serve {model!r}; it serves {sorted(self._models)}"
             )
         return info
 
@@ -756,7 +762,17 @@ class DeviceClient:
 
     @property
     def connected(self) -> bool:
-        return self._link is not None
+        """Whether the client holds a connection the peer has not closed (looked at now,
+        without waiting: a server that exited while this client was idle shows here)."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            return link.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True  # open, nothing to read
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Say goodbye and close; pending requests fail with ServerGone. Idempotent.

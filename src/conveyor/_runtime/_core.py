@@ -121,8 +121,13 @@ class _DeviceLink:
         else:
             self.worker = self._spawn()
             self.client = self.worker.client
-        self.model = self.client.model_info(d.model).name if d.server is None else d.model
-        self._note_scheduling()
+        try:
+            self.model = self.client.model_info(d.model).name if d.server is None else d.model
+            self._note_scheduling()
+        except BaseException:
+            # Nothing else holds this link yet: its worker would hold the device for ever.
+            self.close()
+            raise
 
     def _spawn(self) -> DeviceWorker:
         from .._device._worker import DeviceWorker

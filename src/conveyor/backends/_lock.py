@@ -167,7 +167,11 @@ def acquire_device_lock(name: str, what: str, directory: Path | None = None) -> 
         pid = read_holder(path)
         holder = f"conveyor process {pid}" if pid is not None else "another conveyor process"
         if pid == os.getpid():
-            holder = f"this process ({pid}), through another open device"
+            raise DeviceBusyError(
+                f"{what} is already open in this process ({pid}) (lock {path}): open each "
+                f"device once (is it listed twice, or still open from before?) and share "
+                f"that one between its users"
+            ) from None
         raise DeviceBusyError(
             f"{what} is in use by {holder} (lock {path}); a device serves one process at "
             f"a time: share it by running `conveyor serve` and connecting to the server, or "

@@ -8,8 +8,10 @@ Valid forms::
     edgetpu:N           the N-th Edge TPU found (any bus)
     edgetpu:usb         the first USB Edge TPU;  edgetpu:usb:N the N-th
     edgetpu:pci         the first PCIe Edge TPU; edgetpu:pci:N the N-th
-    sim-edgetpu         a simulated Edge TPU (profile usb3); sim-edgetpu:PROFILE
-    onnx:cpu            ONNX Runtime, CPU execution provider
+    sim-edgetpu         a simulated Edge TPU (profile usb3); sim-edgetpu:PROFILE for
+                        another profile (usb3, usb2, pci, rpi4); sim-edgetpu:N and
+                        sim-edgetpu:PROFILE:N for simulated device N (each its own device)
+    onnx:cpu            ONNX Runtime, CPU execution provider (``onnx`` alone means this)
     onnx:cuda           ONNX Runtime, CUDA execution provider (onnx:cuda:N for GPU N)
     auto                an Edge TPU when one is present and the model has an Edge TPU build,
                         else the CPU
@@ -21,7 +23,10 @@ from dataclasses import dataclass
 
 from .._errors import DeviceSpecError
 
-__all__ = ["VALID_FORMS", "DeviceSpec", "parse_device"]
+__all__ = ["SIM_PROFILES", "VALID_FORMS", "DeviceSpec", "parse_device"]
+
+#: The simulation profiles of ``sim-edgetpu:PROFILE`` (modelled in :mod:`.sim`).
+SIM_PROFILES = ("usb3", "usb2", "pci", "rpi4")
 
 VALID_FORMS = (
     "cpu",
@@ -34,6 +39,8 @@ VALID_FORMS = (
     "edgetpu:pci:N",
     "sim-edgetpu",
     "sim-edgetpu:PROFILE",
+    "sim-edgetpu:N",
+    "sim-edgetpu:PROFILE:N",
     "onnx:cpu",
     "onnx:cuda",
     "onnx:cuda:N",
@@ -49,7 +56,8 @@ class DeviceSpec:
         kind: ``cpu``, ``edgetpu``, ``sim-edgetpu``, ``onnx`` or ``auto``.
         bus: for ``edgetpu``: ``usb``, ``pci`` or ``""`` (any); for ``onnx``: the provider
             (``cpu`` or ``cuda``).
-        index: the device number, or None for "the first" / default.
+        index: the device number, or None for "the first" / default (for
+            ``sim-edgetpu``: which simulated device, each with its own lock).
         profile: the simulation profile for ``sim-edgetpu``.
         threads: the CPU thread count for ``cpu``, or None for the default.
     """
@@ -68,7 +76,8 @@ class DeviceSpec:
             parts += [] if self.index is None else [str(self.index)]
             return ":".join(parts)
         if self.kind == "sim-edgetpu":
-            return "sim-edgetpu" + (f":{self.profile}" if self.profile else "")
+            return ("sim-edgetpu" + (f":{self.profile}" if self.profile else "")
+                    + ("" if self.index is None else f":{self.index}"))
         if self.kind == "onnx":
             return f"onnx:{self.bus}" + ("" if self.index is None else f":{self.index}")
         return self.kind
@@ -123,9 +132,19 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
                 "edgetpu", bus=rest[0], index=_index(spec, rest[1]) if len(rest) == 2 else None
             )
     elif kind == "sim-edgetpu":
+        index = None
+        if rest and rest[-1].isascii() and rest[-1].isdigit():
+            index = int(rest.pop())
         if len(rest) <= 1:
-            return DeviceSpec("sim-edgetpu", profile=rest[0] if rest else "")
+            profile = rest[0] if rest else ""
+            if profile and profile not in SIM_PROFILES:
+                profiles = ", ".join(f"sim-edgetpu:{p}" for p in SIM_PROFILES)
+                raise _bad(spec, f"unknown simulation profile {profile!r} (profiles: "
+                                 f"{profiles})")
+            return DeviceSpec("sim-edgetpu", profile=profile, index=index)
     elif kind == "onnx":
+        if not rest:
+            return DeviceSpec("onnx", bus="cpu")
         if len(rest) == 1 and rest[0] in ("cpu", "cuda"):
             return DeviceSpec("onnx", bus=rest[0])
         if len(rest) == 2 and rest[0] == "cuda":

@@ -12,17 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import DeviceError
-from .._models import resolve_model
+from .._models import COMPILED_SUFFIX, base_name, resolve_model
 from ._base import Device, Runner
 from ._discovery import discover_edgetpus, what_was_searched
 from ._spec import DeviceSpec
-from .edgetpu import (
-    COMPILED_SUFFIX,
-    EdgeTPUDevice,
-    base_name,
-    edgetpu_pair,
-    find_edgetpu_library,
-)
+from .edgetpu import EdgeTPUDevice, edgetpu_pair, find_edgetpu_library
 from .litert import LiteRTDevice
 
 __all__ = ["AutoDevice"]

@@ -38,7 +38,7 @@ from .._errors import (
     ModelError,
     ModelNotFoundError,
 )
-from .._models import resolve_model
+from .._models import COMPILED_SUFFIX, base_name, resolve_model
 from ._base import Device, Runner
 from ._discovery import EdgeTPUInfo, discover_edgetpus, find_holders, what_was_searched
 from ._lock import DeviceLock, acquire_device_lock
@@ -50,7 +50,6 @@ __all__ = [
     "LIBRARY_ENV",
     "EdgeTPUDevice",
     "LibraryStatus",
-    "base_name",
     "edgetpu_pair",
     "find_edgetpu_library",
     "select_edgetpu",
@@ -58,7 +57,6 @@ __all__ = [
 
 DEFAULT_LIBRARY = "libedgetpu.so.1"
 LIBRARY_ENV = "CONVEYOR_EDGETPU_LIBRARY"
-COMPILED_SUFFIX = "_edgetpu"
 
 _INSTALL_HINT = (
     "install Coral's Edge TPU runtime, the Debian package `libedgetpu1-std` from Coral's apt "
@@ -108,7 +106,8 @@ def find_edgetpu_library() -> LibraryStatus:
     override = os.environ.get(LIBRARY_ENV)
     if override:
         if not Path(override).is_file():
-            return LibraryStatus(None, f"{LIBRARY_ENV}={override}: no such file")
+            what = "a folder, not a library file" if Path(override).is_dir() else "no such file"
+            return LibraryStatus(None, f"{LIBRARY_ENV}={override}: {what}")
         error = _loads(override)
         if error is not None:
             return LibraryStatus(None, f"{LIBRARY_ENV}={override} is not usable: {error}")
@@ -153,12 +152,6 @@ def edgetpu_pair(path: Path) -> tuple[Path | None, Path | None]:
         return (None, path)
     compiled = path.with_name(stem + COMPILED_SUFFIX + path.suffix)
     return (path if path.is_file() else None, compiled if compiled.is_file() else None)
-
-
-def base_name(path: Path) -> str:
-    """The model name of a plain or compiled file: ``name`` for ``name_edgetpu.tflite``."""
-    stem = path.stem
-    return stem[: -len(COMPILED_SUFFIX)] if stem.endswith(COMPILED_SUFFIX) else stem
 
 
 class EdgeTPURunner(Runner):

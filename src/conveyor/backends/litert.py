@@ -23,6 +23,8 @@ from ._spec import DeviceSpec
 __all__ = ["EDGETPU_CUSTOM_OP", "LiteRTDevice", "LiteRTRunner", "check_tflite_file"]
 
 EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
+#: The most of one LiteRT error message that a DeviceError carries.
+_MAX_ERROR_CHARS = 1000
 
 
 def check_tflite_file(path: Path) -> bytes:
@@ -93,6 +95,7 @@ class LiteRTRunner(Runner):
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise InvalidModelError(f"LiteRT could not load {self.path}: {exc}") from exc
+        self._last_error = ""  # LiteRT's text of the last failed run (see _failed)
         self._in = self._interp.get_input_details()
         self._out = self._interp.get_output_details()
         self.inputs = _specs(self._in)
@@ -106,7 +109,23 @@ class LiteRTRunner(Runner):
             self._invoke(arrays)
             return [self._interp.get_tensor(idx) for idx in self._out_idx]
         except (ValueError, RuntimeError) as exc:
-            raise DeviceError(f"LiteRT failed running {self.model}: {exc}") from exc
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: Exception) -> DeviceError:
+        """The error for a failed run, with LiteRT's message of this failure only.
+
+        The interpreter's error reporter keeps every message it was given and repeats
+        them all in the next exception, so the Nth failure's text holds N copies: the
+        text of the failure before is cut off the front, and what is left is capped.
+        """
+        full = str(exc)
+        previous, self._last_error = self._last_error, full
+        text = full
+        if previous and len(full) > len(previous) and full.startswith(previous):
+            text = full[len(previous):]
+        if len(text) > _MAX_ERROR_CHARS:
+            text = text[:_MAX_ERROR_CHARS] + f"... ({len(text) - _MAX_ERROR_CHARS} more)"
+        return DeviceError(f"LiteRT failed running {self.model}: {text}")
 
     def run_into(
         self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
@@ -117,7 +136,7 @@ class LiteRTRunner(Runner):
         try:
             self._invoke(arrays)
         except (ValueError, RuntimeError) as exc:
-            raise DeviceError(f"LiteRT failed running {self.model}: {exc}") from exc
+            raise self._failed(exc) from exc
         for idx, dst in zip(self._out_idx, outputs):
             # A view of the interpreter's buffer, dropped at once: LiteRT refuses to
             # invoke again while one is alive.

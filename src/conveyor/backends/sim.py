@@ -66,13 +66,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import DeviceError, DeviceSpecError, InvalidModelError, ModelError
-from .._models import resolve_model
+from .._models import base_name, resolve_model
 from .._tensors import TensorSpec
 from ._base import Device, Runner
 from ._lock import DeviceLock, acquire_device_lock
 from ._modelcost import ModelCost, model_cost
 from ._spec import DeviceSpec
-from .edgetpu import base_name, edgetpu_pair
+from .edgetpu import edgetpu_pair
 from .litert import _specs, check_tflite_file, is_edgetpu_model
 
 __all__ = [
@@ -296,8 +296,8 @@ def _sleep_overshoot(samples: int = 7) -> float:
 class SimEdgeTPUDevice(Device):
     """A simulated Edge TPU (see the module docstring): timing, cache swaps and ownership.
 
-    ``index`` tells simulated devices apart (each has its own lock); the spec grammar names
-    only the profile, so ``sim-edgetpu`` is device 0.
+    Simulated devices are told apart by number, each with its own lock: the spec's index
+    (``sim-edgetpu:1``, ``sim-edgetpu:pci:1``), else ``index`` (0: ``sim-edgetpu``).
 
     Raises (from the constructor):
         DeviceSpecError: an unknown profile (the message lists the profiles).
@@ -315,7 +315,7 @@ class SimEdgeTPUDevice(Device):
                 + ", ".join(f"sim-edgetpu:{p}" for p in PROFILES)
             )
         self.profile = PROFILES[name]
-        self.index = index
+        self.index = index if self.spec.index is None else self.spec.index
         self._run_lock = threading.Lock()
         self._overshoot = _sleep_overshoot()
         self._on_chip: str | None = None
@@ -325,7 +325,7 @@ class SimEdgeTPUDevice(Device):
         # The timing of a run by (model, model on the chip before): pure arithmetic.
         self._timings: dict[tuple[str, str | None], tuple[ModelCost, SimTiming]] = {}
         self._lock: DeviceLock | None = acquire_device_lock(
-            f"sim-edgetpu-{index}", f"simulated Edge TPU {index} (simulation)"
+            f"sim-edgetpu-{self.index}", f"simulated Edge TPU {self.index} (simulation)"
         )
 
     def expected_latency(
