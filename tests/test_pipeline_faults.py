@@ -32,6 +32,25 @@ def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
     assert st["restarts"] == 1 and st["errors"] == 1 and st["out"] == 11
 
 
+def test_a_replaced_process_worker_gets_a_trace_track_of_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    trace = tmp_path / "t.json"
+    with conveyor.Pipeline(conveyor.stage(sf.die_on_5, kind="process"), on_error="return",
+                           trace=trace) as pipe:
+        out = list(pipe.map(range(10)))
+    assert isinstance(out[5], conveyor.StageError)
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    items = {tracks[e["tid"]]: [] for e in events if e["ph"] == "X"}
+    for e in events:
+        if e["ph"] == "X":
+            items[tracks[e["tid"]]].append(e["args"]["item"])
+    assert len(items) == 2 and all(n.startswith("die_on_5 #0 (pid ") for n in items)
+    before, after = sorted(items.values())  # each worker's spans on the track of its pid
+    assert before == [0, 1, 2, 3, 4] and after == [6, 7, 8, 9]
+
+
 def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -> None:
     with conveyor.Pipeline(
         conveyor.stage(sf.image_for), conveyor.infer("face_detection_short_range"),
@@ -46,6 +65,35 @@ def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -
         assert st["stages"]["face_detection_short_range"]["restarts"] == 1
         assert link.worker.pid != first_pid
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
+
+
+def test_two_stages_on_one_edge_tpu_share_its_worker(tmp_path, no_leaks: None) -> None:  # type: ignore[no-untyped-def]
+    """Detection then landmarks on one (simulated) Edge TPU: a device serves one process,
+    so both stages use one device worker that loads both models; when it dies, it is
+    replaced once and both stages go on."""
+    import json
+
+    trace = tmp_path / "t.json"
+    with conveyor.Pipeline(
+        conveyor.stage(sf.image_for), conveyor.infer("face_detection_short_range",
+                                                     device="sim-edgetpu"),
+        conveyor.stage(sf.to_landmark_input),
+        conveyor.infer("face_landmark", device="sim-edgetpu"),
+        conveyor.stage(sf.max_score), trace=trace,
+    ) as pipe:
+        workers = [p for p in children() if "conveyor._device._worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        first_pid = workers[0].pid
+        out = list(pipe.map(kill_at(range(40), 20, first_pid)))
+        assert len(out) == 40 and all(isinstance(o, float) for o in out)
+        st = pipe.stats()
+        assert [st["stages"][n]["restarts"] for n in ("face_detection_short_range",
+                                                      "face_landmark")] == [1, 1]
+        assert all(link.worker.pid != first_pid for link in pipe._core.links.values())
+        assert [d["items"] for d in st["devices"].values()] == [40, 40]
+    names = {e["args"]["name"] for e in json.loads(trace.read_text())["traceEvents"]
+             if e.get("name") == "thread_name"}
+    assert [n for n in names if n.startswith("device")] == ["device sim-edgetpu"]
 
 
 def test_live_mode_drops_oldest_and_counts_every_drop(no_leaks: None) -> None:

@@ -49,6 +49,7 @@ def test_every_item_is_accounted_for_exactly_once(xs, workers, maxsize, position
         dropped = pipe.stats()["items"]["dropped"]
     assert len(out) + dropped == len(xs)
     assert dropped == pipe.stats()["stages"][stages[0].name]["dropped"]
+    assert_stages_balance(pipe)
     errors = [o for o in out if isinstance(o, conveyor.StageError)]
     assert all(e.stage == "fail_on_multiple_of_7" for e in errors)
     indices = [e.index for e in errors]
@@ -78,3 +79,35 @@ def test_failures_in_process_stages_are_accounted_once(xs, workers) -> None:  # 
             assert isinstance(o, conveyor.StageError) and isinstance(o.__cause__, sf.Boom)
         else:
             assert o == x + 100
+
+
+def assert_stages_balance(pipe: conveyor.Pipeline) -> None:
+    """Once closed, every item that entered a stage came out, failed, or was cancelled."""
+    for name, st_ in pipe.stats()["stages"].items():
+        assert st_["in"] == st_["out"] + st_["errors"] + st_["cancelled"], (name, st_)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(["thread", "process"]), min_size=1, max_size=3),
+       workers=st.integers(1, 2), maxsize=st.integers(1, 3), stop_at=st.integers(0, 12),
+       how=st.sampled_from(["break", "raise", "close"]))
+def test_a_run_cut_short_leaves_every_stage_balanced(kinds, workers, maxsize, stop_at,  # type: ignore[no-untyped-def]
+                                                     how) -> None:
+    """A break, a raised error or close() while items sit in workers (a process worker
+    holds two tasks) still accounts for every item a stage took in."""
+    stages = [conveyor.stage(sf.inc, kind=k, workers=workers, name=f"s{i}")
+              for i, k in enumerate(kinds)]
+    if how == "raise":
+        stages.append(conveyor.stage(sf.fail_on_multiple_of_7, kind=kinds[0],
+                                     workers=workers))
+    pipe = conveyor.Pipeline(*stages, maxsize=maxsize)
+    with pipe:
+        try:
+            for i, _ in enumerate(pipe.map(range(7 * len(kinds) + stop_at, 1000))):
+                if how == "break" and i >= stop_at:
+                    break
+                if how == "close" and i >= stop_at:
+                    pipe.close()
+        except (conveyor.StageError, conveyor.PipelineClosedError):
+            pass
+    assert_stages_balance(pipe)

@@ -84,7 +84,9 @@ def infer(
 
     The device is driven by its own worker process, reached through shared memory and
     a Unix socket. With ``server=PATH`` (or ``device="server:PATH"``) the stage uses a
-    shared device through ``conveyor serve`` instead, with no other change.
+    shared device through ``conveyor serve`` instead, with no other change. Inference
+    stages of one pipeline that name the same Edge TPU (real or simulated, or ``auto``)
+    share one device worker that loads all their models: the device serves one process.
 
     Each item is a numpy array (single-input model), a list in model order, or a dict by
     input name; the stage yields the model's outputs as a **list of arrays in model
@@ -422,6 +424,8 @@ class Pipeline:
         Blocks while the first channel is full (backpressure). The Future raises
         StageError if the item fails, PipelineClosedError if the pipeline closes first;
         in live mode (``drop="oldest"``) a dropped item's Future is cancelled.
+        Submitted items are numbered in the order of ``submit()`` calls over the
+        pipeline's life (0, 1, 2...): a StageError's ``.index`` is that number.
         """
         core = self._ensure()
         self._refuse_reentry(core, "submit")
@@ -478,8 +482,17 @@ class Pipeline:
         ``on_error="skip"``); ``elapsed_s`` is the time since it started.
 
         ``{"elapsed_s", "items": {...}, "stages": {name: {"in", "out", "errors",
-        "dropped", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices": {stage name:
-        {"duty_cycle", "items_per_s", ...}}, "device": <the first device's entry>}``
+        "dropped", "cancelled", "p50_ms", "p99_ms", "queue_depth", ...}}, "devices":
+        {stage name: {"duty_cycle", "items_per_s", ...}}, "device": <the first device's
+        entry>}``
+
+        Per stage, once nothing is in it (after ``close()``), ``in == out + errors +
+        cancelled``: ``cancelled`` counts items that entered the stage but were abandoned
+        there because their run ended first (a ``break``, an error with
+        ``on_error="raise"``, ``close()``), such as the tasks queued in a process
+        worker. ``dropped`` (the first stage, live mode) counts items dropped before they
+        entered; every input of a run is one output, one error, one drop or, for a run
+        cut short, not reached.
 
         A stage's latency is an item's time in it (for a process stage, the worker's own
         time on it). A device's ``duty_cycle`` and ``items_per_s`` are over the

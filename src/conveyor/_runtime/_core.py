@@ -36,6 +36,7 @@ from ._wire import PeerClosed, Unpicklable
 from ._workers import ProcWorker, pickle_function
 
 if TYPE_CHECKING:
+    from .._device._client import DeviceClient
     from .._device._worker import DeviceWorker
 
 __all__ = ["Core", "Item", "StageDef"]
@@ -95,46 +96,107 @@ def _describe_value(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _cancel_all(pending: Any) -> None:
-    """Cancel the items of a process worker's (item, start) queue and empty it."""
-    for it, _ in pending:
-        it.run.deliver(it.index, CANCEL)
-    pending.clear()
+
+
+class _Worker:
+    """A private device worker, shared by the inference stages that name one exclusive
+    device (an Edge TPU serves one process: a second worker could not open it).
+
+    Replaced as a whole when it dies: ``gen`` counts the replacements, so that the
+    stages whose requests failed together restart it once.
+    """
+
+    def __init__(self, device: str, models: list[str], inflight: int, realtime: int) -> None:
+        self.device = device
+        self._models = models
+        self._inflight = inflight
+        self._realtime = realtime
+        self.lock = threading.Lock()
+        self.gen = 0
+        self.closing = False
+        self.track = f"device {device}"  # its trace track (see Core.start)
+        self.worker = self._spawn()
+        self.client = self.worker.client
+
+    @property
+    def pid(self) -> int:
+        """The worker process's pid (it changes when the worker is replaced)."""
+        return self.worker.pid
+
+    def _spawn(self) -> DeviceWorker:
+        from .._device._worker import DeviceWorker
+
+        return DeviceWorker(self.device, self._models, max_inflight=self._inflight + 2,
+                            realtime=self._realtime)
+
+    def restart(self, gen: int) -> bool:
+        """Replace the dead worker of generation ``gen`` (once: a later call for the same
+        generation finds it replaced). False while closing."""
+        with self.lock:
+            if self.closing:
+                return False
+            if gen != self.gen:
+                return True
+            old = self.worker
+            try:  # a worker that died has usually not been reaped yet: say how it ended
+                old.process.proc.wait(timeout=0.2)
+            except Exception:
+                pass
+            log.warning("device worker pid %d for %s %s; restarting it", old.pid,
+                        self.device, old.process.describe_exit())
+            old.process.kill()
+            old.client.close()
+            self.worker = self._spawn()
+            self.client = self.worker.client
+            self.gen += 1
+            return True
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closing:
+                self.closing = True
+                self.worker.close()
 
 
 class _DeviceLink:
-    """The inference stage's way to a device: a private device worker, or a server."""
+    """An inference stage's way to a device: a private device worker (shared with the
+    pipeline's other stages on that device when it is exclusive), or a server."""
 
-    def __init__(self, d: StageDef, inflight: int) -> None:
+    def __init__(self, d: StageDef, worker: _Worker | None) -> None:
         from .._device._client import DeviceClient
 
         self.defn = d
-        self._lock = threading.Lock()
-        self._inflight = inflight
-        self.worker: DeviceWorker | None = None
+        self.worker = worker
         self.stats = DeviceStats((d.server and f"server:{d.server}") or d.device)
-        self.gen = 0
         self.closing = False
+        self._gen = 0  # the generation this link last saw (restarts counted per stage)
+        self._client: DeviceClient | None = None
         if d.server is not None:
-            self.client = DeviceClient(path=d.server, reconnect=True, name=f"pipeline:{d.name}",
-                                       reader=True)
-        else:
-            self.worker = self._spawn()
-            self.client = self.worker.client
+            self._client = DeviceClient(path=d.server, reconnect=True,
+                                        name=f"pipeline:{d.name}", reader=True)
         try:
-            self.model = self.client.model_info(d.model).name if d.server is None else d.model
+            client = self.client
+            self.model = client.model_info(d.model).name if d.server is None else d.model
             self._note_scheduling()
         except BaseException:
             # Nothing else holds this link yet: its worker would hold the device for ever.
             self.close()
             raise
 
-    def _spawn(self) -> DeviceWorker:
-        from .._device._worker import DeviceWorker
+    @property
+    def client(self) -> DeviceClient:
+        if self.worker is not None:
+            return self.worker.client
+        assert self._client is not None
+        return self._client
 
-        d = self.defn
-        return DeviceWorker(d.device, [d.model], max_inflight=self._inflight + 2,
-                            realtime=d.realtime)
+    @property
+    def gen(self) -> int:
+        return 0 if self.worker is None else self.worker.gen
+
+    @property
+    def track(self) -> str:
+        return f"device {self.stats.spec}" if self.worker is None else self.worker.track
 
     def _note_scheduling(self) -> None:
         devices = self.client.welcome.get("devices") or [{}]
@@ -143,35 +205,19 @@ class _DeviceLink:
         self.stats.runs_on = str(choice.get("device") or devices[0].get("spec")
                                  or self.stats.spec)
 
-    def _restart(self, gen: int) -> None:
-        with self._lock:
-            if gen != self.gen or self.closing:
-                return
-            old = self.worker
-            assert old is not None
-            try:  # a worker that died has usually not been reaped yet: say how it ended
-                old.process.proc.wait(timeout=0.2)
-            except Exception:
-                pass
-            log.warning("device worker pid %d for %s %s; restarting it", old.pid,
-                        self.defn.device, old.process.describe_exit())
-            old.process.kill()
-            old.client.close()
-            self.worker = self._spawn()
-            self.client = self.worker.client
-            self._note_scheduling()
-            self.gen += 1
-            self.stats.restarts += 1
-
     def submit(self, value: Any) -> tuple[Any, int]:
-        """Queue one inference without waiting: returns (future, link generation).
+        """Queue one inference without waiting: returns (future, worker generation).
 
         Blocks only while the client has its whole credit in flight. Raises ServerGone
         (the worker is gone: restart and submit again), InputError, ModelNotFoundError.
         """
         d = self.defn
-        with self._lock:
-            client, gen = self.client, self.gen
+        worker = self.worker
+        if worker is None:
+            client, gen = self.client, 0
+        else:
+            with worker.lock:
+                client, gen = worker.client, worker.gen
         fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
                             dequantize=d.dequantize)
         return fut, gen
@@ -182,7 +228,11 @@ class _DeviceLink:
         if self.worker is None or self.closing:
             return False
         try:
-            self._restart(gen)
+            if not self.worker.restart(gen):
+                return False
+            if self.worker.gen != self._gen:
+                self._gen = self.worker.gen
+                self._note_scheduling()
         except ConveyorError:
             log.exception("could not restart the device worker for %s", self.defn.device)
             return False
@@ -190,11 +240,10 @@ class _DeviceLink:
 
     def close(self) -> None:
         self.closing = True
-        with self._lock:
-            if self.worker is not None:
-                self.worker.close()
-            else:
-                self.client.close()
+        if self.worker is not None:
+            self.worker.close()  # idempotent; shared workers are closed by each link
+        elif self._client is not None:
+            self._client.close()
 
 
 class Core:
@@ -265,9 +314,9 @@ class Core:
                         starters.append(threading.Thread(
                             target=guarded(functools.partial(self._spawn_proc, si, w, blob,
                                                              d.name)), daemon=True))
-                elif d.kind == "infer":
-                    starters.append(threading.Thread(
-                        target=guarded(functools.partial(self._open_link, si, d)), daemon=True))
+            for group in self._device_groups():
+                starters.append(threading.Thread(
+                    target=guarded(functools.partial(self._open_links, group)), daemon=True))
             for t in starters:
                 t.start()
             for t in starters:
@@ -290,8 +339,40 @@ class Core:
     def _spawn_proc(self, si: int, w: int, blob: bytes, name: str) -> None:
         self.procs[si][w] = ProcWorker(blob, name, background=self.defs[si].background)
 
-    def _open_link(self, si: int, d: StageDef) -> None:
-        self.links[si] = _DeviceLink(d, self.inflight)
+    def _device_groups(self) -> list[list[int]]:
+        """The inference stages by the device worker they use: stages that name the same
+        exclusive device (an Edge TPU, real or simulated, or ``auto``, which may pick
+        one) share one worker that loads all their models; any other stage has its own
+        (two CPU workers run side by side); a stage of a server has none."""
+        from ..backends import parse_device
+
+        groups: dict[Any, list[int]] = {}
+        for si, d in enumerate(self.defs):
+            if d.kind != "infer":
+                continue
+            key: Any = si
+            if d.server is None:
+                try:
+                    spec = parse_device(d.device)
+                except ConveyorError:
+                    spec = None  # the worker reports it
+                if spec is not None and spec.kind in ("edgetpu", "sim-edgetpu", "auto"):
+                    key = str(spec)
+            groups.setdefault(key, []).append(si)
+        return list(groups.values())
+
+    def _open_links(self, group: list[int]) -> None:
+        defs = [self.defs[si] for si in group]
+        worker = None
+        if defs[0].server is None:
+            worker = _Worker(defs[0].device, list(dict.fromkeys(d.model for d in defs)),
+                             self.inflight * len(defs), max(d.realtime for d in defs))
+            # One trace track per device worker; two workers on one spec (CPU) apart.
+            if sum(d.kind == "infer" and d.server is None and d.device == defs[0].device
+                   for d in self.defs) > len(defs):
+                worker.track += f": {defs[0].name}"
+        for si, d in zip(group, defs):
+            self.links[si] = _DeviceLink(d, worker)
 
     def close(self) -> None:
         """Stop everything: wake blocked threads, end child processes, join. Idempotent."""
@@ -488,6 +569,19 @@ class Core:
             if self._count_in(si, item):
                 return item
 
+    def _cancel(self, si: int, item: Item) -> None:
+        """``item``, counted into stage ``si``, will not come out: its run or the pipeline
+        ended first. Counted as cancelled there, so that in = out + errors + cancelled."""
+        with self.stats[si].lock:
+            self.stats[si].cancelled += 1
+        item.run.deliver(item.index, CANCEL)
+
+    def _cancel_all(self, si: int, pending: Any) -> None:
+        """Cancel the items of a process worker's (item, start) queue and empty it."""
+        for it, _ in pending:
+            self._cancel(si, it)
+        pending.clear()
+
     def _count_in(self, si: int, item: Item) -> bool:
         """Count ``item`` into stage ``si``; False (and cancelled) if its run has gone."""
         if item.run.cancelled:
@@ -515,7 +609,7 @@ class Core:
         """Wait for the stage's device credit and submit ``item``; False (and the item
         cancelled) when the pipeline closes meanwhile."""
         if not self._take_credit(si):
-            item.run.deliver(item.index, CANCEL)
+            self._cancel(si, item)
             return False
         self._infer_submit(si, item, time.monotonic_ns(), 0)
         return True
@@ -540,7 +634,7 @@ class Core:
     def _infer_failed(self, si: int, item: Item, start: int, exc: BaseException) -> None:
         self._give_credit(si)
         if self.closing:
-            item.run.deliver(item.index, CANCEL)
+            self._cancel(si, item)
             return
         self._stage_failed(si, item, start, exc, "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__)))
@@ -564,22 +658,17 @@ class Core:
         if timing is not None:
             link.stats.record(timing.start_ns, timing.compute_ns)
             if self.tracer is not None:
-                track = self.tracer.track(self._device_track(si))
+                track = self.tracer.track(link.track)
                 self.tracer.span(track, link.model, timing.start_ns,
                                  timing.start_ns + timing.compute_ns, item=item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
         self._forward(si + 1, item)
 
-    def _device_track(self, si: int) -> str:
-        """The trace track of stage ``si``'s device: ``device SPEC``, and the stage's name
-        too when the pipeline has more than one inference stage (each has its worker)."""
-        name = f"device {self.links[si].stats.spec}"
-        return name if len(self.links) == 1 else f"{name}: {self.defs[si].name}"
 
     # --- process stages: one parent thread per worker, two tasks in flight ---------
 
-    def _proc_loop(self, si: int, w: int, track: int) -> None:
+    def _proc_loop(self, si: int, w: int) -> None:
         """Feed worker ``w`` of process stage ``si``, keeping its next task queued in its
         socket so that it never waits for the parent between items."""
         from collections import deque
@@ -599,7 +688,7 @@ class Core:
                 ok, value, tb, t0, t1 = pw.receive(item.index)
             except WorkerDiedError as exc:
                 if self.closing:
-                    _cancel_all(pending)
+                    self._cancel_all(si, pending)
                     return
                 pending.popleft()
                 with st.lock:
@@ -612,12 +701,13 @@ class Core:
                     return
                 continue
             pending.popleft()
-            if self.tracer is not None:
+            if self.tracer is not None:  # a track per worker process: a replacement's own
+                track = self.tracer.track(f"{d.name} #{w} (pid {pw.pid})")
                 self.tracer.span(track, d.name, t0, t1, item=item.index)
             # Queue the worker's next task before handing this result on: the next stage
             # may block (device credit, a full channel) and the worker must not wait.
             if not self._proc_top_up(si, w, pending, block=False):
-                item.run.deliver(item.index, CANCEL)
+                self._cancel(si, item)
                 return
             # The item's time in the stage is the worker's own time on it: the task
             # queued behind another in the worker's socket has not started yet.
@@ -646,12 +736,12 @@ class Core:
             try:
                 item = self._take(si, block=block and not pending)
             except Aborted:
-                _cancel_all(pending)
+                self._cancel_all(si, pending)
                 return False
             if item is None:
                 return True
             if not self._proc_send(si, w, item, pending):
-                _cancel_all(pending)
+                self._cancel_all(si, pending)
                 return False
         return True
 
@@ -676,7 +766,7 @@ class Core:
             return True
         except (OSError, PeerClosed, WorkerStartError) as exc:
             if self.closing:
-                item.run.deliver(item.index, CANCEL)
+                self._cancel(si, item)
                 return False
             if isinstance(exc, WorkerStartError):
                 self._stage_failed(si, item, start or time.monotonic_ns(), exc, "")
@@ -719,15 +809,10 @@ class Core:
             self._infer_loop(si)
             return
         st = self.stats[si]
-        track = 0
-        if self.tracer is not None:
-            suffix = ""
-            if d.kind == "process" and self.procs[si][w] is not None:
-                suffix = f" (pid {self.procs[si][w].pid})"  # type: ignore[union-attr]
-            track = self.tracer.track(f"{d.name} #{w}{suffix}")
         if d.kind == "process":
-            self._proc_loop(si, w, track)
+            self._proc_loop(si, w)
             return
+        track = 0 if self.tracer is None else self.tracer.track(f"{d.name} #{w}")
         while True:
             try:
                 item = self._take(si)
@@ -753,7 +838,10 @@ class Core:
         for si, st in enumerate(self.stats):
             stages[st.name] = st.snapshot(len(self.channels[si]), elapsed)
             if si in self.links:  # an inference stage's worker is its device worker
-                stages[st.name]["restarts"] = self.links[si].stats.restarts
+                link = self.links[si]
+                if link.worker is not None:
+                    link.stats.restarts = link.worker.gen
+                stages[st.name]["restarts"] = link.stats.restarts
         devices = {self.defs[si].name: self.links[si].stats.snapshot(now, self.started_ns)
                    for si in sorted(self.links)}  # in stage order: the first is "device"
         return {"elapsed_s": elapsed, "stages": stages, "devices": devices}

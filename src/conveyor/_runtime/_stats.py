@@ -65,6 +65,7 @@ class StageStats:
         self.items_out = 0
         self.errors = 0
         self.dropped = 0
+        self.cancelled = 0
         self.restarts = 0
         self.busy_ns = 0
         self.latency_ns: deque[int] = deque(maxlen=2048)
@@ -88,6 +89,7 @@ class StageStats:
                 "out": self.items_out,
                 "errors": self.errors,
                 "dropped": self.dropped,
+                "cancelled": self.cancelled,
                 "restarts": self.restarts,
                 "queue_depth": queue_depth,
                 "busy_fraction": self.busy_ns / 1e9 / max(elapsed_s, 1e-9) / max(self.workers, 1),
