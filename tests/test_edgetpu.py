@@ -489,7 +489,7 @@ def test_auto_with_only_a_compiled_model_and_no_edgetpu(tmp_path: Path, root: Pa
 def test_lock_helper_refuses_a_second_open_in_the_same_process() -> None:
     with acquire_device_lock("thing", "the thing") as lock:
         assert lock.held
-        with pytest.raises(DeviceBusyError, match="the thing is in use by this process"):
+        with pytest.raises(DeviceBusyError, match="the thing is already open in this process"):
             acquire_device_lock("thing", "the thing")
     assert not lock.held
     acquire_device_lock("thing", "the thing").release()
