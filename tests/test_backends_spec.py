@@ -86,6 +86,8 @@ def test_libedgetpu_device_strings(text: str, device_string: str) -> None:
         "sim-edgetpu:pci:x",
         "sim-edgetpu:1:pci",
         "sim-edgetpu:pci:1:2",
+        "sim-edgetpu::1",
+        "sim-edgetpu:",
         "cpu:\u00b2",  # digits to str.isdigit, not to int()
         "edgetpu:\u00b2",
         "onnx:cuda:\u0663",
@@ -106,6 +108,9 @@ def test_unknown_simulation_profile_lists_the_profiles() -> None:
     from conveyor.backends.sim import PROFILES, SimEdgeTPUDevice
 
     assert tuple(PROFILES) == SIM_PROFILES  # the grammar knows the simulation's profiles
+    from conveyor.backends.sim import DEFAULT_PROFILE
+
+    assert SIM_PROFILES[0] == DEFAULT_PROFILE  # what a pipeline takes for no profile
     for make in (lambda: parse_device("sim-edgetpu:usb9:1"),
                  lambda: SimEdgeTPUDevice(DeviceSpec("sim-edgetpu", profile="usb9"))):
         with pytest.raises(DeviceSpecError, match="profiles") as info:

@@ -96,6 +96,50 @@ def test_two_stages_on_one_edge_tpu_share_its_worker(tmp_path, no_leaks: None) -
     assert [n for n in names if n.startswith("device")] == ["device sim-edgetpu"]
 
 
+def test_stages_sharing_a_device_worker_never_wait_on_each_other(no_leaks: None) -> None:
+    """Each stage has its own connection to the shared worker: a detection reply that
+    waits for room in the next stage must not hold up the landmark replies that would
+    make that room (one shared connection deadlocked within a few dozen items)."""
+    with conveyor.Pipeline(
+        conveyor.infer("face_detection_short_range", device="sim-edgetpu"),
+        conveyor.stage(sf.to_landmark_input),
+        conveyor.infer("face_landmark", device="sim-edgetpu:0"),  # the same device
+        maxsize=1, inflight=2,
+    ) as pipe:
+        workers = [p for p in children() if "conveyor._device._worker" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        frames = (sf.image_for(i % 7) for i in range(300))
+        assert sum(1 for _ in pipe.map(frames)) == 300
+
+
+def test_one_simulated_device_with_two_profiles_is_refused() -> None:
+    with pytest.raises(conveyor.DeviceSpecError, match="two profiles"):
+        conveyor.Pipeline(conveyor.infer("face_detection_short_range", device="sim-edgetpu"),
+                          conveyor.infer("face_landmark", device="sim-edgetpu:usb2")).start()
+    assert not children()
+
+
+def test_a_second_close_returns_once_the_first_has_finished(no_leaks: None) -> None:
+    """close() from a timer while map() runs, then the loop's own close() (leaving the
+    with does the same): when it returns the pipeline is closed, its figures final."""
+    import threading
+
+    for _ in range(3):
+        pipe = conveyor.Pipeline(conveyor.stage(sf.slow, kind="process", workers=2),
+                                 conveyor.stage(sf.inc), maxsize=2)
+        pipe.start()
+        timer = threading.Timer(0.3, pipe.close)
+        timer.start()
+        with pytest.raises(conveyor.PipelineClosedError):
+            for _ in pipe.map(range(10_000)):
+                pass
+        pipe.close()
+        assert not children()
+        for name, st in pipe.stats()["stages"].items():
+            assert st["in"] == st["out"] + st["errors"] + st["cancelled"], (name, st)
+        timer.join()
+
+
 def test_live_mode_drops_oldest_and_counts_every_drop(no_leaks: None) -> None:
     n = 200
     with conveyor.Pipeline(conveyor.stage(sf.slow, kind="process"), drop="oldest",
@@ -224,3 +268,72 @@ def test_parent_killed_with_sigkill_leaves_no_orphans(tmp_path, src_env) -> None
     proc.kill()
     proc.communicate(timeout=5)
     assert wait_for(lambda: _gone(pids), timeout=3.0), "workers outlived their parent"
+
+
+UNCLOSED_AT_EXIT = textwrap.dedent("""
+    import itertools, sys, conveyor, psutil, stagefns as sf
+    if __name__ == "__main__":
+        pipe = conveyor.Pipeline(conveyor.stage(sf.image_for, kind="process", workers=2),
+                                 conveyor.infer("face_detection_short_range"))
+        outs = pipe.map(itertools.count())  # left half used, as the program ends
+        for _ in zip(range(5), outs):
+            pass
+        print(" ".join(str(p.pid) for p in psutil.Process().children()), flush=True)
+        {end}
+""")
+
+
+@pytest.mark.parametrize("end", ["pass", "sys.exit(3)", "raise RuntimeError('boom')"])
+def test_a_pipeline_left_open_at_exit_does_not_hang_it(tmp_path, src_env, end: str) -> None:  # type: ignore[no-untyped-def]
+    """A program that ends with a pipeline still open (a global, a half-used map) exits
+    at once and its workers go: closing it from __del__ during interpreter shutdown
+    used to wait for ever for a thread to start."""
+    script = tmp_path / "app.py"
+    script.write_text(UNCLOSED_AT_EXIT.format(end=end))
+    env = dict(src_env)
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, env=env,
+                          text=True, timeout=30)
+    assert time.monotonic() - t0 < 15.0
+    assert proc.returncode == {"pass": 0, "sys.exit(3)": 3}.get(end, 1), proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 3, proc.stdout
+    assert wait_for(lambda: _gone(pids), timeout=3.0), "workers outlived the program"
+
+
+def _in_forked_child(fn) -> str:  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a forked child; what it returns (or raises), as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            try:
+                text = str(fn())
+            except BaseException as exc:
+                text = f"{type(exc).__name__}: {exc}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_a_forked_child_cannot_use_the_pipeline_nor_end_it_for_the_parent(
+    no_leaks: None,
+) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"),
+                           conveyor.infer("face_detection_short_range", device="cpu"),
+                           conveyor.stage(sf.max_score)) as pipe:
+        frames = [sf.image_for(i) for i in range(3)]
+        want = list(pipe.map(frames))
+        used = _in_forked_child(lambda: list(pipe.map(frames)))
+        assert used.startswith("RuntimeError: this pipeline was started by process")
+        assert "forked child" in used
+        assert _in_forked_child(lambda: pipe.close() or "closed") == "closed"
+        assert list(pipe.map(frames)) == want  # the parent's workers live on
+        assert all(s["restarts"] == 0 for s in pipe.stats()["stages"].values())

@@ -254,3 +254,20 @@ def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) ->
         assert done.wait(10)
         assert isinstance(seen[0], RuntimeError) and "done-callback" in str(seen[0])
         c.infer("m", x(3))  # the client is still usable
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_forked_child_cannot_use_the_client_nor_end_it_for_the_parent(sdir: Path) -> None:
+    from test_pipeline_faults import _in_forked_child
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    with ServeProcess(path), conveyor.connect(path) as client:
+        want = client.infer("face_detection_short_range", img)
+        used = _in_forked_child(lambda: client.infer("face_detection_short_range", img))
+        assert used.startswith("RuntimeError: this client was connected by process")
+        assert _in_forked_child(lambda: client.close() or "closed") == "closed"
+        got = client.infer("face_detection_short_range", img)  # the parent's link lives on
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        assert len(client.status()["clients"]) == 1

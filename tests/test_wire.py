@@ -294,6 +294,34 @@ def test_failed_send_raises_peer_closed_and_keeps_the_slot_order(
     assert slots == [0, 1]
 
 
+def test_a_mapping_released_by_close_in_another_thread_is_peer_closed() -> None:
+    """close() from another thread may release a segment while a thread reads or writes
+    it: that is the link closing (PeerClosed), not a ValueError from a stage thread."""
+    a, b = socket.socketpair()
+    tx, rx = MsgSocket(a), MsgSocket(b)
+    try:
+        for i in range(2):
+            tx.send(OK, i, BIG + i)
+        same(BIG, rx.recv()[2])
+        same(BIG + 1, rx.recv()[2])  # both segments are mapped now; the next reuses one
+        tx.send(OK, 2, BIG)
+        for seg in rx._ins:
+            if seg is not None:
+                seg.buf.release()  # what close() does, between the check and the copy
+        with pytest.raises(PeerClosed, match="closed"):
+            rx.recv()
+        for seg in tx._outs:
+            if seg is not None:
+                seg.buf.release()
+        with pytest.raises(PeerClosed, match="closed"):
+            tx.send(OK, 3, BIG)
+        with pytest.raises(PeerClosed, match="closed"):
+            tx.send(OK, 4, {"big": BIG})  # a pickled message with a buffer out of band
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_closed_peer_raises_peer_closed() -> None:
     a, b = socket.socketpair()
     tx, rx = MsgSocket(a), MsgSocket(b)

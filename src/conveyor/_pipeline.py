@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -19,6 +21,20 @@ from ._runtime._sched import check_realtime
 from ._runtime._stats import Tracer
 
 __all__ = ["Pipeline", "infer", "stage"]
+
+#: Started pipelines not yet closed: closed at interpreter exit (see _close_at_exit).
+_OPEN: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Close the pipelines a program left open (a global ``pipe`` never closed, say)
+    while threads can still start: the interpreter's own clean-up would find them
+    later, in ``__del__``, when starting a thread no longer returns."""
+    for pipe in list(_OPEN):
+        pipe._unclosed()
+
+
+atexit.register(_close_at_exit)
 
 OnError = Literal["raise", "skip", "return"]
 
@@ -202,6 +218,9 @@ class Pipeline:
         self._final: Core | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._close_done = threading.Event()  # set when the first close() has finished
+        self._pid: int | None = None  # the process that started it
+        self._closer: threading.Thread | None = None
         self._submit_run: Run | None = None
         self._futures: dict[int, Future[Any]] = {}
         self._submit_index = 0
@@ -225,30 +244,48 @@ class Pipeline:
                             trace=self._tracer, inflight=self._inflight)
                 core.start()
                 self._core = core
+                self._pid = os.getpid()
+                _OPEN.add(self)
             return self
 
     def close(self) -> None:
         """End every thread and process; pending futures fail with PipelineClosedError.
 
-        Blocks at most about a second. Idempotent.
+        Blocks at most about a second. Idempotent: a second call (another thread's, or
+        leaving the ``with`` after a ``close()`` from elsewhere) returns once the first
+        has finished, so that ``stats()`` is final then.
         """
         with self._lock:
             if self._closed:
+                if self._closer is not threading.current_thread():
+                    # Bounded: a callback of a Future this close() fails (it runs in
+                    # the closing thread, or in one that it joins) must not hang.
+                    self._close_done.wait(2.0)
                 return
             self._closed = True
+            self._closer = threading.current_thread()
             core, self._core = self._core, None
             self._final = core
+            _OPEN.discard(self)
             runs = list(self._runs)
             futures, self._futures = self._futures, {}
-        for run in runs:
-            run.cancel()
-        if core is not None:
-            for ch in core.channels:
-                ch.wake()
-            core.close()
-        for fut in futures.values():
-            if not fut.done():
-                fut.set_exception(PipelineClosedError("the pipeline was closed"))
+            if self._pid is not None and self._pid != os.getpid():
+                # A forked child's copy: its workers and threads are the parent's, and
+                # closing would end them for the parent. Only this copy is let go of.
+                self._close_done.set()
+                return
+        try:
+            for run in runs:
+                run.cancel()
+            if core is not None:
+                for ch in core.channels:
+                    ch.wake()
+                core.close()
+        finally:
+            self._close_done.set()
+            for fut in futures.values():
+                if not fut.done():
+                    fut.set_exception(PipelineClosedError("the pipeline was closed"))
 
     def __enter__(self) -> Pipeline:
         return self.start()
@@ -257,12 +294,27 @@ class Pipeline:
         self.close()
 
     def __del__(self) -> None:
+        if sys.is_finalizing():
+            # Too late to close (no thread starts now); the workers see their lifeline
+            # to this process end with it, and exit. Normally _close_at_exit came first.
+            return
+        self._unclosed()
+
+    def _unclosed(self) -> None:
+        if getattr(self, "_pid", None) not in (None, os.getpid()):
+            self.close()  # a forked child's copy: let go of it, with nothing to warn of
+            return
         if not getattr(self, "_closed", True) and getattr(self, "_core", None) is not None:
             warnings.warn(f"unclosed {self!r}: use it in a with block or call close()",
-                          ResourceWarning, stacklevel=2)
+                          ResourceWarning, stacklevel=3)
             self.close()
 
     def _ensure(self) -> Core:
+        if self._pid is not None and self._pid != os.getpid():
+            raise RuntimeError(
+                f"this pipeline was started by process {self._pid}; a forked child cannot "
+                f"use it (its threads, workers and device worker are the parent's): make a "
+                f"new Pipeline in the child")
         core = self._core
         if core is None:
             self.start()

@@ -200,6 +200,7 @@ class DeviceClient:
         self._ids = itertools.count(1)
         self._gen = 0
         self._closed = False
+        self._pid = os.getpid()  # a forked child shares the connection: it may not use it
         self._link: _Link | None = None
         self._pending: dict[int, Pending] = {}
         self._unwaited = 0
@@ -297,6 +298,11 @@ class DeviceClient:
 
     def _current(self) -> _Link:
         """The live link, connecting again first if allowed. Raises ServerGone."""
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"this client was connected by process {self._pid}; a forked child cannot "
+                f"use it (its connection and shared memory are the parent's): connect "
+                f"again in the child")
         link = self._link
         if link is not None:
             return link
@@ -786,6 +792,13 @@ class DeviceClient:
             link = self._link
             bg = self._bg
             self._cv.notify_all()
+            if self._pid != os.getpid():
+                # A forked child's copy: let go of it without a word on the parent's
+                # connection (a goodbye or a shutdown would end it for the parent too).
+                self._link = None
+                if link is not None:
+                    link.sock.close()
+                return
         if link is not None:
             try:
                 with self._send_lock:

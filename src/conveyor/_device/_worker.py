@@ -33,27 +33,43 @@ class DeviceWorker:
     see :class:`DeviceServer`); the policy in force is in ``client.welcome["devices"]``.
     ``reader``: the client's own thread reads every reply (see :class:`DeviceClient`; on
     by default, as a pipeline uses the worker through futures).
+
+    ``connections``: how many clients (``clients``; ``client`` is the first) the worker
+    serves, each on a connection of its own with its own reader thread and credit, as
+    clients of a server are: the inference stages that share one device each have one,
+    so that one stage's reply, waiting for room in the next stage, never holds up the
+    other's.
     """
 
     def __init__(
         self, device: str, models: Sequence[str], *, timeout: float = 60.0,
-        max_inflight: int = 8, realtime: int = 0, reader: bool = True,
+        max_inflight: int = 8, realtime: int = 0, reader: bool = True, connections: int = 1,
     ) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = ["--fd", str(child.fileno()), "--device", device, "--max-inflight",
-                str(max_inflight), "--realtime", str(realtime)]
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                 for _ in range(max(connections, 1))]
+        args = ["--device", device, "--max-inflight", str(max_inflight),
+                "--realtime", str(realtime)]
+        for _, child in pairs:
+            args += ["--fd", str(child.fileno())]
         for m in models:
             args += ["--model", str(m)]
         try:
-            self.process = ChildProcess("conveyor._device._worker", args, [child.fileno()])
+            self.process = ChildProcess("conveyor._device._worker", args,
+                                        [child.fileno() for _, child in pairs])
         except BaseException:
-            parent.close()
+            for parent, _ in pairs:
+                parent.close()
             raise
         finally:
-            child.close()
+            for _, child in pairs:
+                child.close()
+        self.clients: list[DeviceClient] = []
         try:
-            self.client = DeviceClient(parent, timeout=timeout, name="pipeline", reader=reader)
+            for parent, _ in pairs:
+                self.clients.append(DeviceClient(parent, timeout=timeout, name="pipeline",
+                                                 reader=reader))
         except ConveyorError as exc:
+            self._close_clients(pairs)
             self.process.kill()
             if type(exc).__name__ in ("ServerGone", "ProtocolError"):
                 raise WorkerStartError(
@@ -62,16 +78,25 @@ class DeviceWorker:
                 ) from exc
             raise
         except BaseException:
+            self._close_clients(pairs)
             self.process.kill()
             raise
+        self.client = self.clients[0]
+
+    def _close_clients(self, pairs: Sequence[tuple[socket.socket, socket.socket]]) -> None:
+        for client in self.clients:
+            client.close()
+        for parent, _ in pairs[len(self.clients):]:
+            parent.close()
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def close(self, timeout: float = 0.5) -> None:
-        """Close the link; the worker exits when it sees the end of the stream."""
-        self.client.close()
+        """Close the links; the worker exits when it sees the end of every stream."""
+        for client in self.clients:
+            client.close()
         self.process.stop(timeout)
 
 
@@ -89,7 +114,8 @@ def _fail(sock: socket.socket, exc: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor-device-worker")
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int, action="append", required=True,
+                        help="a connected socket to serve (repeat for several)")
     parser.add_argument("--lifeline", type=int, required=True)
     parser.add_argument("--device", required=True)
     parser.add_argument("--model", action="append", required=True)
@@ -98,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     watch_lifeline(args.lifeline)
     logging.basicConfig(level=logging.WARNING, format="conveyor device worker: %(message)s")
-    sock = socket.socket(fileno=args.fd)
+    socks = [socket.socket(fileno=fd) for fd in args.fd]
+    sock = socks[0]  # the first client's handshake is the start-up handshake
     from ..backends import open_device
     from ._server import DeviceServer
 
@@ -113,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         _fail(sock, WorkerStartError(f"{type(exc).__name__}: {exc}"))
         return 1
-    server.add_connection(sock)
+    for each in socks:
+        server.add_connection(each)
     server.serve_forever(exit_when_no_clients=True)
     return 0
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .._errors import (
     ConveyorError,
+    DeviceSpecError,
     InputError,
     ServerGone,
     StageError,
@@ -106,17 +107,19 @@ class _Worker:
     stages whose requests failed together restart it once.
     """
 
-    def __init__(self, device: str, models: list[str], inflight: int, realtime: int) -> None:
+    def __init__(self, device: str, models: list[str], inflight: int, realtime: int,
+                 connections: int) -> None:
         self.device = device
         self._models = models
         self._inflight = inflight
         self._realtime = realtime
+        self._connections = connections
         self.lock = threading.Lock()
         self.gen = 0
         self.closing = False
         self.track = f"device {device}"  # its trace track (see Core.start)
         self.worker = self._spawn()
-        self.client = self.worker.client
+        self.clients = self.worker.clients  # one per stage (see DeviceWorker)
 
     @property
     def pid(self) -> int:
@@ -127,7 +130,7 @@ class _Worker:
         from .._device._worker import DeviceWorker
 
         return DeviceWorker(self.device, self._models, max_inflight=self._inflight + 2,
-                            realtime=self._realtime)
+                            realtime=self._realtime, connections=self._connections)
 
     def restart(self, gen: int) -> bool:
         """Replace the dead worker of generation ``gen`` (once: a later call for the same
@@ -145,9 +148,10 @@ class _Worker:
             log.warning("device worker pid %d for %s %s; restarting it", old.pid,
                         self.device, old.process.describe_exit())
             old.process.kill()
-            old.client.close()
+            for client in old.clients:
+                client.close()
             self.worker = self._spawn()
-            self.client = self.worker.client
+            self.clients = self.worker.clients
             self.gen += 1
             return True
 
@@ -162,11 +166,12 @@ class _DeviceLink:
     """An inference stage's way to a device: a private device worker (shared with the
     pipeline's other stages on that device when it is exclusive), or a server."""
 
-    def __init__(self, d: StageDef, worker: _Worker | None) -> None:
+    def __init__(self, d: StageDef, worker: _Worker | None, slot: int = 0) -> None:
         from .._device._client import DeviceClient
 
         self.defn = d
         self.worker = worker
+        self._slot = slot  # which of the worker's connections is this stage's
         self.stats = DeviceStats((d.server and f"server:{d.server}") or d.device)
         self.closing = False
         self._gen = 0  # the generation this link last saw (restarts counted per stage)
@@ -186,7 +191,7 @@ class _DeviceLink:
     @property
     def client(self) -> DeviceClient:
         if self.worker is not None:
-            return self.worker.client
+            return self.worker.clients[self._slot]
         assert self._client is not None
         return self._client
 
@@ -217,7 +222,7 @@ class _DeviceLink:
             client, gen = self.client, 0
         else:
             with worker.lock:
-                client, gen = worker.client, worker.gen
+                client, gen = worker.clients[self._slot], worker.gen
         fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
                             dequantize=d.dequantize)
         return fut, gen
@@ -345,8 +350,10 @@ class Core:
         one) share one worker that loads all their models; any other stage has its own
         (two CPU workers run side by side); a stage of a server has none."""
         from ..backends import parse_device
+        from ..backends._spec import SIM_PROFILES
 
         groups: dict[Any, list[int]] = {}
+        profiles: dict[Any, tuple[str, str]] = {}
         for si, d in enumerate(self.defs):
             if d.kind != "infer":
                 continue
@@ -357,7 +364,16 @@ class Core:
                 except ConveyorError:
                     spec = None  # the worker reports it
                 if spec is not None and spec.kind in ("edgetpu", "sim-edgetpu", "auto"):
-                    key = str(spec)
+                    # One device, however it is named: edgetpu = edgetpu:0, sim-edgetpu =
+                    # sim-edgetpu:0 = sim-edgetpu:usb3 (the default profile).
+                    key = (spec.kind, spec.bus, spec.index or 0)
+                    profile = spec.profile or SIM_PROFILES[0]
+                    seen = profiles.setdefault(key, (profile, d.name))
+                    if seen[0] != profile:
+                        raise DeviceSpecError(
+                            f"inference stages {seen[1]!r} and {d.name!r} name one simulated "
+                            f"Edge TPU with two profiles ({d.device!r}: {profile}, the other "
+                            f"{seen[0]}); a device has one: name it the same way in both")
             groups.setdefault(key, []).append(si)
         return list(groups.values())
 
@@ -366,13 +382,13 @@ class Core:
         worker = None
         if defs[0].server is None:
             worker = _Worker(defs[0].device, list(dict.fromkeys(d.model for d in defs)),
-                             self.inflight * len(defs), max(d.realtime for d in defs))
+                             self.inflight, max(d.realtime for d in defs), len(defs))
             # One trace track per device worker; two workers on one spec (CPU) apart.
             if sum(d.kind == "infer" and d.server is None and d.device == defs[0].device
                    for d in self.defs) > len(defs):
                 worker.track += f": {defs[0].name}"
-        for si, d in zip(group, defs):
-            self.links[si] = _DeviceLink(d, worker)
+        for slot, (si, d) in enumerate(zip(group, defs)):
+            self.links[si] = _DeviceLink(d, worker, slot)
 
     def close(self) -> None:
         """Stop everything: wake blocked threads, end child processes, join. Idempotent."""

@@ -160,7 +160,10 @@ class MsgSocket:
             return
         slot = self._turn
         out = self._segment(slot, n)
-        out.buf[0:n] = obj.data.cast("B")
+        try:
+            out.buf[0:n] = obj.data.cast("B")
+        except ValueError as exc:  # close() in another thread released the mapping
+            raise PeerClosed("the link was closed") from exc
         self.sock.sendall(HEAD.pack(kind, slot, ARRAY, len(desc) + BUF.size, 1, index,
                                     start_ns, end_ns) + desc + BUF.pack(0, n))
         self._turn = slot ^ 1  # only once sent: a failed send must not skip a slot
@@ -189,7 +192,10 @@ class MsgSocket:
                 out = self._segment(slot, sum(align(b.nbytes) for b in bufs))
                 pos = 0
                 for b in bufs:
-                    out.buf[pos : pos + b.nbytes] = b
+                    try:
+                        out.buf[pos : pos + b.nbytes] = b
+                    except ValueError as exc:  # close() in another thread released it
+                        raise PeerClosed("the link was closed") from exc
                     table += BUF.pack(pos, b.nbytes)
                     pos += align(b.nbytes)
             self.sock.sendall(HEAD.pack(kind, slot, PICKLE, len(data) + len(table), len(bufs),
@@ -343,7 +349,10 @@ class MsgSocket:
         seg = self._ins[slot]
         if seg is None or off + length > seg.size:
             raise PeerClosed("buffer outside the peer's segment")
-        return bytearray(seg.buf[off : off + length])
+        try:
+            return bytearray(seg.buf[off : off + length])
+        except ValueError as exc:  # close() in another thread released the mapping
+            raise PeerClosed("the link was closed") from exc
 
     def close(self) -> None:
         """Close the socket and unmap the segments."""

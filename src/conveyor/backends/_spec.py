@@ -137,7 +137,7 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
             index = int(rest.pop())
         if len(rest) <= 1:
             profile = rest[0] if rest else ""
-            if profile and profile not in SIM_PROFILES:
+            if rest and profile not in SIM_PROFILES:
                 profiles = ", ".join(f"sim-edgetpu:{p}" for p in SIM_PROFILES)
                 raise _bad(spec, f"unknown simulation profile {profile!r} (profiles: "
                                  f"{profiles})")
