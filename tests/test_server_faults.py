@@ -237,7 +237,8 @@ def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path) -> None:
 
 
 def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) -> None:
-    dev = FakeDevice()
+    gate = threading.Event()  # the first run waits: the callback is attached before it ends
+    dev = FakeDevice(gate=gate)
     with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
         seen: list[BaseException | None] = []
         done = threading.Event()
@@ -250,7 +251,10 @@ def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) ->
                 seen.append(exc)
             done.set()
 
-        c.submit("m", x(1)).add_done_callback(callback)
+        fut = c.submit("m", x(1))
+        fut.add_done_callback(callback)
+        assert not fut.done()  # so the callback runs on the reader thread, not this one
+        gate.set()
         assert done.wait(10)
         assert isinstance(seen[0], RuntimeError) and "done-callback" in str(seen[0])
         c.infer("m", x(3))  # the client is still usable
