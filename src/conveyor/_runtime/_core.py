@@ -119,7 +119,11 @@ class _Worker:
         self.closing = False
         self.track = f"device {device}"  # its trace track (see Core.start)
         self.worker = self._spawn()
-        self.clients = self.worker.clients  # one per stage (see DeviceWorker)
+
+    @property
+    def clients(self) -> list[DeviceClient]:
+        """The worker's clients, one per stage that shares it (see DeviceWorker)."""
+        return self.worker.clients
 
     @property
     def pid(self) -> int:
@@ -151,7 +155,6 @@ class _Worker:
             for client in old.clients:
                 client.close()
             self.worker = self._spawn()
-            self.clients = self.worker.clients
             self.gen += 1
             return True
 
