@@ -368,6 +368,51 @@ def test_one_client_shared_by_threads_and_asyncio(sdir: Path) -> None:
     assert not errors, errors
 
 
+def test_ainfer_awaits_a_free_slot_and_cancelling_it_leaves_nothing_waiting(
+    sdir: Path,
+) -> None:
+    """With the credit used up ainfer() awaits a slot in the event loop: cancelled, it
+    is gone at once (it once sat in a worker thread that asyncio.run() then waited for,
+    for as long as the server did not answer), past its deadline it is DeadlineExceeded,
+    and a freed slot wakes the next waiter."""
+    import asyncio
+    import time
+
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["m"], max_inflight=2) as srv, \
+            DeviceClient(path=srv.path) as c:
+
+        async def stuck() -> None:
+            ticks = 0
+
+            async def heartbeat() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            beat = asyncio.create_task(heartbeat())
+            held = [asyncio.create_task(c.ainfer("m", x(i))) for i in range(2)]
+            waiting = [asyncio.wait_for(c.ainfer("m", x(9)), 0.3) for _ in range(20)]
+            outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
+            with pytest.raises(DeadlineExceeded, match="slot"):
+                await c.ainfer("m", x(9), deadline=0.05)
+            assert ticks >= 10  # the loop kept running while they waited
+            assert not c._async_waiters
+            late = asyncio.create_task(c.ainfer("m", x(5)))
+            await asyncio.sleep(0.05)
+            gate.set()  # the held requests finish; their slots wake the late one
+            outs = await asyncio.gather(*held, late)
+            assert [o[1].tolist() for o in outs] == [[0.0], [4.0], [20.0]]
+            beat.cancel()
+
+        t0 = time.monotonic()
+        asyncio.run(stuck())
+        assert time.monotonic() - t0 < 5.0
+
+
 @pytest.mark.parametrize("bad", [{"priority": 1.5}, {"priority": True}, {"priority": "1"},
                                  {"deadline": float("nan")}, {"deadline": "1"}])
 def test_a_bad_priority_or_deadline_is_refused_before_it_takes_a_slot(

@@ -14,6 +14,7 @@ the role only while such requests exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import math
@@ -130,6 +131,11 @@ def check_priority(priority: int) -> int:
     return value
 
 
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Link:
     """One connection: socket, reader and arena (replaced as a whole on reconnect)."""
 
@@ -205,6 +211,8 @@ class DeviceClient:
         self._pending: dict[int, Pending] = {}
         self._unwaited = 0
         self._slot_waiters = 0
+        # ainfer() calls waiting for a free slot: (their loop, the future that wakes them)
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._reading = False
         self._sleepers = 0  # threads waiting on _cv for the reader role or an outcome
         self._tls = threading.local()  # .reading: this thread holds the reader role
@@ -343,6 +351,7 @@ class DeviceClient:
             p.finish(None, why)
         with self._lock:  # a waiter woken above, before its request was finished, waits on
             self._cv.notify_all()
+        self._wake_async_waiters()
         link.views.clear()
         link.pools.clear()
         if link.arena is not None:
@@ -518,6 +527,9 @@ class DeviceClient:
                 link.free.append(p.slot)
                 if self._slot_waiters:
                     self._cv.notify_all()
+            wake = bool(self._async_waiters)
+        if wake:
+            self._wake_async_waiters()
         p.finish(outs, error, Timing(device, queue_ns, compute_ns, start_ns))
 
     def _on_status(self, req_id: int, data: Any) -> None:
@@ -585,13 +597,16 @@ class DeviceClient:
         a callback may submit() more, but a call that waits for a reply (``infer``,
         ``status``, ``result()`` of an unfinished Future) raises RuntimeError there.
         """
-        p = self._send(model, inputs, deadline, priority, dequantize, sync=False)
-        assert p.future is not None
+        p = self._send(model, inputs, deadline_to_ns(deadline), priority, dequantize,
+                       sync=False)
+        assert p is not None and p.future is not None
         return p.future
 
-    def _send(self, model: str, inputs: Inputs, deadline: float | None, priority: int,
-              deq: bool, *, sync: bool) -> Pending:
+    def _send(self, model: str, inputs: Inputs, deadline_ns: int, priority: int,
+              deq: bool, *, sync: bool, block: bool = True) -> Pending | None:
         """Write the inputs into a free slot and send the request; the pending entry.
+        ``deadline_ns``: see :func:`deadline_to_ns`. Without ``block``, None when no slot
+        is free (nothing sent).
 
         ``sync``: the calling thread waits for it at once (no Future, and the background
         reader is not involved).
@@ -606,11 +621,12 @@ class DeviceClient:
             arrays: list[npt.NDArray[Any]] = [inputs]  # nothing to check or convert
         else:
             arrays = prepare_inputs(specs, inputs, info.name)
-        deadline_ns = deadline_to_ns(deadline)
         priority = check_priority(priority)
         for attempt in (0, 1):
             with self._cv:
                 while not link.free and self._link is link and not self._closed:
+                    if not block:
+                        return None
                     self._refuse_in_callback("waiting for a free request slot")
                     wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
                     if wait is not None and wait <= 0:
@@ -688,7 +704,9 @@ class DeviceClient:
         Raises ModelNotFoundError, InputError, Busy, DeadlineExceeded, DeviceError or
         ServerGone. See :meth:`submit`.
         """
-        p = self._send(model, inputs, deadline, priority, dequantize, sync=True)
+        p = self._send(model, inputs, deadline_to_ns(deadline), priority, dequantize,
+                       sync=True)
+        assert p is not None
         if not p.finished:
             self._wait(p, None)
         if p.error is not None:
@@ -707,22 +725,47 @@ class DeviceClient:
     ) -> Outputs:
         """The asyncio form of :meth:`infer`.
 
-        Does not block the event loop (when this client's credit is used up, the wait for
-        a free slot runs in a worker thread). Cancelling the await abandons the result.
+        Does not block the event loop: when this client's credit is used up it awaits a
+        free slot (up to the deadline), and a connection to be made runs in a worker
+        thread. Cancelling the await, while it waits for a slot or for the reply,
+        abandons the request.
         """
-        if self._would_block():
-            fut = await asyncio.to_thread(
-                self.submit, model, inputs, deadline=deadline, priority=priority,
-                dequantize=dequantize,
-            )
-        else:
-            fut = self.submit(model, inputs, deadline=deadline, priority=priority,
-                              dequantize=dequantize)
-        return await asyncio.wrap_future(fut)
+        deadline_ns = deadline_to_ns(deadline)
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._link is None and not self._closed:
+                await asyncio.to_thread(self._current)  # (re)connecting waits for a handshake
+            waiter: asyncio.Future[None] = loop.create_future()
+            entry = (loop, waiter)
+            with self._lock:
+                self._async_waiters.append(entry)  # before trying: no wake-up is missed
+            try:
+                p = self._send(model, inputs, deadline_ns, priority, dequantize, sync=False,
+                               block=False)
+                if p is not None:
+                    break
+                wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+                try:
+                    if wait is not None and wait <= 0:
+                        raise TimeoutError
+                    await asyncio.wait_for(waiter, wait)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"{model}: no free request slot before the deadline") from None
+            finally:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._async_waiters.remove(entry)
+        assert p.future is not None
+        return await asyncio.wrap_future(p.future)
 
-    def _would_block(self) -> bool:
-        link = self._link
-        return link is None or not link.free
+    def _wake_async_waiters(self) -> None:
+        """A slot came free or the connection changed: every ainfer() waiting for a slot
+        tries again. Call without the lock held."""
+        with self._lock:
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve_waiter, waiter)
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The server's status snapshot (see ``conveyor status --json``).
@@ -799,6 +842,7 @@ class DeviceClient:
                 if link is not None:
                     link.sock.close()
                 return
+        self._wake_async_waiters()  # they find the client closed
         if link is not None:
             try:
                 with self._send_lock:
