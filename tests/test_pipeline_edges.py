@@ -337,3 +337,28 @@ def test_close_while_map_is_starting_ends_it_with_pipeline_closed(
         threading.Timer(0.05, pipe.close).start()
         with pytest.raises(conveyor.PipelineClosedError):
             list(pipe.map(range(20)))
+
+
+def test_amap_starts_a_pipeline_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting worker processes takes a while: a first amap() does it in a thread, so
+    the event loop goes on meanwhile."""
+    started_on: list[threading.Thread] = []
+    real_start = conveyor.Pipeline.start
+
+    def start(self: conveyor.Pipeline) -> conveyor.Pipeline:
+        started_on.append(threading.current_thread())
+        return real_start(self)
+
+    monkeypatch.setattr(conveyor.Pipeline, "start", start)
+
+    async def main() -> list[int]:
+        loop_thread = threading.current_thread()
+        pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"))
+        try:
+            out = [o async for o in pipe.amap(range(4))]
+        finally:
+            pipe.close()
+        assert started_on and loop_thread not in started_on
+        return out
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]

@@ -372,7 +372,10 @@ class Pipeline:
         """Feed ``inputs`` (consumed lazily, in a feeder thread) and yield results.
 
         Blocks while waiting for the next result; interruptible by Ctrl-C. Breaking out
-        of the loop (or an exception) stops feeding and discards items in flight.
+        of the loop (or an exception) stops feeding and discards items in flight: an
+        item waiting between stages is dropped at once; one that a stage already holds
+        finishes that stage first (a process worker holds up to two: the one it runs
+        and the next, queued so that it never waits), then is dropped.
 
         Raises:
             StageError: an item failed (``on_error="raise"``), or the input iterator
@@ -400,9 +403,12 @@ class Pipeline:
     async def amap(self, inputs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
         """The asyncio face of :meth:`map`: ``inputs`` may be an async iterable.
 
-        Never blocks the event loop: results arrive through ``call_soon_threadsafe``.
-        Cancelling the consuming task (or leaving the ``async for``) cancels the run.
+        Never blocks the event loop: a pipeline not yet started starts in a worker
+        thread, and results arrive through ``call_soon_threadsafe``. Cancelling the
+        consuming task (or leaving the ``async for``) cancels the run.
         """
+        if self._core is None and not self._closed:
+            await asyncio.to_thread(self.start)  # workers take a while to start
         core = self._ensure()
         self._refuse_reentry(core, "amap")
         loop = asyncio.get_running_loop()
@@ -540,11 +546,12 @@ class Pipeline:
 
         Per stage, once nothing is in it (after ``close()``), ``in == out + errors +
         cancelled``: ``cancelled`` counts items that entered the stage but were abandoned
-        there because their run ended first (a ``break``, an error with
-        ``on_error="raise"``, ``close()``), such as the tasks queued in a process
-        worker. ``dropped`` (the first stage, live mode) counts items dropped before they
-        entered; every input of a run is one output, one error, one drop or, for a run
-        cut short, not reached.
+        inside it, such as the tasks a process worker holds, or the requests at the
+        device, when the pipeline closes. An item of a run cut short (a ``break``, an
+        error with ``on_error="raise"``) that a stage already holds finishes that stage
+        (``out``) and is dropped before the next. ``dropped`` (the first stage, live
+        mode) counts items dropped before they entered; every input of a run is one
+        output, one error, one drop or, for a run cut short, not reached.
 
         A stage's latency is an item's time in it (for a process stage, the worker's own
         time on it). A device's ``duty_cycle`` and ``items_per_s`` are over the
