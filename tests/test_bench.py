@@ -126,14 +126,32 @@ def test_unwritable_output_is_refused_before_the_run(
 
 
 @pytest.mark.parametrize(("argv", "says"), [
-    (["--items", "0"], "--items must be at least 1, got 0"),
-    (["--workers", "-2"], "--workers must be at least 0, got -2"),
-    (["--python-ms", "-0.5"], "--python-ms must be at least 0, got -0.5"),
+    (["--items", "0"], "--items must be a number of at least 1, got 0"),
+    (["--workers", "-2"], "--workers must be a number of at least 0, got -2"),
+    (["--python-ms", "-0.5"], "--python-ms must be a number of at least 0, got -0.5"),
+    (["--python-ms", "nan"], "--python-ms must be a number of at least 0, got nan"),
+    (["--python-ms", "inf"], "--python-ms must be a number of at least 0, got inf"),
+    (["--device", "sim-edgetpu:nosuch"], "unknown simulation profile"),
+    (["--device", "cpu:0"], "invalid device spec 'cpu:0'"),
 ])
 def test_bad_numbers_name_the_option(capsys: pytest.CaptureFixture[str], argv: list[str],
                                      says: str) -> None:
     assert conveyor.cli.main(["bench", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_device_that_cannot_be_opened_exits_2_as_detect_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from conveyor.backends import open_device
+
+    held = open_device("sim-edgetpu")  # the bench cannot open it: it is in use
+    try:
+        assert conveyor.cli.main(["bench", "--device", "sim-edgetpu", "--items", "10",
+                                  "--no-progress"]) == 2
+    finally:
+        held.close()
+    assert "already open" in capsys.readouterr().err
 
 
 def test_bad_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,12 +43,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
-from .._errors import ConveyorError
+from .._errors import (
+    ConveyorError,
+    DeviceBusyError,
+    DeviceNotFoundError,
+    DeviceSpecError,
+    EdgeTPURuntimeMissingError,
+    ModelError,
+)
+from ..backends._spec import parse_device
+
+#: What makes the bench exit 2, as detect and demo do: the device or model cannot be opened.
+_CANNOT_OPEN = (DeviceSpecError, DeviceNotFoundError, DeviceBusyError,
+                EdgeTPURuntimeMissingError, ModelError)
 
 __all__ = ["add_arguments", "run"]
 
@@ -146,7 +159,8 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the bench; 0 on success, 1 if it could not run, 2 on a bad argument."""
+    """Run the bench; 0 on success, 2 on a bad argument or a device or model that cannot
+    be opened, 1 if it could not run for another reason."""
     from .._bench._suite import Options, detector_name, run_suite
 
     try:
@@ -156,10 +170,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for option, value, least in (("--items", args.items, 1), ("--workers", args.workers, 0),
                                  ("--python-ms", args.python_ms, 0)):
-        if value < least:
-            print(f"conveyor bench: {option} must be at least {least}, got {value:g}",
-                  file=sys.stderr)
+        if not (math.isfinite(value) and value >= least):  # nan and inf too
+            print(f"conveyor bench: {option} must be a number of at least {least}, "
+                  f"got {value:g}", file=sys.stderr)
             return 2
+    try:
+        parse_device(args.device)
+    except ConveyorError as exc:
+        print(f"conveyor bench: {exc}", file=sys.stderr)
+        return 2
     for option, path in (("--trace", args.trace), ("--plot", args.plot)):
         why = _unwritable(path)
         if why:  # found out now, not after a minute of benchmarking
@@ -197,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_suite(opts, progress=not args.no_progress)
     except ConveyorError as exc:
         print(f"conveyor bench: {exc}", file=sys.stderr)
-        return 1
+        # As detect and demo: 2 when the device or model cannot be opened at all.
+        return 2 if isinstance(exc, _CANNOT_OPEN) else 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     data = outcome.data
