@@ -478,3 +478,16 @@ def test_a_reader_that_went_away_ends_the_command_quietly(argv: list[str]) -> No
         os.close(write)
     said = [line for line in done.stderr.splitlines() if not line.startswith("INFO: Created")]
     assert done.returncode == 1 and said == [], done.stderr  # LiteRT's own line aside
+
+
+def test_detect_skips_a_named_pipe_in_a_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading a named pipe would wait for a writer for ever: inside a folder it is
+    reported and skipped."""
+    shutil.copy(ASTRONAUT, tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    assert main("detect", tmp_path, "--json") == 1  # a.png was detected; b.png was not read
+    out, err = capsys.readouterr()
+    assert [r["source"].endswith("a.png") for r in json_lines(out)] == [True]
+    assert f"cannot read {tmp_path / 'b.png'}: not a regular file" in err

@@ -509,3 +509,18 @@ def test_quantised_detector_outputs_are_dequantised(astronaut: Image8) -> None:
         runner.close()
     assert face.iou(REFERENCE) >= 0.9
     assert face.score == pytest.approx(0.92, abs=0.05)
+
+
+def test_a_closed_detector_says_so(astronaut: Image8) -> None:
+    from conveyor import DeviceError
+    from conveyor import open_device as conveyor_open
+
+    detector = FaceDetector("short", device="cpu")
+    assert detector.detect(astronaut)
+    detector.close()
+    with pytest.raises(DeviceError, match="closed"):
+        detector.detect(astronaut)
+    runner = conveyor_open("cpu").load("face_detection_short_range")
+    runner.close()
+    with pytest.raises(DeviceError, match="closed"):
+        runner.run([np.zeros(runner.inputs[0].shape, np.float32)])

@@ -194,7 +194,7 @@ def sequential(setup: Setup) -> Result:
     timeline = Timeline()
     work = setup.work
     done = _Done(setup)
-    cpu_track = timeline.track("main")
+    cpu_track = timeline.track("loop: prepare, finish")  # one thread does both
     with _Device(setup, timeline) as clock:
         _warm(setup, clock)
         cpu0 = cpu_seconds(setup.exclude)
@@ -221,7 +221,7 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
     timeline = Timeline()
     work = setup.work
     done = _Done(setup)
-    cpu_track = timeline.track("event loop")
+    cpu_track = timeline.track("event loop: prepare, finish")
 
     async def worker(
         source: Iterator[int], clock: DeviceClock, executor: ThreadPoolExecutor

@@ -7,6 +7,13 @@ Boxes and keypoints are relative to the image (0..1). A file that cannot be read
 on stderr (conveyor: cannot read PATH: reason) and the others are still processed; the exit
 status is then 1, as it is when a folder given holds no image or video file.
 
+--json prints one line per frame:
+  {"source": PATH, "frame": N, "width": W, "height": H,
+   "faces": [{"xmin", "ymin", "xmax", "ymax", "score",
+              "keypoints": [[x, y] x6], "landmarks": [[x, y, z] x468] (--landmarks)}]}
+(boxes, keypoints and landmarks relative to the image, 0..1; faces best first; frame 0
+for a still image).
+
 examples:
   conveyor detect photo.jpg
   conveyor detect photos/ --json > faces.jsonl
@@ -21,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -233,10 +241,11 @@ def expand_sources(paths: Sequence[str], empty: list[str] | None = None,
                    unreadable: list[str] | None = None) -> list[Source]:
     """The files named by ``paths``: files as given, folders searched recursively (sorted).
 
-    Inside a folder only files with an image or video suffix are taken; a path that does
-    not exist is kept so that reading it reports the error. Folders with no such file
-    are added to ``empty``, and folders that could not be listed (with why) to
-    ``unreadable``, if given.
+    Inside a folder only files with an image or video suffix are taken, and only regular
+    files (a named pipe or a device would block the read for ever: it goes to
+    ``unreadable``); a path that does not exist is kept so that reading it reports the
+    error. Folders with no such file are added to ``empty``, and folders that could not
+    be listed (with why) to ``unreadable``, if given.
     """
     sources: list[Source] = []
     for given in paths:
@@ -250,16 +259,31 @@ def expand_sources(paths: Sequence[str], empty: list[str] | None = None,
             dirs.sort()
             rel = os.path.relpath(folder, root)
             for f in sorted(files):
-                if Path(f).suffix.lower() in MEDIA_SUFFIXES:
-                    found.append(f if rel == "." else os.path.join(rel, f))
+                if Path(f).suffix.lower() not in MEDIA_SUFFIXES:
+                    continue
+                if _special(os.path.join(folder, f)):
+                    if unreadable is not None:
+                        unreadable.append(f"{os.path.join(folder, f)}: not a regular file "
+                                          f"(a named pipe, socket or device)")
+                    continue
+                found.append(f if rel == "." else os.path.join(rel, f))
         for rel_file in sorted(found):
             name = str(Path(rel_file).with_suffix(""))
             sources.append(Source(root / rel_file, os.path.join(given, rel_file), name))
         if unreadable is not None:
-            unreadable.extend(f"{e.filename}: {e.strerror or e}" for e in errors)
+            unreadable.extend(f"the folder {e.filename}: {e.strerror or e}" for e in errors)
         if not found and not errors and empty is not None:
             empty.append(given)
     return sources
+
+
+def _special(path: str) -> bool:
+    """A named pipe, socket or device (what a link points to, too); False for a regular
+    file and for what cannot be looked at (reading it reports why)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def writable_folder(path: Path) -> str | None:
@@ -449,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"conveyor: no image or video files in {folder} (looked for "
               f"{', '.join(sorted(MEDIA_SUFFIXES))})", file=sys.stderr)
     for why in unreadable:  # failed too: files in there went unseen
-        print(f"conveyor: cannot read the folder {why}", file=sys.stderr)
+        print(f"conveyor: cannot read {why}", file=sys.stderr)
     empty += unreadable
     if args.out is not None:
         why_not = writable_folder(args.out)

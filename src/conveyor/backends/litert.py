@@ -143,6 +143,8 @@ class LiteRTRunner(Runner):
             np.copyto(dst, self._interp.tensor(idx)())
 
     def _invoke(self, arrays: Sequence[npt.NDArray[Any]]) -> None:
+        if self._interp is None:
+            raise DeviceError(f"the runner of {self.model} is closed")
         for idx, arr in zip(self._in_idx, arrays):
             self._interp.set_tensor(idx, arr)
         self._interp.invoke()  # releases the GIL while it runs

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..._errors import DeviceError
 from ..._tensors import dequantize, prepare_inputs
 from ...backends import Device, Runner, open_device
 from ._config import DetectorConfig, get_config
@@ -91,8 +92,10 @@ class FaceDetector:
         Raises:
             ImageReadError: a path that cannot be read as an image.
             InputError: an array that is not a supported image.
-            DeviceError: the device failed.
+            DeviceError: the device failed, or the detector is closed.
         """
+        if self._closed:
+            raise DeviceError("this FaceDetector is closed")
         pixels = _pixels(image)
         tensor, meta = preprocess(pixels, self.config)
         faces = postprocess(run_model(self.runner, tensor), meta, self.config)
@@ -109,6 +112,8 @@ class FaceDetector:
         """
         if self.landmark_runner is None:
             raise RuntimeError("this FaceDetector was made without landmarks=True")
+        if self._closed:
+            raise DeviceError("this FaceDetector is closed")
         tensor, roi = landmarks_preprocess(image, face)
         return with_landmarks(face, run_model(self.landmark_runner, tensor), roi)
 
