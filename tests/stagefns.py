@@ -106,3 +106,8 @@ def to_landmark_input(outputs: list[np.ndarray]) -> np.ndarray:
 def sleep_for(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def first_output_as_input(outputs: list[np.ndarray]) -> np.ndarray:
+    """A blank frame for the short-range detector (the next stage runs it again)."""
+    return np.zeros((1, 128, 128, 3), np.float32)

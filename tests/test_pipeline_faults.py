@@ -112,6 +112,17 @@ def test_stages_sharing_a_device_worker_never_wait_on_each_other(no_leaks: None)
         assert sum(1 for _ in pipe.map(frames)) == 300
 
 
+def test_one_model_by_name_and_by_path_on_one_edge_tpu_is_loaded_once(no_leaks: None) -> None:
+    path = str(conveyor.resolve_model("face_detection_short_range"))
+    with conveyor.Pipeline(
+        conveyor.infer("face_detection_short_range", device="sim-edgetpu"),
+        conveyor.stage(sf.first_output_as_input),
+        conveyor.infer(path, device="sim-edgetpu"),
+    ) as pipe:
+        out = list(pipe.map([sf.image_for(i) for i in range(4)]))
+    assert len(out) == 4 and all(o[0].shape == (1, 896, 16) for o in out)
+
+
 def test_one_simulated_device_with_two_profiles_is_refused() -> None:
     with pytest.raises(conveyor.DeviceSpecError, match="two profiles"):
         conveyor.Pipeline(conveyor.infer("face_detection_short_range", device="sim-edgetpu"),

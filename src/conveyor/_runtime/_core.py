@@ -99,6 +99,21 @@ def _describe_value(value: Any) -> str:
 
 
 
+def _distinct_models(models: Iterable[str]) -> list[str]:
+    """``models`` without repeats: one model named twice (by name and by path, say) is
+    loaded once; a name that does not resolve is kept for the worker to report."""
+    from .._models import resolve_model
+
+    seen: dict[Any, str] = {}
+    for m in models:
+        try:
+            key: Any = resolve_model(m).resolve()
+        except ConveyorError:
+            key = m
+        seen.setdefault(key, m)
+    return list(seen.values())
+
+
 class _Worker:
     """A private device worker, shared by the inference stages that name one exclusive
     device (an Edge TPU serves one process: a second worker could not open it).
@@ -384,7 +399,7 @@ class Core:
         defs = [self.defs[si] for si in group]
         worker = None
         if defs[0].server is None:
-            worker = _Worker(defs[0].device, list(dict.fromkeys(d.model for d in defs)),
+            worker = _Worker(defs[0].device, _distinct_models(d.model for d in defs),
                              self.inflight, max(d.realtime for d in defs), len(defs))
             # One trace track per device worker; two workers on one spec (CPU) apart.
             if sum(d.kind == "infer" and d.server is None and d.device == defs[0].device
