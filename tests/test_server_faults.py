@@ -275,3 +275,55 @@ def test_a_forked_child_cannot_use_the_client_nor_end_it_for_the_parent(sdir: Pa
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
         assert len(client.status()["clients"]) == 1
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) -> None:
+    """An idle client whose server was replaced by one that does not answer yet: the
+    reconnection runs in a thread, bounded by the deadline, and the loop keeps running
+    (it was made on the loop thread: the loop stood still up to the 10 s handshake)."""
+    import asyncio
+    import signal
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    first = ServeProcess(path)
+    client = conveyor.connect(path, reconnect=True)
+    try:
+        client.infer("face_detection_short_range", img)
+        first.kill()
+        with ServeProcess(path) as second:
+            second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+            try:
+                async def main() -> tuple[float, BaseException | None]:
+                    gaps: list[float] = []
+
+                    async def heartbeat() -> None:
+                        last = time.monotonic()
+                        while True:
+                            await asyncio.sleep(0.01)
+                            now = time.monotonic()
+                            gaps.append(now - last)
+                            last = now
+
+                    beat = asyncio.create_task(heartbeat())
+                    try:
+                        await client.ainfer("face_detection_short_range", img, deadline=0.5)
+                        error = None
+                    except BaseException as exc:
+                        error = exc
+                    beat.cancel()
+                    return max(gaps), error
+
+                t0 = time.monotonic()
+                stall, error = asyncio.run(main())
+                assert isinstance(error, conveyor.DeadlineExceeded), error
+                assert time.monotonic() - t0 < 3.0
+                assert stall < 0.4, f"the event loop stood still {stall:.2f} s"
+            finally:
+                second.proc.send_signal(signal.SIGCONT)
+            outs = asyncio.run(client.ainfer("face_detection_short_range", img, deadline=30))
+            assert len(outs) == 2
+    finally:
+        client.close()
+        first.close()

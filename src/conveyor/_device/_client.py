@@ -606,13 +606,16 @@ class DeviceClient:
               deq: bool, *, sync: bool, block: bool = True) -> Pending | None:
         """Write the inputs into a free slot and send the request; the pending entry.
         ``deadline_ns``: see :func:`deadline_to_ns`. Without ``block``, None when no slot
-        is free (nothing sent).
+        is free or the connection was lost (nothing sent, and no new connection made:
+        the caller makes it where waiting is allowed).
 
         ``sync``: the calling thread waits for it at once (no Future, and the background
         reader is not involved).
         """
         if self.monitor:
             raise ServerError("a monitoring client cannot run inferences")
+        if not block and self._link is None and not self._closed:
+            return None  # connecting may wait: not here (see ainfer)
         link = self._current()
         info = self._lookup(model)
         specs = info.inputs
@@ -643,6 +646,8 @@ class DeviceClient:
             if slot < 0:
                 if self._closed or attempt == 1:
                     raise ServerGone("the device server went away")
+                if not block:
+                    return None  # the caller connects again where it may wait (ainfer)
                 link = self._current()
                 info = self._lookup(model)
                 continue
@@ -668,6 +673,8 @@ class DeviceClient:
                 self._lost(link, ServerGone(f"the device server went away: {exc}"))
                 if not self.reconnect or attempt == 1:
                     break
+                if not block:
+                    return None  # as above: not connecting here
                 link = self._current()
                 info = self._lookup(model)
                 continue
@@ -732,9 +739,22 @@ class DeviceClient:
         """
         deadline_ns = deadline_to_ns(deadline)
         loop = asyncio.get_running_loop()
+
+        def left() -> float | None:
+            return None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+
         while True:
             if self._link is None and not self._closed:
-                await asyncio.to_thread(self._current)  # (re)connecting waits for a handshake
+                # (Re)connecting waits for the server's handshake: in a thread, and no
+                # longer than the deadline (the connection is then made for later calls).
+                try:
+                    wait = left()
+                    if wait is not None and wait <= 0:
+                        raise TimeoutError
+                    await asyncio.wait_for(self._connect_in_thread(loop), wait)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"{model}: not connected to the server before the deadline") from None
             waiter: asyncio.Future[None] = loop.create_future()
             entry = (loop, waiter)
             with self._lock:
@@ -744,7 +764,9 @@ class DeviceClient:
                                block=False)
                 if p is not None:
                     break
-                wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+                if self._link is None:
+                    continue  # the connection went: make a new one (above), then try again
+                wait = left()
                 try:
                     if wait is not None and wait <= 0:
                         raise TimeoutError
@@ -757,6 +779,33 @@ class DeviceClient:
                     self._async_waiters.remove(entry)
         assert p.future is not None
         return await asyncio.wrap_future(p.future)
+
+    def _connect_in_thread(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Connect again (:meth:`_current`) in a daemon thread of its own; the future is
+        its outcome. Not the loop's executor: ``asyncio.run()`` waits for those threads
+        at its end, and a handshake with a server that does not answer takes ``timeout``.
+        """
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return  # the caller gave up (its deadline, or cancelled)
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def connect() -> None:
+            outcome: BaseException | None = None
+            try:
+                self._current()
+            except BaseException as exc:  # handed to the awaiting task
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, outcome)
+
+        threading.Thread(target=connect, name="conveyor-client-connect", daemon=True).start()
+        return done
 
     def _wake_async_waiters(self) -> None:
         """A slot came free or the connection changed: every ainfer() waiting for a slot
