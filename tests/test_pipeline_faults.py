@@ -348,3 +348,43 @@ def test_a_forked_child_cannot_use_the_pipeline_nor_end_it_for_the_parent(
         assert _in_forked_child(lambda: pipe.close() or "closed") == "closed"
         assert list(pipe.map(frames)) == want  # the parent's workers live on
         assert all(s["restarts"] == 0 for s in pipe.stats()["stages"].values())
+
+
+def test_a_pipeline_dropped_after_a_raised_error_frees_its_device(no_leaks: None) -> None:
+    """Dropped without close() after map() raised, a pipeline is freed at once (the
+    raising frames no longer refer to the error, a cycle that kept it until a garbage
+    collection); after an amap() that raised, asyncio's own cycles keep it, and a new
+    pipeline on the device collects it rather than failing with DeviceBusyError."""
+    import asyncio
+    import weakref
+
+    def make() -> conveyor.Pipeline:
+        return conveyor.Pipeline(conveyor.stage(sf.fail_on_multiple_of_7, kind="process"),
+                                 conveyor.stage(sf.image_for),
+                                 conveyor.infer("face_detection_short_range",
+                                                device="sim-edgetpu"))
+
+    gc.disable()
+    try:
+        pipe = make()
+        ref = weakref.ref(pipe)
+        try:  # (not pytest.raises: it keeps the traceback)
+            list(pipe.map([1, 3, 5]))
+        except conveyor.StageError:
+            pass
+        with pytest.warns(ResourceWarning, match="unclosed"):
+            del pipe  # freed (and so closed) by reference counting alone
+        assert ref() is None
+
+        pipe = make()
+
+        async def run(p: conveyor.Pipeline) -> list[object]:
+            return [x async for x in p.amap([1, 3, 5])]
+
+        with pytest.raises(conveyor.StageError):
+            asyncio.run(run(pipe))
+        del pipe
+        with pytest.warns(ResourceWarning, match="unclosed"), make() as again:
+            assert len(list(again.map([1, 2]))) == 2
+    finally:
+        gc.enable()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import os
 import sys
 import threading
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from concurrent.futures import Future
 from typing import Any, Literal
 
-from ._errors import PipelineClosedError, StageError
+from ._errors import DeviceBusyError, PipelineClosedError, StageError
 from ._runtime._channel import Aborted
 from ._runtime._core import Core, StageDef
 from ._runtime._run import CANCEL, DROP, ERR, OK, Run
@@ -240,13 +241,27 @@ class Pipeline:
             if self._closed:
                 raise PipelineClosedError("the pipeline is closed")
             if self._core is None:
-                core = Core(self._defs, maxsize=self.maxsize, live=self.live,
-                            trace=self._tracer, inflight=self._inflight)
-                core.start()
+                try:
+                    core = self._start_core()
+                except DeviceBusyError:
+                    # An unclosed pipeline of this program that only a reference cycle
+                    # keeps (an exception's traceback, asyncio's tasks) may still hold
+                    # the device: collecting it closes it (see __del__). Then once more.
+                    before = len(_OPEN)
+                    gc.collect()
+                    if len(_OPEN) == before:
+                        raise
+                    core = self._start_core()
                 self._core = core
                 self._pid = os.getpid()
                 _OPEN.add(self)
             return self
+
+    def _start_core(self) -> Core:
+        core = Core(self._defs, maxsize=self.maxsize, live=self.live, trace=self._tracer,
+                    inflight=self._inflight)
+        core.start()
+        return core
 
     def close(self) -> None:
         """End every thread and process; pending futures fail with PipelineClosedError.
@@ -305,9 +320,11 @@ class Pipeline:
             self.close()  # a forked child's copy: let go of it, with nothing to warn of
             return
         if not getattr(self, "_closed", True) and getattr(self, "_core", None) is not None:
-            warnings.warn(f"unclosed {self!r}: use it in a with block or call close()",
-                          ResourceWarning, stacklevel=3)
-            self.close()
+            try:
+                warnings.warn(f"unclosed {self!r}: use it in a with block or call close()",
+                              ResourceWarning, stacklevel=3)
+            finally:  # closed even where warnings are errors
+                self.close()
 
     def _ensure(self) -> Core:
         if self._pid is not None and self._pid != os.getpid():
@@ -354,14 +371,23 @@ class Pipeline:
         for ch in core.channels:
             ch.wake()
 
-    def _outcome(self, kind: str, value: Any) -> tuple[bool, Any]:
-        """(yield it?, value) for one outcome; raises for on_error='raise'."""
+    def _outcome(self, got: tuple[int, tuple[str, Any]]) -> tuple[bool, Any]:
+        """(yield it?, value) for one outcome ``(index, (kind, value))`` of a run; raises
+        for on_error='raise'."""
+        kind, value = got[1]
+        del got
         if kind == OK:
             return True, value
         if kind == ERR:
             assert isinstance(value, StageError)
             if value.stage == "source" or self.on_error == "raise":
-                raise value
+                # No frame the traceback keeps may refer to the error: that cycle kept
+                # the caller's generator and this pipeline (its workers, the device)
+                # alive after the program dropped them, until a garbage collection.
+                try:
+                    raise value
+                finally:
+                    del value
             if self.on_error == "skip":
                 self.skipped += 1
                 return False, None
@@ -394,7 +420,10 @@ class Pipeline:
                     if run.cancelled:
                         raise PipelineClosedError("the pipeline was closed during map()")
                     return
-                keep, value = self._outcome(*got[1])
+                try:
+                    keep, value = self._outcome(got)
+                finally:
+                    del got  # see _outcome
                 if keep:
                     yield value
         finally:
@@ -444,7 +473,10 @@ class Pipeline:
                             continue
                         await ready.wait()
                         continue
-                keep, value = self._outcome(*got[1])
+                try:
+                    keep, value = self._outcome(got)
+                finally:
+                    del got  # see _outcome
                 if keep:
                     yield value
         finally:
