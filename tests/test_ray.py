@@ -35,3 +35,17 @@ def test_map_batches_runs_a_conveyor_pipeline_per_actor() -> None:
     want = [float(runner.run([raystage.to_tensor(i)])[1].max()) for i in range(40)]
     assert [r["item"] for r in rows] == list(range(40))
     np.testing.assert_allclose([r["output"] for r in rows], want, rtol=1e-5)
+
+
+def test_a_function_that_pickles_only_by_value_reaches_the_workers() -> None:
+    """What a driver script's function is inside a Ray actor (its __main__ is Ray's
+    worker): not importable by reference, so the Predictor's pre-processing stage
+    carries it by value; here a lambda stands for it, in a local pipeline."""
+    from conveyor.ray import _for_workers
+
+    offset = 3
+    fn = _for_workers(lambda i: i + offset)
+    assert type(fn).__name__ == "_ByValue"
+    assert _for_workers(raystage.to_tensor) is raystage.to_tensor  # importable: as is
+    with conveyor.Pipeline(conveyor.stage(fn, kind="process", workers=2)) as pipe:
+        assert list(pipe.map(range(5))) == [3, 4, 5, 6, 7]

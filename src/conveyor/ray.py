@@ -19,14 +19,20 @@ post-processing), so the node's accelerator stays busy exactly as on one machine
         column="image", concurrency=4, resources={"edgetpu": 1},
     )
 
-Start each Ray node with ``--resources='{"edgetpu": N}'`` (N accelerators on it) so that
-one actor lands per accelerator; an Edge TPU serves one process. To share a node's device
-with other programs, run ``conveyor serve`` there and pass ``server=PATH`` instead of
-``device``. Needs ``pip install 'conveyor[ray]'``.
+Start each Ray node with ``--resources='{"edgetpu": 1}'`` so that one actor lands per
+node's accelerator; an Edge TPU serves one process, and an actor opens ``device`` as
+given. With several accelerators on a node, or to share a node's device with other
+programs, run ``conveyor serve`` there (``--device edgetpu:0 --device edgetpu:1``...) and
+pass ``server=PATH`` instead of ``device``: the server spreads the work over its
+devices. Each actor takes one CPU: keep ``concurrency`` below the cluster's CPUs, or Ray
+Data's reading has none left and the job waits. ``preprocess`` may be a function of the
+driver script (Ray's actors cannot import it by name): it is carried to the workers by
+value. Needs ``pip install 'conveyor[ray]'``.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +41,46 @@ import numpy as np
 from ._pipeline import Pipeline, infer, stage
 
 __all__ = ["Predictor", "map_batches"]
+
+
+class _ByValue:
+    """A function carried by value (Ray's cloudpickle) to a process stage's workers.
+
+    Ray sends the functions of a driver's script to its actors by value; in the actor
+    they belong to a ``__main__`` that is Ray's worker, not the script, so pickling them
+    by reference for conveyor's worker processes fails. This carries the code instead,
+    and is itself picklable by reference (it is importable from here).
+    """
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        from ray import cloudpickle
+
+        self.blob: bytes = cloudpickle.dumps(fn)  # type: ignore[no-untyped-call]
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self._fn: Callable[[Any], Any] | None = fn
+
+    def __call__(self, item: Any) -> Any:
+        if self._fn is None:
+            self._fn = pickle.loads(self.blob)
+        return self._fn(item)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"blob": self.blob, "__name__": self.__name__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.blob = state["blob"]
+        self.__name__ = state["__name__"]
+        self._fn = None
+
+
+def _for_workers(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` as it can reach a worker process: itself if it pickles by reference (an
+    importable function), else carried by value (:class:`_ByValue`)."""
+    try:
+        pickle.dumps(fn, protocol=5)
+    except Exception:
+        return _ByValue(fn)
+    return fn
 
 
 class Predictor:
@@ -65,7 +111,7 @@ class Predictor:
     ) -> None:
         stages = []
         if preprocess is not None:
-            stages.append(stage(preprocess, workers=workers, kind="process"))
+            stages.append(stage(_for_workers(preprocess), workers=workers, kind="process"))
         stages.append(infer(model, device=device, server=server, with_context=with_context,
                             realtime=realtime))
         if postprocess is not None:
