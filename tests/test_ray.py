@@ -49,3 +49,22 @@ def test_a_function_that_pickles_only_by_value_reaches_the_workers() -> None:
     assert _for_workers(raystage.to_tensor) is raystage.to_tensor  # importable: as is
     with conveyor.Pipeline(conveyor.stage(fn, kind="process", workers=2)) as pipe:
         assert list(pipe.map(range(5))) == [3, 4, 5, 6, 7]
+
+
+def test_actors_on_a_node_with_several_edge_tpus_take_one_each() -> None:
+    """A Predictor given an Edge TPU without a number opens the first one no other
+    actor holds (here two simulated devices, in one process, stand for two actors)."""
+    from conveyor.ray import Predictor
+
+    first = Predictor("face_detection_short_range", device="sim-edgetpu",
+                      preprocess=raystage.to_tensor, postprocess=raystage.top_score)
+    second = Predictor("face_detection_short_range", device="sim-edgetpu",
+                       preprocess=raystage.to_tensor, postprocess=raystage.top_score)
+    try:
+        specs = [p.pipeline.stats()["device"]["device"] for p in (first, second)]
+        assert specs == ["sim-edgetpu:0", "sim-edgetpu:1"]
+        batch = {"item": np.arange(4)}
+        assert len(second(batch)["output"]) == 4
+    finally:
+        first.pipeline.close()
+        second.pipeline.close()

@@ -19,21 +19,21 @@ post-processing), so the node's accelerator stays busy exactly as on one machine
         column="image", concurrency=4, resources={"edgetpu": 1},
     )
 
-Start each Ray node with ``--resources='{"edgetpu": 1}'`` so that one actor lands per
-node's accelerator; an Edge TPU serves one process, and an actor opens ``device`` as
-given. With several accelerators on a node, or to share a node's device with other
-programs, run ``conveyor serve`` there (``--device edgetpu:0 --device edgetpu:1``...) and
-pass ``server=PATH`` instead of ``device``: the server spreads the work over its
-devices. Each actor takes one CPU: keep ``concurrency`` below the cluster's CPUs, or Ray
-Data's reading has none left and the job waits. ``preprocess`` may be a function of the
-driver script (Ray's actors cannot import it by name): it is carried to the workers by
-value. Needs ``pip install 'conveyor[ray]'``.
+Start each Ray node with ``--resources='{"edgetpu": N}'`` (N accelerators on it) so that
+one actor lands per accelerator: an Edge TPU serves one process, and an actor given one
+without a number (``edgetpu``, ``sim-edgetpu``) opens the first that no other actor
+holds. To share a node's devices with other programs, run ``conveyor serve`` there and
+pass ``server=PATH`` instead of ``device``. Each actor takes one CPU: keep
+``concurrency`` below the cluster's CPUs, or Ray Data's reading has none left and the job
+waits. ``preprocess`` may be a function of the driver script (Ray's actors cannot import
+it by name): it is carried to the workers by value. Needs ``pip install 'conveyor[ray]'``.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,34 @@ class _ByValue:
         self._fn = None
 
 
+#: How many Edge TPUs (or simulated ones) an actor tries for a device given without a number.
+_MAX_DEVICES = 16
+
+
+def _on_a_free_device(device: str, build: Callable[[str], Pipeline]) -> Pipeline:
+    """``build(device)``; for an Edge TPU given without a number (``edgetpu``,
+    ``edgetpu:usb``, ``sim-edgetpu``), the first of the node's devices that no other
+    actor holds: two actors on a node with two accelerators get one each."""
+    from ._errors import DeviceBusyError, DeviceNotFoundError
+    from .backends import parse_device
+
+    spec = parse_device(device)
+    if spec.kind not in ("edgetpu", "sim-edgetpu") or spec.index is not None:
+        return build(device)
+    first: DeviceBusyError | None = None
+    for index in range(_MAX_DEVICES):
+        try:
+            return build(str(replace(spec, index=index)))
+        except DeviceBusyError as exc:
+            first = first or exc  # held by another actor: try the next one
+        except DeviceNotFoundError:
+            if first is None:
+                raise
+            break  # no more devices here
+    assert first is not None
+    raise first
+
+
 def _for_workers(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``fn`` as it can reach a worker process: itself if it pickles by reference (an
     importable function), else carried by value (:class:`_ByValue`)."""
@@ -109,16 +137,19 @@ class Predictor:
         maxsize: int = 8,
         realtime: bool | int = False,
     ) -> None:
-        stages = []
-        if preprocess is not None:
-            stages.append(stage(_for_workers(preprocess), workers=workers, kind="process"))
-        stages.append(infer(model, device=device, server=server, with_context=with_context,
-                            realtime=realtime))
-        if postprocess is not None:
-            stages.append(stage(postprocess))
+        def build(spec: str) -> Pipeline:
+            stages = []
+            if preprocess is not None:
+                stages.append(stage(_for_workers(preprocess), workers=workers, kind="process"))
+            stages.append(infer(model, device=spec, server=server, with_context=with_context,
+                                realtime=realtime))
+            if postprocess is not None:
+                stages.append(stage(postprocess))
+            return Pipeline(*stages, maxsize=maxsize).start()
+
         self.column = column
         self.output = output
-        self.pipeline = Pipeline(*stages, maxsize=maxsize).start()
+        self.pipeline = _on_a_free_device(device, build) if server is None else build(device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = list(self.pipeline.map(list(batch[self.column])))
