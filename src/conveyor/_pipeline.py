@@ -284,7 +284,7 @@ class Pipeline:
             _OPEN.discard(self)
             runs = list(self._runs)
             futures, self._futures = self._futures, {}
-            if self._pid is not None and self._pid != os.getpid():
+            if self._forked():
                 # A forked child's copy: its workers and threads are the parent's, and
                 # closing would end them for the parent. Only this copy is let go of.
                 self._close_done.set()
@@ -316,7 +316,7 @@ class Pipeline:
         self._unclosed()
 
     def _unclosed(self) -> None:
-        if getattr(self, "_pid", None) not in (None, os.getpid()):
+        if getattr(self, "_pid", None) is not None and self._forked():
             self.close()  # a forked child's copy: let go of it, with nothing to warn of
             return
         if not getattr(self, "_closed", True) and getattr(self, "_core", None) is not None:
@@ -326,8 +326,12 @@ class Pipeline:
             finally:  # closed even where warnings are errors
                 self.close()
 
+    def _forked(self) -> bool:
+        """Started, by another process: this is a forked child's copy."""
+        return self._pid is not None and self._pid != os.getpid()
+
     def _ensure(self) -> Core:
-        if self._pid is not None and self._pid != os.getpid():
+        if self._forked():
             raise RuntimeError(
                 f"this pipeline was started by process {self._pid}; a forked child cannot "
                 f"use it (its threads, workers and device worker are the parent's): make a "

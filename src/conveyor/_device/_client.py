@@ -304,9 +304,13 @@ class DeviceClient:
             self._models = models
             self._cv.notify_all()
 
+    def _forked(self) -> bool:
+        """This is a forked child's copy of the client (its connection is the parent's)."""
+        return self._pid != os.getpid()
+
     def _current(self) -> _Link:
         """The live link, connecting again first if allowed. Raises ServerGone."""
-        if self._pid != os.getpid():
+        if self._forked():
             raise RuntimeError(
                 f"this client was connected by process {self._pid}; a forked child cannot "
                 f"use it (its connection and shared memory are the parent's): connect "
@@ -740,21 +744,21 @@ class DeviceClient:
         deadline_ns = deadline_to_ns(deadline)
         loop = asyncio.get_running_loop()
 
-        def left() -> float | None:
-            return None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+        async def within_deadline(awaitable: asyncio.Future[None], what: str) -> None:
+            wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+            try:
+                if wait is not None and wait <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(awaitable, wait)
+            except TimeoutError:
+                raise DeadlineExceeded(f"{model}: {what} before the deadline") from None
 
         while True:
             if self._link is None and not self._closed:
                 # (Re)connecting waits for the server's handshake: in a thread, and no
                 # longer than the deadline (the connection is then made for later calls).
-                try:
-                    wait = left()
-                    if wait is not None and wait <= 0:
-                        raise TimeoutError
-                    await asyncio.wait_for(self._connect_in_thread(loop), wait)
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"{model}: not connected to the server before the deadline") from None
+                await within_deadline(self._connect_in_thread(loop),
+                                      "not connected to the server")
             waiter: asyncio.Future[None] = loop.create_future()
             entry = (loop, waiter)
             with self._lock:
@@ -766,14 +770,7 @@ class DeviceClient:
                     break
                 if self._link is None:
                     continue  # the connection went: make a new one (above), then try again
-                wait = left()
-                try:
-                    if wait is not None and wait <= 0:
-                        raise TimeoutError
-                    await asyncio.wait_for(waiter, wait)
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"{model}: no free request slot before the deadline") from None
+                await within_deadline(waiter, "no free request slot")
             finally:
                 with self._lock, contextlib.suppress(ValueError):
                     self._async_waiters.remove(entry)
@@ -884,7 +881,7 @@ class DeviceClient:
             link = self._link
             bg = self._bg
             self._cv.notify_all()
-            if self._pid != os.getpid():
+            if self._forked():
                 # A forked child's copy: let go of it without a word on the parent's
                 # connection (a goodbye or a shutdown would end it for the parent too).
                 self._link = None

@@ -97,8 +97,6 @@ def _describe_value(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-
-
 def _distinct_models(models: Iterable[str]) -> list[str]:
     """``models`` without repeats: one model named twice (by name and by path, say) is
     loaded once; a name that does not resolve is kept for the worker to report."""
