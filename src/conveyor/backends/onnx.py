@@ -160,7 +160,10 @@ class OnnxDevice(Device):
     """ONNX Runtime with one execution provider (``onnx:cpu`` or ``onnx:cuda[:N]``).
 
     Sessions do not spin-wait (``session.intra_op.allow_spinning = 0``): spinning threads
-    would take CPU from the pipeline's other stages.
+    would take CPU from the pipeline's other stages. On CUDA, TF32 is off (``use_tf32 = 0``,
+    ONNX Runtime's default is on): measured on an H100 with the bundled models, TF32 moved
+    outputs by up to 1.2e-3 of their magnitude (0.2 on a box regressor of 258) and saved no
+    time, while full float32 agrees with the CPU to 1.5e-6 of it.
 
     Raises (from the constructor):
         DeviceSpecError: not an ``onnx`` spec.
@@ -183,7 +186,7 @@ class OnnxDevice(Device):
                 f"providers: {', '.join(available)}"
             )
         self._options: dict[str, Any] = (
-            {"device_id": self.spec.index or 0} if self.spec.bus == "cuda" else {}
+            {"device_id": self.spec.index or 0, "use_tf32": 0} if self.spec.bus == "cuda" else {}
         )
 
     def load(self, model: str | Path) -> Runner:
