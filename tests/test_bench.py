@@ -125,6 +125,26 @@ def test_unwritable_output_is_refused_before_the_run(
     assert why in capsys.readouterr().err
 
 
+def test_a_trace_on_a_file_system_that_refuses_files_is_refused_before_the_run(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # /proc has the folder and lets root "write" it, yet no file can be made there: the
+    # run used to end in a traceback when the conveyor design closed, and print nothing
+    t0 = time.monotonic()
+    assert conveyor.cli.main(["bench", "--trace", "/proc/conveyor-trace.json"]) == 2
+    assert time.monotonic() - t0 < 5
+    assert "--trace /proc/conveyor-trace.json: No such file or directory" in (
+        capsys.readouterr().err)
+
+
+def test_checking_an_output_path_leaves_no_file_and_keeps_one_there(tmp_path: Path) -> None:
+    from conveyor._cli.bench import _unwritable
+
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("kept")
+    assert _unwritable(new) == "" and not new.exists()
+    assert _unwritable(old) == "" and old.read_text() == "kept"
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     (["--items", "0"], "--items must be a number of at least 1, got 0"),
     (["--workers", "-2"], "--workers must be a number of at least 0, got -2"),

@@ -233,6 +233,19 @@ def test_stats_and_trace(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert len([e for e in spans if e["name"] == "face_detection_short_range"]) == 40
 
 
+@pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize("where", ["missing/t.json", "/proc/conveyor-trace.json"])
+def test_an_unwritable_trace_path_fails_the_start_not_the_close(tmp_path, where) -> None:  # type: ignore[no-untyped-def]
+    pipe = conveyor.Pipeline(
+        conveyor.stage(sf.image_for, kind="process"),
+        conveyor.infer("face_detection_short_range"),
+        trace=tmp_path / where,  # an absolute `where` replaces tmp_path
+    )
+    with pytest.raises(FileNotFoundError, match="t"):
+        pipe.start()  # before any worker starts, and before any work is lost
+    pipe.close()
+
+
 def test_lambda_in_process_stage_is_refused_clearly() -> None:
     with pytest.raises(TypeError, match="picklable function defined at the top level"):
         conveyor.Pipeline(conveyor.stage(lambda x: x, kind="process")).start()

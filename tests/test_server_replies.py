@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,10 +129,18 @@ def test_pool_never_reuses_outputs_still_referred_to(hold: str) -> None:
 def test_pool_does_not_reuse_outputs_changed_in_place(change: str) -> None:
     pool = OutputPool(views(0))
     outs = pool.fill(views(1))
-    if change == "shape":
-        outs[0].shape = (256, 64)
-    elif change == "dtype":
-        outs[0].dtype = np.dtype("int32")  # type: ignore[misc]
+    if change in ("shape", "dtype"):
+        # numpy 2.5 deprecates setting these (a later one will refuse): while it lets a
+        # caller do it, the pool must notice
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                if change == "shape":
+                    outs[0].shape = (256, 64)
+                else:
+                    outs[0].dtype = np.dtype("int32")  # type: ignore[misc]
+            except AttributeError:
+                pytest.skip(f"this numpy ({np.__version__}) refuses to set {change}")
     else:
         outs[1].flags.writeable = False
     del outs

@@ -170,7 +170,8 @@ class Pipeline:
         inflight: requests an inference stage keeps on the device at once (default 3):
             while one runs, the next waits on the device side.
         trace: a path: record a Chrome trace (one track per worker and per device) and
-            write it there when the pipeline closes.
+            write it there when the pipeline closes. A path that cannot be written raises
+            its ``OSError`` when the pipeline starts.
 
     Use it as a context manager; leaving the ``with`` (or :meth:`close`) ends every
     thread and process within about a second. A pipeline collected without being closed
@@ -235,7 +236,8 @@ class Pipeline:
         """Start workers and the device worker (done by ``with`` or the first use).
 
         Raises the typed error of whatever failed to start (model not found, device
-        missing, worker start-up) after stopping everything that had started.
+        missing, worker start-up) after stopping everything that had started, or the
+        ``OSError`` of a ``trace`` path that cannot be written.
         """
         with self._lock:
             if self._closed:
@@ -258,6 +260,8 @@ class Pipeline:
             return self
 
     def _start_core(self) -> Core:
+        if self._tracer is not None:
+            self._tracer.check()  # an unwritable path found out before any work is done
         core = Core(self._defs, maxsize=self.maxsize, live=self.live, trace=self._tracer,
                     inflight=self._inflight)
         core.start()

@@ -255,7 +255,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unwritable(path: Path | None) -> str:
-    """Why a file cannot be written at ``path`` ("" if it can, or no path was given)."""
+    """Why a file cannot be written at ``path`` ("" if it can, or no path was given).
+
+    The file is opened for appending (and removed again if that created it), so a
+    read-only or pseudo file system is found out too, not only a missing folder.
+    """
     if path is None:
         return ""
     parent = path.parent if str(path.parent) else Path(".")
@@ -263,9 +267,14 @@ def _unwritable(path: Path | None) -> str:
         return "is a directory"
     if not parent.is_dir():
         return f"no such directory {parent}"
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists()
-                                                    and not os.access(path, os.W_OK)):
-        return "permission denied"
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not existed:
+        path.unlink(missing_ok=True)
     return ""
 
 
@@ -288,10 +297,15 @@ def _title(data: dict[str, object]) -> str:
     assert isinstance(machine, dict)
     bench = machine["bench"]
     sim = " (simulation)" if str(data["device"]).startswith("sim-") else ""
+    # the reason a real-time request was refused is in the JSON; a picture's title has no room
+    realtime = str(bench["realtime"]).split(" (", 1)[0]
+    if "refused" in str(bench["realtime"]):
+        realtime += " (real-time refused)"
     return (
         f"conveyor bench: {data['model']} on {data['device']}{sim}, "
         f"{machine['cpus_usable']} cores ({machine['cpu_model']})\n"
-        f"{bench['items']} items per design; prepare = letterbox + "
+        f"{bench['items']} item{'' if bench['items'] == 1 else 's'} per design; "
+        f"prepare = letterbox + "
         f"{bench['prepare_python_ms']:g} ms of Python per item; "
-        f"{bench['cpu_workers']} CPU workers; device threads {bench['realtime']}"
+        f"{bench['cpu_workers']} CPU workers; device threads {realtime}"
     )

@@ -184,6 +184,16 @@ class Tracer:
                 "args": args,
             })
 
+    def check(self) -> None:
+        """Raise now the ``OSError`` that writing the file at close would meet (no such
+        folder, a folder, no permission, a read-only or pseudo file system): the file is
+        opened for appending, and removed again if that created it."""
+        existed = os.path.lexists(self.path)
+        with open(self.path, "ab"):
+            pass
+        if not existed:
+            self.path.unlink(missing_ok=True)
+
     def write(self) -> Path:
         """Write the trace file; returns its path."""
         with self._lock:
