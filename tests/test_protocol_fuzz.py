@@ -211,6 +211,9 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
 
 
 def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None:
+    from conveyor._device._metrics import render
+
+    before = server.server.status()["totals"]["requests"]["unknown_model"]
     seg = Segment.create(1 << 16)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
@@ -226,7 +229,16 @@ def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None
         status = struct.unpack_from("<H", frame.body)[0]
         assert status == 5  # UNKNOWN_MODEL
         s.sendall(encode(MsgType.STATUS, b"", 8))
-        assert reader.read_frame().type is MsgType.STATUS_REPLY  # still open
+        reply = reader.read_frame()
+        assert reply.type is MsgType.STATUS_REPLY  # still open
+        status_now = json.loads(reply.body)
+        # counted: in the totals, the client's failures and the metrics
+        assert status_now["totals"]["requests"]["unknown_model"] == before + 1
+        assert status_now["totals"]["errors"] >= 1
+        (me,) = [c for c in status_now["clients"] if c["name"] == "fz"]
+        assert me["failed"] == 1
+        assert (f'conveyor_request_failure_total{{model="",reason="unknown_model"}} '
+                f"{before + 1}") in render(status_now, use_client=False)
     finally:
         s.close()
         seg.close()

@@ -126,6 +126,21 @@ def test_server_killed_clients_get_server_gone_promptly(sdir: Path) -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
+def test_connected_sees_a_close_behind_the_servers_last_message(sdir: Path) -> None:
+    # The server answers junk with an ERROR message and closes: that unread message used
+    # to hide the close from `connected` (it peeked one byte).
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    with ServeProcess(path) as srv, conveyor.connect(path) as client:
+        client.infer("face_detection_short_range", img)
+        assert client.connected
+        client._link.sock.sendall(b"JUNK" * 5)  # type: ignore[union-attr]  # a bad header
+        assert wait_for(lambda: not client.connected, timeout=5.0)
+        srv.terminate()
+        assert srv.wait() == 0
+
+
+@pytest.mark.usefixtures("no_leaks")
 def test_reconnect_after_the_server_restarts(sdir: Path) -> None:
     path = sdir / "s.sock"
     img = np.zeros((1, 128, 128, 3), np.float32)

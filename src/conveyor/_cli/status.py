@@ -59,6 +59,8 @@ def _duration(seconds: float) -> str:
 
 
 def _ms(value: float) -> str:
+    if value <= 0:
+        return "-"  # nothing ran in the window
     return f"{value:.2f}ms" if value < 100 else f"{value:.0f}ms"
 
 

@@ -858,10 +858,21 @@ class DeviceClient:
     @property
     def connected(self) -> bool:
         """Whether the client holds a connection the peer has not closed (looked at now,
-        without waiting: a server that exited while this client was idle shows here)."""
+        without waiting: a server that exited while this client was idle, or that closed
+        this connection after a last message not read yet, shows here)."""
         link = self._link
         if link is None:
             return False
+        hangup = getattr(select, "POLLRDHUP", 0)
+        if hangup:  # Linux: the peer's close shows even behind unread bytes
+            poller = select.poll()
+            poller.register(link.sock, select.POLLIN | hangup)
+            try:
+                events = poller.poll(0)
+            except (OSError, ValueError):  # closed meanwhile
+                return False
+            return not any(ev & (hangup | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                           for _, ev in events)
         try:
             return link.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except (BlockingIOError, InterruptedError):

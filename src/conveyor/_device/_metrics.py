@@ -87,6 +87,10 @@ def families(status: dict[str, Any]) -> list[Family]:
                 total += n
                 cumulative.append((le, total))
             hists[key].samples.append((labels, (cumulative, h["sum_s"], h["count"])))
+    # requests naming no model the server has: by reason alone (an empty label is none)
+    for reason, n in sorted(status["totals"].get("modelless", {}).items()):
+        if n:
+            failure.samples.append(({"model": "", "reason": reason}, n))
     dev_families = [
         ("conveyor_device_utilization", "gauge",
          "Fraction of the last window the device spent running requests.", "duty_cycle"),

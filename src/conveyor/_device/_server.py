@@ -611,6 +611,7 @@ class DeviceServer:
             conn.reader.want_fds = False
         info = self.models.get(model_id)
         if info is None:
+            conn.client.failed += 1
             self._reply(conn, req_id, Status.UNKNOWN_MODEL, None,
                         text=f"no model with id {model_id}")
             return
@@ -803,6 +804,9 @@ class DeviceServer:
 
         Rates, duty cycles and latency percentiles cover the last few seconds
         (``window_s``); counters and ``*_s`` sums cover the server's life.
+        ``totals.requests`` counts by status every request answered, those that named
+        no model the server has (a raw-protocol peer's) too; ``totals.modelless`` counts
+        those alone.
         """
         now_ns = time.monotonic_ns()
         devices = []
@@ -835,7 +839,7 @@ class DeviceServer:
             "device_s": c.device_ns / 1e9, "connected_s": now - c.connected_at,
             "requests_per_s": c.rate(now_ns),
         } for c in sorted(self.scheduler.clients(), key=lambda c: c.id)]
-        requests: dict[str, int] = {}
+        requests = dict(self.stats.modelless)  # requests naming no model this server has
         for m in models:
             for k, v in m["requests"].items():
                 requests[k] = requests.get(k, 0) + v
@@ -863,5 +867,6 @@ class DeviceServer:
                 "compute_s_sum": sum(m["compute"]["sum_s"] for m in models),
                 "rejected_connections": self.stats.rejected_connections,
                 "protocol_errors": self.stats.protocol_errors,
+                "modelless": dict(self.stats.modelless),
             },
         }

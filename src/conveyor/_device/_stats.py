@@ -30,6 +30,7 @@ BUCKETS_S = (
 _BUCKETS_NS = tuple(int(b * 1e9) for b in BUCKETS_S)
 #: The window over which rates and duty cycles are computed.
 WINDOW_S = RECENT_S
+_WINDOW_NS = int(WINDOW_S * 1e9)
 _STATUS_NAMES = {int(s): s.name.lower() for s in Status}
 _BATCH = 256  # successful inferences recorded before they are folded into the counters
 
@@ -63,7 +64,7 @@ class _DeviceStats:
         self.errors = 0
         self.busy_ns = 0
         self.recent = RecentWindow()
-        self.latency: deque[int] = deque(maxlen=4096)
+        self.latency: deque[tuple[int, int]] = deque(maxlen=4096)  # (end_ns, total_ns)
 
 
 class _ModelStats:
@@ -93,6 +94,8 @@ class ServerStats:
         self._models = {m: _ModelStats() for m in model_ids}
         self.rejected_connections = 0
         self.protocol_errors = 0
+        #: Failures of requests that name no model the server has, by status name.
+        self.modelless = dict.fromkeys(_STATUS_NAMES.values(), 0)
         self._log: deque[tuple[int, int, int, int, int, int]] = deque()
 
     def ok(self, device: int, model: int, queue_ns: int, compute_ns: int, end_ns: int,
@@ -115,7 +118,7 @@ class ServerStats:
             d = self._devices[device]
             d.items += 1
             d.busy_ns += compute_ns
-            d.latency.append(total_ns)
+            d.latency.append((end_ns, total_ns))
             d.recent.add(end_ns, compute_ns)
             m = self._models[model]
             m.requests["ok"] += 1
@@ -126,9 +129,12 @@ class ServerStats:
     def failed(self, model: int | None, status: int, device: int | None = None,
                busy_ns: int = 0) -> None:
         """Record a request answered with an error ``status``."""
+        name = _STATUS_NAMES.get(status, "bad_request")
         with self._lock:
             if model in self._models:
-                self._models[model].requests[_STATUS_NAMES.get(status, "bad_request")] += 1
+                self._models[model].requests[name] += 1
+            else:
+                self.modelless[name] += 1
             if device is not None and status == Status.DEVICE_ERROR:
                 d = self._devices[device]
                 d.errors += 1
@@ -140,12 +146,14 @@ class ServerStats:
             setattr(self, what, getattr(self, what) + 1)
 
     def device(self, index: int, now_ns: int) -> dict[str, Any]:
-        """A device's counters, window rates and latency percentiles (milliseconds)."""
+        """A device's counters, and its rates and latency percentiles (milliseconds) over
+        the last :data:`WINDOW_S` (0 when it ran nothing then; at most 4096 requests)."""
         with self._lock:
             self._fold()
             d = self._devices[index]
             rate, duty = d.recent.rates(now_ns, self.started_ns)
-            latency = list(d.latency)
+            since = now_ns - _WINDOW_NS  # percentiles over the same window as the rates
+            latency = [total for end, total in d.latency if end >= since]
             totals = {"items": d.items, "errors": d.errors, "busy_s": d.busy_ns / 1e9}
             busy_total = d.busy_ns
         p50, p99 = _percentiles(latency)
