@@ -362,3 +362,31 @@ def test_amap_starts_a_pipeline_off_the_event_loop(monkeypatch: pytest.MonkeyPat
         return out
 
     assert asyncio.run(main()) == [1, 2, 3, 4]
+
+
+def test_close_counts_the_item_of_a_stuck_thread_stage_cancelled_at_once() -> None:
+    # A thread cannot be stopped: close() used to return with the item counted in but not
+    # out, and the counts changed later, when the function returned.
+    release = threading.Event()
+    started = threading.Event()
+
+    def stuck(x: int) -> int:
+        started.set()
+        release.wait(30)
+        return x
+
+    pipe = conveyor.Pipeline(conveyor.stage(stuck, name="stuck"), conveyor.stage(sf.double))
+    fut = pipe.submit(1)
+    assert started.wait(10)
+    t0 = time.monotonic()
+    pipe.close()
+    assert time.monotonic() - t0 < 1.5
+    final = pipe.stats()["stages"]
+    assert (final["stuck"]["in"], final["stuck"]["out"], final["stuck"]["cancelled"]) == (1, 0, 1)
+    assert final["double"]["in"] == 0
+    with pytest.raises((CancelledError, conveyor.PipelineClosedError)):
+        fut.result(timeout=5)
+    release.set()
+    assert wait_for(lambda: not any(t.name.startswith("conveyor-stuck")
+                                    for t in threading.enumerate()), timeout=5)
+    assert pipe.stats()["stages"] == final  # nothing moved when the function returned

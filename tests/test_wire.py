@@ -21,6 +21,7 @@ from conveyor._runtime._wire import (
     INT,
     OK,
     PICKLE,
+    PICKLE_OOB,
     SEGMENT,
     TASK,
     MsgSocket,
@@ -124,7 +125,11 @@ def forms(chunks: list[tuple[bytes, list[int]]]) -> list[int]:
 
 def same(a: Any, b: Any) -> None:
     assert type(a) is type(b)
-    if isinstance(a, np.ndarray):
+    if isinstance(a, list) and a and isinstance(a[0], np.ndarray):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            same(x, y)
+    elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert a.dtype.metadata == b.dtype.metadata
         np.testing.assert_array_equal(a, b)
@@ -144,13 +149,15 @@ CASES = [
     (np.array(2.5), ARRAY),  # 0-d
     (np.arange(2000, dtype=">f4"), ARRAY),
     (np.array(["ab", "cde"] * 900), ARRAY),
-    (BIG[:, ::2], PICKLE),  # not contiguous
+    (BIG[:, ::2], PICKLE_OOB),  # not contiguous: its data is in the pickle
     (np.asfortranarray(BIG[0]), PICKLE),
-    (np.arange(0, 3000, dtype="M8[s]"), PICKLE),
+    (np.arange(0, 3000, dtype="M8[s]"), PICKLE_OOB),
     (np.zeros(2000, [("a", "<i4"), ("b", "<f8")]), PICKLE),
     (np.array([1, "x", None], dtype=object), PICKLE),
     (np.zeros(8, np.dtype(float, metadata={"unit": "m"})), PICKLE),  # keeps its metadata
     ({"a": BIG, "b": [1, 2]}, PICKLE),
+    (b"\x01" * 300_000, PICKLE_OOB),  # bytes have no out-of-band form: the pickle moves
+    ([str(i) * 20 for i in range(500)], PICKLE_OOB),
 ]
 
 
@@ -219,8 +226,11 @@ def test_several_messages_in_one_read(pair: tuple[MsgSocket, MsgSocket]) -> None
 @pytest.mark.parametrize("size", [1, 7, 4099])
 def test_messages_split_across_reads(pair: tuple[MsgSocket, MsgSocket], size: int) -> None:
     tx, rx = pair
-    # > 64 KiB in all, so the buffer wraps; one frame is larger than the buffer itself
-    objs: list[Any] = [BIG, *range(1500), b"z" * 100_000, BIG + 1, 3]
+    # > 64 KiB in all, so the buffer wraps; one frame is larger than the buffer itself (the
+    # table of 4200 out-of-band buffers). Two messages use the segments, one per slot,
+    # as at most two are outstanding on a real link.
+    table = [np.full(1024, i, np.float32) for i in range(4200)]
+    objs: list[Any] = [BIG, *range(1500), table, 3]
     for i, obj in enumerate(objs):
         tx.send(OK, i, obj)
     deliver(rx, stream(tx), size)
@@ -381,6 +391,48 @@ def test_unpicklable_result_is_a_stage_error(no_leaks: None) -> None:
     assert "pickle" in str(out[2]) and out[2].index == 2
     for i in (0, 1, 3, 4):  # the same worker went on
         same(BIG + i, out[i])
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def test_large_pickles_both_ways_at_once_do_not_deadlock(no_leaks: None) -> None:
+    # The parent sends the next task while the worker sends the last result: with either
+    # message larger than the socket's buffer in the socket, both blocked for ever.
+    blobs = [bytes([i]) * 1_000_000 for i in range(4)]
+    with conveyor.Pipeline(conveyor.stage(echo, kind="process"), maxsize=4) as pipe:
+        assert list(pipe.map(blobs)) == blobs
+        assert [f.result(timeout=30) for f in [pipe.submit(b) for b in blobs]] == blobs
+        many = [{f"k{j}": np.full(3, i) for j in range(5000)} for i in range(3)]
+        for i, got in enumerate(pipe.map(many)):
+            assert len(got) == 5000 and int(got["k4999"][0]) == i
+
+
+def _refuse_to_load() -> Any:
+    raise RuntimeError("this result cannot be rebuilt here")
+
+
+class LoadsBadly:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _refuse_to_load, ()
+
+
+def loads_badly_on_2(i: int) -> Any:
+    return LoadsBadly() if i == 2 else i
+
+
+def test_a_result_the_parent_cannot_unpickle_fails_alone(no_leaks: None) -> None:
+    # It used to kill the stage's thread, and map() waited for ever.
+    stage = conveyor.stage(loads_badly_on_2, kind="process", name="odd")
+    with conveyor.Pipeline(stage, on_error="return") as pipe:
+        out = list(pipe.map(range(5)))
+        st = pipe.stats()["stages"]["odd"]
+    assert out[:2] == [0, 1] and out[3:] == [3, 4]
+    err = out[2]
+    assert isinstance(err, conveyor.StageError) and (err.stage, err.index) == ("odd", 2)
+    assert isinstance(err.__cause__, RuntimeError) and "rebuilt" in str(err.__cause__)
+    assert (st["in"], st["out"], st["errors"]) == (5, 4, 1)
 
 
 def lock_on_2(i: int) -> Any:

@@ -307,6 +307,11 @@ class Core:
         self.procs: dict[int, list[ProcWorker | None]] = {}
         self.links: dict[int, _DeviceLink] = {}
         self._lock = threading.Lock()
+        # The item each thread-stage worker is running its function on, by (stage,
+        # worker). One still there when close() has waited its time belongs to a thread
+        # stuck in the function: close() counts it cancelled, and the thread drops it.
+        self._holding: dict[tuple[int, int], Item] = {}
+        self._settled = False  # close() has counted the stuck ones: no more are taken
         self._credit = [inflight] * len(stages)
         self._credit_cv = threading.Condition()
 
@@ -434,6 +439,12 @@ class Core:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            stuck = list(self._holding.items())
+            self._holding.clear()
+            self._settled = True
+        for (si, _), item in stuck:
+            self._cancel(si, item)  # so stats() is final now, whenever the thread returns
         self.closed_ns = time.monotonic_ns()
         if self.tracer is not None:
             self.tracer.write()
@@ -852,14 +863,30 @@ class Core:
                 return
             assert item is not None
             start = time.monotonic_ns()
+            key = (si, w)
+            with self._lock:
+                settled = self._settled
+                if not settled:
+                    self._holding[key] = item
+            if settled:  # taken just as close() finished: it will not run
+                self._cancel(si, item)
+                return
+            failed: _Failed | None = None
+            value: Any = None
             try:
-                item.value = self._call(si, w, item, track)
+                value = self._call(si, w, item, track)
             except _Failed as f:
-                self._stage_failed(si, item, start, f.exc, f.tb)
+                failed = f
+            with self._lock:
+                if self._holding.pop(key, None) is None:
+                    return  # close() gave up on this thread and counted the item cancelled
+            if failed is not None:
+                self._stage_failed(si, item, start, failed.exc, failed.tb)
             else:
+                item.value = value
                 st.record(True, time.monotonic_ns() - start)
                 self._forward(si + 1, item)
-            del item  # see _proc_loop
+            del item, value, failed  # see _proc_loop
 
     # --- observation ----------------------------------------------------------------
 

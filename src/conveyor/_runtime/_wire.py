@@ -5,6 +5,11 @@ start ns, end ns), then the body, whose layout the form gives:
 
 - ``PICKLE``: a pickle (protocol 5), then (offset, length) pairs of its out-of-band
   buffers (any buffer of 4 KiB or more) in the sender's memfd segment.
+- ``PICKLE_OOB``: the same, but the pickle itself is in the segment too (the first
+  pair), when it is 4 KiB or more (a large ``bytes``, a dict of many small arrays).
+  Socket messages so stay small: both ends may be sending at once (the parent its next
+  task, the worker its last result) with nobody reading, and a message larger than the
+  socket's buffer would leave both blocked for ever.
 - ``INT``: an int64; the payload is an ``int``.
 - ``ARRAY``: a bare C-contiguous numpy array: ndim and dtype-string length (``<BB``),
   the dtype string, the shape (``<q`` each), then the data itself when it is under
@@ -43,7 +48,7 @@ BUF = struct.Struct("<QQ")
 I64 = struct.Struct("<q")
 DESC = struct.Struct("<BB")
 SETUP, READY, TASK, OK, ERR, SEGMENT = 1, 2, 3, 4, 5, 6
-PICKLE, INT, ARRAY = 0, 1, 2
+PICKLE, INT, ARRAY, PICKLE_OOB = 0, 1, 2, 3
 INBAND_LIMIT = 4096
 RECV_SIZE = 1 << 16
 _ANC_SIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -185,6 +190,10 @@ class MsgSocket:
             for b in bufs:
                 b.release()
             raise Unpicklable(f"cannot pickle {type(obj).__name__}: {exc}") from exc
+        form = PICKLE
+        if len(data) >= INBAND_LIMIT:
+            form = PICKLE_OOB
+            bufs.insert(0, memoryview(data))
         try:
             slot = self._turn
             table = b""
@@ -198,8 +207,9 @@ class MsgSocket:
                         raise PeerClosed("the link was closed") from exc
                     table += BUF.pack(pos, b.nbytes)
                     pos += align(b.nbytes)
-            self.sock.sendall(HEAD.pack(kind, slot, PICKLE, len(data) + len(table), len(bufs),
-                                        index, start_ns, end_ns) + data + table)
+            body = table if form == PICKLE_OOB else data + table
+            self.sock.sendall(HEAD.pack(kind, slot, form, len(body), len(bufs), index,
+                                        start_ns, end_ns) + body)
             if bufs:
                 self._turn = slot ^ 1
         finally:
@@ -332,15 +342,17 @@ class MsgSocket:
                     raise PeerClosed("array size does not match its shape")
                 data = bytearray(frame[dend : dend + nbytes])
             return np.ndarray(shape, dtype, buffer=data)
-        if form != PICKLE:
+        if form not in (PICKLE, PICKLE_OOB):
             raise PeerClosed(f"bad frame form {form}")
         plen = blen - nbufs * BUF.size
-        if plen < 0:
+        if plen < 0 or (form == PICKLE_OOB and (plen or not nbufs)):
             raise PeerClosed("bad frame length")
         buffers = []
         for i in range(nbufs):
             off, length = BUF.unpack_from(frame, at + plen + i * BUF.size)
             buffers.append(self._segment_bytes(slot, off, length))
+        if form == PICKLE_OOB:
+            return pickle.loads(buffers[0], buffers=buffers[1:])
         return pickle.loads(frame[at : at + plen], buffers=buffers)
 
     def _segment_bytes(self, slot: int, off: int, length: int) -> bytearray:

@@ -114,7 +114,8 @@ class ProcWorker:
     def receive(self, index: int) -> tuple[bool, Any, str, int, int]:
         """Wait for the answer to the oldest outstanding task (item ``index``).
 
-        Returns ``(ok, result_or_exception, traceback_text, start_ns, end_ns)``.
+        Returns ``(ok, result_or_exception, traceback_text, start_ns, end_ns)``; an
+        answer that cannot be unpickled here is ``(False, that exception, ...)``.
 
         Raises:
             WorkerDiedError: the worker died while it held the item (killed, crashed).
@@ -123,6 +124,14 @@ class ProcWorker:
             kind, _, payload, start, end = self.link.recv()
         except (PeerClosed, OSError) as exc:
             raise self._died(index) from exc
+        except Exception as exc:
+            # Unpickling the answer raised here (the frame was read whole, so the link
+            # is still in step): this item's error alone, and the worker goes on.
+            add_note = getattr(exc, "add_note", None)
+            if add_note is not None:
+                add_note(f"(unpickling the result of item {index} from worker pid "
+                         f"{self.pid} of stage {self.stage!r} in the parent)")
+            return False, exc, "", 0, 0
         if kind == OK:
             return True, payload, "", start, end
         err, tb = rebuild_error(payload)
