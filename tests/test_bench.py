@@ -231,3 +231,30 @@ def test_thread_design_error_stops_every_thread(
     with pytest.raises(ValueError, match=f"{where} broke"):
         _designs.threads_queues(setup)
     assert set(threading.enumerate()) <= before
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_bench_at_once_with_143_and_leaves_nothing() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "bench", "--device", "sim-edgetpu", "--items",
+         "100000", "--no-progress"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3.0)  # well inside its first design
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143  # 128 + SIGTERM, as a shell reports it
+        _, alive = psutil.wait_procs(helpers, timeout=5)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -342,7 +342,7 @@ def test_demo_refuses_an_unwritable_output_before_running(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     taken = tmp_path / "a-file"
     taken.write_text("")
-    assert main("demo", "--out", taken) == 1
+    assert main("demo", "--out", taken) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"conveyor: cannot write to {taken}: ")
 

@@ -53,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args._run(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        # 128 + the signal's number, as a shell reports a program the signal ended
+        return 143 if exc.args == ("SIGTERM",) else 130
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, as Unix tools do. Point stdout
         # at devnull so the interpreter's final flush does not fail again.

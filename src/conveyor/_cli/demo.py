@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     why_not = writable_folder(args.out)
     if why_not:  # found out now, not after the run
         print(f"conveyor: cannot write to {args.out}: {why_not}", file=sys.stderr)
-        return 1
+        return 2  # as detect and bench: a bad argument, refused before any work
     try:
         where = _device_words(args.device)
         pipe = face_pipeline(MODEL, args.device)
