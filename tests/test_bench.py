@@ -258,3 +258,12 @@ def test_sigterm_ends_a_bench_at_once_with_143_and_leaves_nothing() -> None:
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_an_unknown_option_is_refused_with_the_sub_commands_usage(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        conveyor.cli.main(["bench", "--bogus", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: conveyor bench") and "unrecognized arguments: --bogus 1" in err
