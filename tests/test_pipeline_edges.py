@@ -390,3 +390,20 @@ def test_close_counts_the_item_of_a_stuck_thread_stage_cancelled_at_once() -> No
     assert wait_for(lambda: not any(t.name.startswith("conveyor-stuck")
                                     for t in threading.enumerate()), timeout=5)
     assert pipe.stats()["stages"] == final  # nothing moved when the function returned
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_live_mode_drops_nothing_when_the_pipeline_keeps_up(kind: str) -> None:
+    # The feeder looked for a free slot before waiting for the next frame: a slot freed
+    # meanwhile went unseen, and the new frame (the input's last one too) was dropped.
+    def frames() -> Iterator[int]:
+        for i in range(8):
+            if i:
+                time.sleep(0.1)  # a slow camera: each frame is done before the next
+            yield i
+
+    with conveyor.Pipeline(conveyor.stage(sf.double, kind=kind), drop="oldest",
+                           max_in_flight=1) as pipe:
+        got = list(pipe.map(frames()))
+        dropped = pipe.stats()["stages"]["double"]["dropped"]
+    assert (got, dropped) == ([2 * i for i in range(8)], 0)

@@ -435,6 +435,40 @@ def test_a_result_the_parent_cannot_unpickle_fails_alone(no_leaks: None) -> None
     assert (st["in"], st["out"], st["errors"]) == (5, 4, 1)
 
 
+def _rebuild_in_the_parent_only(parent: int) -> str:
+    if os.getpid() != parent:
+        raise LookupError("this item can only be rebuilt in the parent")
+    return "rebuilt"
+
+
+class ParentOnly:
+    """Pickles in the parent, fails to unpickle in a worker (as a class of the parent's
+    ``__main__`` does, in a notebook)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_in_the_parent_only, (os.getpid(),)
+
+
+def kind_of(x: Any) -> str:
+    return type(x).__name__
+
+
+def test_an_item_a_worker_cannot_unpickle_fails_alone_with_its_cause(no_leaks: None) -> None:
+    # The worker died of it (a restart for every such item), and the item's cause was a
+    # WorkerDiedError saying "exited with code 1" instead of the unpickling error.
+    stage = conveyor.stage(kind_of, kind="process", name="kinds")
+    with conveyor.Pipeline(stage, on_error="return") as pipe:
+        out = list(pipe.map([1, ParentOnly(), "x", ParentOnly(), 2.0]))
+        st = pipe.stats()["stages"]["kinds"]
+    assert [out[i] for i in (0, 2, 4)] == ["int", "str", "float"]
+    for i in (1, 3):
+        err = out[i]
+        assert isinstance(err, conveyor.StageError) and err.index == i
+        assert isinstance(err.__cause__, LookupError), repr(err.__cause__)
+        assert "rebuilt in the parent" in str(err.__cause__)
+    assert (st["errors"], st["restarts"]) == (2, 0)
+
+
 def lock_on_2(i: int) -> Any:
     return threading.Lock() if i == 2 else i
 

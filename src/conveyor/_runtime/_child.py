@@ -20,7 +20,18 @@ from typing import Any
 
 from ._proc import watch_lifeline
 from ._sched import run_in_background
-from ._wire import ERR, OK, READY, SETUP, TASK, ByState, MsgSocket, PeerClosed, Unpicklable
+from ._wire import (
+    ERR,
+    OK,
+    READY,
+    SETUP,
+    TASK,
+    ByState,
+    MsgSocket,
+    PeerClosed,
+    Undecodable,
+    Unpicklable,
+)
 
 __all__ = ["main"]
 
@@ -72,6 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind, index, value, _, _ = link.recv()
         except PeerClosed:
             return 0
+        except Undecodable as bad:
+            # The item arrived whole but cannot be rebuilt here (a class of the parent's
+            # __main__ that this process lacks...): its error, and on to the next one.
+            if bad.kind != TASK:
+                return 2
+            now = time.monotonic_ns()
+            cause = bad.__cause__ if isinstance(bad.__cause__, Exception) else bad
+            try:
+                link.send(ERR, bad.index, _error_payload(cause), now, now)
+            except PeerClosed:
+                return 0
+            del bad, cause
+            continue
         if kind != TASK:
             return 2
         start = time.monotonic_ns()

@@ -497,28 +497,27 @@ class Core:
         try:
             it = iter(source)
             while not run.cancelled and not self.closing:
-                if self.live:
-                    got = run.acquire(block=False)
-                elif run.acquire():
-                    got = True
-                else:
+                # Live mode looks for a free token once the item is there, not before
+                # waiting for it: tokens free up meanwhile, and a stale look dropped
+                # items (the last one of the input too) with room for them.
+                if not self.live and not run.acquire():
                     break
                 try:
                     value = next(it)
                 except StopIteration:
-                    if got:
+                    if not self.live:
                         run.release_token()
                     break
                 except Exception as exc:
-                    if not got:
+                    if self.live and not run.acquire(block=False):
                         run.force_admit()
                     self._source_failed(run, index, exc)
                     index += 1
                     break
-                if got:
-                    self.admit(run, index, value)
+                if self.live:
+                    self.admit_live(run, index, value)
                 else:
-                    self._admit_live_full(run, index, value)
+                    self.admit(run, index, value)
                 index += 1
         except Aborted:
             pass

@@ -41,7 +41,10 @@ import numpy as np
 
 from .._shm import Segment, align
 
-__all__ = ["ByState", "MsgSocket", "PeerClosed", "RemoteError", "Unpicklable", "rebuild_exception"]
+__all__ = [
+    "ByState", "MsgSocket", "PeerClosed", "RemoteError", "Undecodable", "Unpicklable",
+    "rebuild_exception",
+]
 
 HEAD = struct.Struct("<BBBxIIQqq")
 BUF = struct.Struct("<QQ")
@@ -67,6 +70,17 @@ class PeerClosed(Exception):
 
 class Unpicklable(Exception):
     """The object could not be pickled; nothing was sent. ``__cause__`` says why."""
+
+
+class Undecodable(Exception):
+    """A message arrived whole but its object could not be rebuilt here (unpickling
+    raised ``__cause__``: a class this process lacks, a ``__reduce__`` that fails). The
+    link is still in step; ``kind`` and ``index`` say whose message it was."""
+
+    def __init__(self, kind: int, index: int) -> None:
+        super().__init__(f"message {kind} for item {index} could not be unpickled")
+        self.kind = kind
+        self.index = index
 
 
 def rebuild_exception(cls: type[BaseException], args: tuple[Any, ...],
@@ -284,8 +298,8 @@ class MsgSocket:
 
         Blocks on the socket (under its timeout, if one is set); to cancel, shut the
         socket down from another thread. Raises PeerClosed at end of stream (a frame cut
-        short included), on a timeout or a malformed frame; exceptions from unpickling
-        propagate.
+        short included), on a timeout or a malformed frame; Undecodable (the cause:
+        unpickling's exception) for a whole message whose object cannot be rebuilt.
         """
         while True:
             pos = self._rpos
@@ -305,7 +319,12 @@ class MsgSocket:
                 frame = self._read_large(total)
                 pos = 0
             if kind != SEGMENT:
-                obj = self._decode(frame, pos + HEAD.size, form, blen, nbufs, slot)
+                try:
+                    obj = self._decode(frame, pos + HEAD.size, form, blen, nbufs, slot)
+                except (PeerClosed, MemoryError):
+                    raise
+                except Exception as exc:
+                    raise Undecodable(kind, index) from exc
                 return kind, index, obj, start_ns, end_ns
             if not self._fds:
                 raise PeerClosed("segment message without a descriptor")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .._errors import WorkerDiedError, WorkerStartError
 from ._proc import ChildProcess
-from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, RemoteError
+from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, RemoteError, Undecodable
 
 __all__ = ["ProcWorker", "pickle_function"]
 
@@ -124,14 +124,15 @@ class ProcWorker:
             kind, _, payload, start, end = self.link.recv()
         except (PeerClosed, OSError) as exc:
             raise self._died(index) from exc
-        except Exception as exc:
+        except Undecodable as bad:
             # Unpickling the answer raised here (the frame was read whole, so the link
             # is still in step): this item's error alone, and the worker goes on.
-            add_note = getattr(exc, "add_note", None)
+            cause = bad.__cause__ if isinstance(bad.__cause__, Exception) else bad
+            add_note = getattr(cause, "add_note", None)
             if add_note is not None:
                 add_note(f"(unpickling the result of item {index} from worker pid "
                          f"{self.pid} of stage {self.stage!r} in the parent)")
-            return False, exc, "", 0, 0
+            return False, cause, "", 0, 0
         if kind == OK:
             return True, payload, "", start, end
         err, tb = rebuild_error(payload)
