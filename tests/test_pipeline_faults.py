@@ -11,6 +11,7 @@ import textwrap
 import time
 from concurrent.futures import wait
 
+import numpy as np
 import psutil
 import pytest
 import stagefns as sf
@@ -388,3 +389,30 @@ def test_a_pipeline_dropped_after_a_raised_error_frees_its_device(no_leaks: None
             assert len(list(again.map([1, 2]))) == 2
     finally:
         gc.enable()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_running_out_of_descriptors_fails_items_and_never_hangs() -> None:
+    # Mapping a worker's new segment takes a descriptor: with none left, the stage's
+    # thread died of the error and map() waited for ever.
+    import resource
+
+    with conveyor.Pipeline(conveyor.stage(sf.inc, kind="process", name="inc"),
+                           on_error="return") as pipe:
+        [warm] = pipe.map([np.ones(4)])
+        assert warm.tolist() == [2.0] * 4
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))  # nothing new opens
+        try:
+            out = list(pipe.map([np.ones(1 << 20)] * 4))  # 8 MB: new segments both ways
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert len(out) == 4
+        failed = [o for o in out if isinstance(o, conveyor.StageError)]
+        assert failed, "every item went through with no descriptor to spare"
+        for err in failed:
+            assert err.stage == "inc"
+            assert "Too many open files" in str(err), err
+        again = list(pipe.map([np.ones(1 << 20)] * 4))  # descriptors back: it goes on
+        assert [float(a[0]) for a in again] == [2.0] * 4

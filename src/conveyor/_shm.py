@@ -8,6 +8,7 @@ last process holding the descriptor or a mapping goes away, crash or not.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import mmap
@@ -60,6 +61,7 @@ class Segment:
 
         Raises:
             ValueError: the fd is not a sealed memfd of at least ``size`` bytes.
+            OSError: this process is out of descriptors or memory to map it.
         """
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -75,6 +77,8 @@ class Segment:
             return seg
         except OSError as exc:
             os.close(fd)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise  # this process's own shortage (mmap takes a descriptor), not the peer's
             raise ValueError(f"not a shared-memory segment: {exc}") from exc
         except BaseException:
             os.close(fd)

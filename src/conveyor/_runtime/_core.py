@@ -312,6 +312,7 @@ class Core:
         # stuck in the function: close() counts it cancelled, and the thread drops it.
         self._holding: dict[tuple[int, int], Item] = {}
         self._settled = False  # close() has counted the stuck ones: no more are taken
+        self._no_worker: dict[int, str] = {}  # why a process stage's last replacement failed
         self._credit = [inflight] * len(stages)
         self._credit_cv = threading.Condition()
 
@@ -572,8 +573,9 @@ class Core:
             return
         try:
             new = ProcWorker(pickle_function(d.fn, d.name), d.name, background=d.background)
-        except WorkerStartError:
-            log.exception("could not replace a worker of stage %r", d.name)
+        except Exception as exc:  # a start-up failure, or out of descriptors or processes
+            log.warning("could not replace a worker of stage %r: %s", d.name, exc)
+            self._no_worker[si] = f"{type(exc).__name__}: {exc}"
             return
         with self._lock:
             # close() may have run while the new worker started: then it is ours to stop.
@@ -799,7 +801,9 @@ class Core:
             pw = self.procs[si][w]
         try:
             if pw is None:
-                raise WorkerStartError(f"stage {self.defs[si].name!r} has no worker")
+                why = self._no_worker.get(si, "")
+                raise WorkerStartError(f"stage {self.defs[si].name!r} has no worker"
+                                       + (f" (replacing it failed: {why})" if why else ""))
             pw.send(item.index, item.value)
         except Unpicklable as exc:  # this item fails; the worker never saw it
             cause = exc.__cause__ or exc
@@ -813,8 +817,13 @@ class Core:
             if isinstance(exc, WorkerStartError):
                 self._stage_failed(si, item, start or time.monotonic_ns(), exc, "")
                 return True
-            # The worker is gone; receive() on the earlier tasks reports it. Queue this one
-            # to be resent to the replacement.
+            # The worker is gone, or the send failed on this side (out of descriptors for
+            # a segment) and the link is no longer in step: then the worker is stopped,
+            # so that receive() on the first pending task reports it. Queue this one to
+            # be resent to the replacement.
+            if not isinstance(exc, PeerClosed):
+                assert pw is not None
+                pw.break_link(f"sending item {item.index} failed: {type(exc).__name__}: {exc}")
         pending.append((item, start if start is not None else time.monotonic_ns()))
         return True
 

@@ -42,7 +42,7 @@ import numpy as np
 from .._shm import Segment, align
 
 __all__ = [
-    "ByState", "MsgSocket", "PeerClosed", "RemoteError", "Undecodable", "Unpicklable",
+    "ByState", "LinkBroken", "MsgSocket", "PeerClosed", "RemoteError", "Undecodable", "Unpicklable",
     "rebuild_exception",
 ]
 
@@ -66,6 +66,11 @@ class RemoteError(Exception):
 
 class PeerClosed(Exception):
     """The other end closed the socket (or the process died)."""
+
+
+class LinkBroken(PeerClosed):
+    """The link cannot go on though the peer may be alive: a malformed frame, or a
+    descriptor lost on the way in (this process out of file descriptors)."""
 
 
 class Unpicklable(Exception):
@@ -263,7 +268,8 @@ class MsgSocket:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
         if flags & _MSG_CTRUNC:
-            raise PeerClosed("descriptors truncated")
+            raise LinkBroken("a descriptor the peer sent was lost (is this process out of "
+                             "file descriptors? see ulimit -n)")
         if not n:
             raise PeerClosed("end of stream")
         return n
@@ -308,7 +314,7 @@ class MsgSocket:
             kind, slot, form, blen, nbufs, index, start_ns, end_ns = HEAD.unpack_from(
                 self._rbuf, pos)
             if slot > 1:
-                raise PeerClosed(f"bad segment slot {slot}")
+                raise LinkBroken(f"bad segment slot {slot}")
             total = HEAD.size + blen
             if total <= RECV_SIZE:
                 if self._rend - pos < total:
@@ -327,12 +333,15 @@ class MsgSocket:
                     raise Undecodable(kind, index) from exc
                 return kind, index, obj, start_ns, end_ns
             if not self._fds:
-                raise PeerClosed("segment message without a descriptor")
+                raise LinkBroken("segment message without a descriptor")
             old = self._ins[slot]
             self._ins[slot] = None
             if old is not None:
                 old.close()
-            self._ins[slot] = Segment.attach(self._fds.pop(0), index)
+            try:
+                self._ins[slot] = Segment.attach(self._fds.pop(0), index)
+            except (OSError, ValueError) as exc:
+                raise LinkBroken(f"cannot map the peer's segment: {exc}") from exc
 
     def _decode(self, frame: memoryview, at: int, form: int, blen: int, nbufs: int,
                 slot: int) -> Any:
@@ -354,18 +363,18 @@ class MsgSocket:
             if nbufs:
                 off, length = BUF.unpack_from(frame, dend)
                 if length != nbytes:
-                    raise PeerClosed("array size does not match its shape")
+                    raise LinkBroken("array size does not match its shape")
                 data = self._segment_bytes(slot, off, length)
             else:
                 if blen - (dend - at) != nbytes:
-                    raise PeerClosed("array size does not match its shape")
+                    raise LinkBroken("array size does not match its shape")
                 data = bytearray(frame[dend : dend + nbytes])
             return np.ndarray(shape, dtype, buffer=data)
         if form not in (PICKLE, PICKLE_OOB):
-            raise PeerClosed(f"bad frame form {form}")
+            raise LinkBroken(f"bad frame form {form}")
         plen = blen - nbufs * BUF.size
         if plen < 0 or (form == PICKLE_OOB and (plen or not nbufs)):
-            raise PeerClosed("bad frame length")
+            raise LinkBroken("bad frame length")
         buffers = []
         for i in range(nbufs):
             off, length = BUF.unpack_from(frame, at + plen + i * BUF.size)
@@ -379,7 +388,7 @@ class MsgSocket:
         two messages later)."""
         seg = self._ins[slot]
         if seg is None or off + length > seg.size:
-            raise PeerClosed("buffer outside the peer's segment")
+            raise LinkBroken("buffer outside the peer's segment")
         try:
             return bytearray(seg.buf[off : off + length])
         except ValueError as exc:  # close() in another thread released the mapping

@@ -10,7 +10,18 @@ from typing import Any
 
 from .._errors import WorkerDiedError, WorkerStartError
 from ._proc import ChildProcess
-from ._wire import ERR, OK, READY, SETUP, TASK, MsgSocket, PeerClosed, RemoteError, Undecodable
+from ._wire import (
+    ERR,
+    OK,
+    READY,
+    SETUP,
+    TASK,
+    LinkBroken,
+    MsgSocket,
+    PeerClosed,
+    RemoteError,
+    Undecodable,
+)
 
 __all__ = ["ProcWorker", "pickle_function"]
 
@@ -58,6 +69,7 @@ class ProcWorker:
         self, fn_blob: bytes, stage: str, timeout: float = 60.0, *, background: bool = False
     ) -> None:
         self.stage = stage
+        self._broken: str | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process = ChildProcess(
@@ -122,6 +134,9 @@ class ProcWorker:
         """
         try:
             kind, _, payload, start, end = self.link.recv()
+        except LinkBroken as exc:  # the worker may be alive: the link is what failed
+            self.break_link(str(exc))
+            raise self._died(index) from exc
         except (PeerClosed, OSError) as exc:
             raise self._died(index) from exc
         except Undecodable as bad:
@@ -133,12 +148,30 @@ class ProcWorker:
                 add_note(f"(unpickling the result of item {index} from worker pid "
                          f"{self.pid} of stage {self.stage!r} in the parent)")
             return False, cause, "", 0, 0
+        except Exception as exc:
+            # The link itself failed on this side (out of descriptors to map the worker's
+            # segment...): it cannot be trusted to stay in step, so the worker is stopped
+            # and replaced, as if it had died holding the item.
+            self.break_link(f"{type(exc).__name__}: {exc}")
+            raise self._died(index) from exc
         if kind == OK:
             return True, payload, "", start, end
         err, tb = rebuild_error(payload)
         return False, err, tb, start, end
 
+    def break_link(self, why: str) -> None:
+        """The link failed on this side (``why``) and is out of step: stop the worker.
+        The next :meth:`receive` reports it, with ``why``."""
+        self._broken = why
+        self.close(kill=True)
+
     def _died(self, index: int) -> WorkerDiedError:
+        if self._broken is not None:
+            return WorkerDiedError(
+                f"the link to worker pid {self.pid} of stage {self.stage!r} failed while "
+                f"it held item {index}: {self._broken}; the worker was stopped and is "
+                f"replaced"
+            )
         try:
             self.process.proc.wait(timeout=2.0)
         except Exception:
