@@ -416,3 +416,28 @@ def test_running_out_of_descriptors_fails_items_and_never_hangs() -> None:
             assert "Too many open files" in str(err), err
         again = list(pipe.map([np.ones(1 << 20)] * 4))  # descriptors back: it goes on
         assert [float(a[0]) for a in again] == [2.0] * 4
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_start_that_runs_out_of_threads_leaves_no_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under a low `ulimit -u` starting the third starter thread failed; the two started
+    # went on to start workers that close() had not seen, and they lived on.
+    import threading
+
+    from conveyor._runtime import _core
+
+    calls = []
+
+    class Scarce(threading.Thread):
+        def start(self) -> None:
+            calls.append(self)
+            if len(calls) == 3:
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(_core.threading, "Thread", Scarce)
+    pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process", workers=4))
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pipe.start()
+    pipe.close()

@@ -344,10 +344,14 @@ class Core:
             for group in self._device_groups():
                 starters.append(threading.Thread(
                     target=guarded(functools.partial(self._open_links, group)), daemon=True))
-            for t in starters:
-                t.start()
-            for t in starters:
-                t.join()
+            started: list[threading.Thread] = []
+            try:
+                for t in starters:
+                    t.start()  # may fail (out of threads): the started ones are waited for
+                    started.append(t)
+            finally:
+                for t in started:
+                    t.join()
             if errors:
                 raise errors[0]
             for si, d in enumerate(self.defs):
@@ -364,7 +368,12 @@ class Core:
             raise
 
     def _spawn_proc(self, si: int, w: int, blob: bytes, name: str) -> None:
-        self.procs[si][w] = ProcWorker(blob, name, background=self.defs[si].background)
+        worker = ProcWorker(blob, name, background=self.defs[si].background)
+        with self._lock:
+            if not self.closing:
+                self.procs[si][w] = worker
+                return
+        worker.close(kill=True)  # close() ran meanwhile: it could not see this one
 
     def _device_groups(self) -> list[list[int]]:
         """The inference stages by the device worker they use: stages that name the same
