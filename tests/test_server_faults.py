@@ -3,6 +3,8 @@ a full queue, a client that stops reading, a connection that never says HELLO.""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -342,3 +344,40 @@ def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) ->
     finally:
         client.close()
         first.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_deadline_holds_when_the_server_hangs(sdir: Path) -> None:
+    # Only the server checked deadlines: with it stopped (SIGSTOP), a request with a
+    # 0.3 s deadline waited for as long as the server did.
+    import asyncio
+
+    from conveyor import DeadlineExceeded
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    model = "face_detection_short_range"
+    with ServeProcess(path) as srv, conveyor.connect(path) as client:
+        client.infer(model, img)
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="no answer"):
+                client.infer(model, img, deadline=0.3)
+            fut = client.submit(model, img, deadline=0.3)
+            with pytest.raises(DeadlineExceeded):
+                fut.result(timeout=10)
+
+            async def in_loop() -> None:
+                await client.ainfer(model, img, deadline=0.3)
+
+            with pytest.raises(DeadlineExceeded):
+                asyncio.run(in_loop())
+            assert time.monotonic() - t0 < 5  # three times 0.3 s and a grace, not for ever
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        # The abandoned requests' slots come back as the server answers them.
+        for _ in range(40):
+            assert len(client.infer(model, img)) == 2
+        srv.terminate()
+        assert srv.wait() == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
 import itertools
 import math
 import numbers
@@ -81,6 +82,11 @@ Views = tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]
 _OK = int(Status.OK)
 _STATUSES = frozenset(int(s) for s in Status)
 _NS_MAX = 2**63 - 1
+#: How long after its deadline a request may go unanswered before the client fails it
+#: itself: at least this, or twice the longest run of its model seen on the connection
+#: (a request that started just before its deadline is let finish).
+GIVE_UP_GRACE_NS = 250_000_000
+_GIVE_UP_POLL_S = GIVE_UP_GRACE_NS / 1e9
 
 
 def default_socket_path() -> Path:
@@ -209,6 +215,11 @@ class DeviceClient:
         self._pid = os.getpid()  # a forked child shares the connection: it may not use it
         self._link: _Link | None = None
         self._pending: dict[int, Pending] = {}
+        # (give-up time, request id) of pending requests with a deadline, earliest first:
+        # a server that hangs cannot hold a request past its deadline and a grace
+        self._give_ups: list[tuple[int, int]] = []
+        self._longest: dict[int, int] = {}  # model id -> its longest run seen (compute ns)
+        self._deadlines = False  # a request with a deadline was sent: readers wake to check
         self._unwaited = 0
         self._slot_waiters = 0
         # ainfer() calls waiting for a free slot: (their loop, the future that wakes them)
@@ -341,6 +352,7 @@ class DeviceClient:
                 return
             self._link = None
             pending, self._pending = self._pending, {}
+            self._give_ups.clear()
             for p in pending.values():
                 p.gone = True
             self._unwaited = 0
@@ -352,7 +364,8 @@ class DeviceClient:
             pass
         link.sock.close()
         for p in pending.values():
-            p.finish(None, why)
+            if not p.expired:
+                p.finish(None, why)
         with self._lock:  # a waiter woken above, before its request was finished, waits on
             self._cv.notify_all()
         self._wake_async_waiters()
@@ -364,13 +377,54 @@ class DeviceClient:
     # --- reading ----------------------------------------------------------------------
 
     def _read_step(self, link: _Link, timeout: float | None) -> None:
-        """Holding the reader role: wait for data (at most ``timeout``), then deliver
-        every complete message received (Futures' done-callbacks run here)."""
+        """Holding the reader role: wait for data (at most ``timeout``, and no later than
+        the next request's give-up time), then deliver every complete message received
+        (Futures' done-callbacks run here), and fail requests whose give-up time passed."""
         self._tls.reading = True
         try:
+            if self._deadlines:
+                # Not past the next give-up time, and never long: a reader already waiting
+                # when a request with a nearer deadline is sent learns of it this way.
+                first = self._first_give_up()
+                due = _GIVE_UP_POLL_S
+                if first:
+                    due = min(max((first - time.monotonic_ns()) / 1e9, 0.0), due)
+                timeout = due if timeout is None else min(timeout, due)
             self._read_messages(link, timeout)
+            first = self._first_give_up()
+            if first and first <= time.monotonic_ns():
+                self._give_up()
         finally:
             self._tls.reading = False
+
+    def _first_give_up(self) -> int:
+        """The earliest give-up time of a request with a deadline (0: none)."""
+        if not self._give_ups:  # the common case: no deadlines, no lock
+            return 0
+        with self._lock:
+            return self._give_ups[0][0] if self._give_ups else 0
+
+    def _give_up(self) -> None:
+        """Fail the pending requests whose deadline (and grace) passed with no reply: the
+        server hangs or is stopped. Each keeps its slot until the server does answer (it
+        may still write the outputs there) or the connection ends."""
+        now = time.monotonic_ns()
+        late: list[Pending] = []
+        with self._lock:
+            while self._give_ups and self._give_ups[0][0] <= now:
+                _, req_id = heapq.heappop(self._give_ups)
+                p = self._pending.get(req_id)
+                if p is not None and not p.expired and not p.finished:
+                    p.expired = True
+                    late.append(p)
+        for p in late:
+            name = p.info.name if p.info is not None else "request"
+            p.finish(None, DeadlineExceeded(
+                f"{name}: no answer from the device server by the deadline (is it hung or "
+                f"stopped?); the request was abandoned"))
+        if late:
+            with self._lock:
+                self._cv.notify_all()
 
     def _refuse_in_callback(self, what: str) -> None:
         """A done-callback runs on the thread that reads replies: if it waited for a
@@ -524,6 +578,8 @@ class DeviceClient:
         with self._lock:
             if self._pending.pop(req_id, None) is None:
                 return  # lost meanwhile: already finished with ServerGone
+            if status == _OK and compute_ns > self._longest.get(info.id, 0):
+                self._longest[info.id] = compute_ns
             p.gone = True
             if not p.waited:
                 self._unwaited -= 1
@@ -534,7 +590,8 @@ class DeviceClient:
             wake = bool(self._async_waiters)
         if wake:
             self._wake_async_waiters()
-        p.finish(outs, error, Timing(device, queue_ns, compute_ns, start_ns))
+        if not p.expired:  # else the caller was already told DeadlineExceeded
+            p.finish(outs, error, Timing(device, queue_ns, compute_ns, start_ns))
 
     def _on_status(self, req_id: int, data: Any) -> None:
         with self._lock:
@@ -590,7 +647,9 @@ class DeviceClient:
         """Queue one inference and return a Future of its outputs (a list in model order).
 
         ``deadline`` is in seconds from now: if the request cannot start on the device by
-        then it fails with DeadlineExceeded without running. ``priority``: higher runs
+        then it fails with DeadlineExceeded without running. With no answer by then plus a
+        grace (twice its model's longest run seen, at least 0.25 s), the client fails it
+        with DeadlineExceeded itself: a hung server cannot hold it. ``priority``: higher runs
         first. Blocks while this client has its full credit of requests in flight (flow
         control), at most until the deadline.
 
@@ -666,6 +725,16 @@ class DeviceClient:
                 if self._link is not link:
                     continue
                 self._pending[req_id] = p
+                if deadline_ns:
+                    self._deadlines = True
+                    grace = max(GIVE_UP_GRACE_NS, 2 * self._longest.get(info.id, 0))
+                    give_ups = self._give_ups
+                    if len(give_ups) > 2 * len(self._pending) + 64:
+                        # entries of answered requests leave when due: far deadlines
+                        # would keep them, so drop them now and then
+                        give_ups[:] = [e for e in give_ups if e[1] in self._pending]
+                        heapq.heapify(give_ups)
+                    heapq.heappush(give_ups, (min(deadline_ns + grace, _NS_MAX), req_id))
                 if not sync:
                     self._unwaited += 1
                     self._start_background()

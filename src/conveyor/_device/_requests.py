@@ -125,8 +125,8 @@ class Pending:
     need not); ``gone``: no longer in the pending table (answered or lost). Both change
     under the client's lock. :meth:`finish` fills in the outcome (outside the lock)."""
 
-    __slots__ = ("dequantize", "error", "finished", "future", "gone", "info", "outputs",
-                 "slot", "waited")
+    __slots__ = ("dequantize", "error", "expired", "finished", "future", "gone", "info",
+                 "outputs", "slot", "waited")
 
     def __init__(self, info: ModelInfo | None, slot: int, deq: bool, waited: bool,
                  future: InferFuture | None = None) -> None:
@@ -136,6 +136,7 @@ class Pending:
         self.waited = waited
         self.future = future
         self.gone = False
+        self.expired = False  # failed by the client itself: no reply came in time
         self.finished = False
         self.outputs: Any = None
         self.error: BaseException | None = None
