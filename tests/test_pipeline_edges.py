@@ -407,3 +407,44 @@ def test_live_mode_drops_nothing_when_the_pipeline_keeps_up(kind: str) -> None:
         got = list(pipe.map(frames()))
         dropped = pipe.stats()["stages"]["double"]["dropped"]
     assert (got, dropped) == ([2 * i for i in range(8)], 0)
+
+
+def test_async_with_and_aclose_leave_the_event_loop_running() -> None:
+    # `with` blocked the loop while workers started, and close() for up to a second
+    # (here: a thread stage still in its function, which close() waits 0.8 s for).
+    release = threading.Event()
+
+    def stuck(x: int) -> int:
+        if x == 100:
+            release.wait(10)
+        return x
+
+    async def main() -> tuple[list[int], float]:
+        gaps = [0.0]
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        got = []
+        async with conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"),
+                                     conveyor.stage(stuck)) as pipe:
+            async for y in pipe.amap(range(3)):
+                got.append(y)
+            pipe.submit(99)  # inc makes it 100: stuck until close() gives up on it
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)  # the heartbeat notes the gap, if there was one
+        beat.cancel()
+        return got, max(gaps)
+
+    try:
+        got, worst = asyncio.run(main())
+    finally:
+        release.set()
+    assert got == [1, 2, 3]
+    assert worst < 0.4, f"the event loop stood still for {worst:.2f} s"

@@ -312,6 +312,21 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Pipeline:
+        """``async with``: starts the pipeline in a thread, so the event loop runs on
+        while workers and the device worker start."""
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """:meth:`close` in a thread: the event loop runs on meanwhile (close() may take
+        up to about a second, waiting for workers and a stuck thread stage). Cancelling
+        the await does not stop the close."""
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self.close)))
+
     def __del__(self) -> None:
         if sys.is_finalizing():
             # Too late to close (no thread starts now); the workers see their lifeline
