@@ -381,3 +381,58 @@ def test_a_deadline_holds_when_the_server_hangs(sdir: Path) -> None:
             assert len(client.infer(model, img)) == 2
         srv.terminate()
         assert srv.wait() == 0
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_server_out_of_descriptors_says_so_and_serves_on(sdir: Path) -> None:
+    # Clients past the limit were told "protocol error: too many file descriptors in one
+    # message" (the server's log said the same), or just "the device server went away".
+    import subprocess
+    import sys
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    model = "face_detection_short_range"
+    srv = subprocess.Popen(
+        ["bash", "-c", f"ulimit -n 40; exec {sys.executable} -m conveyor serve --socket "
+         f"{path} --device cpu --model {model}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients: list[DeviceClient] = []
+    try:
+        assert srv.stdout is not None and "listening" in srv.stdout.readline()
+        refusal = None
+        for _ in range(40):
+            try:
+                client = conveyor.connect(path)
+            except ServerGone as exc:
+                refusal = exc
+                break
+            clients.append(client)
+            try:
+                client.infer(model, img)
+            except ServerGone as exc:
+                refusal = exc
+                break
+        assert refusal is not None, "40 clients fit in 40 descriptors"
+        assert "out of file descriptors" in str(refusal), refusal
+        for c in clients[:-1]:  # the ones it took keep their service
+            assert len(c.infer(model, img)) == 2
+        for c in clients:
+            c.close()
+        clients.clear()
+        with conveyor.connect(path) as late:  # descriptors back: a new client is served
+            assert len(late.infer(model, img)) == 2
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(timeout=20) == 0
+        assert srv.stderr is not None
+        log = srv.stderr.read()
+        assert "out of file descriptors" in log and "protocol error" not in log
+    finally:
+        for c in clients:
+            c.close()
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        for stream in (srv.stdout, srv.stderr):
+            if stream is not None:
+                stream.close()

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import heapq
 import itertools
+import json
 import math
 import numbers
 import operator
@@ -145,13 +146,14 @@ def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
 class _Link:
     """One connection: socket, reader and arena (replaced as a whole on reconnect)."""
 
-    __slots__ = ("arena", "free", "gen", "poller", "pools", "reader", "slot_size", "sock",
-                 "views")
+    __slots__ = ("arena", "free", "gen", "lost", "poller", "pools", "reader", "slot_size",
+                 "sock", "views")
 
     def __init__(self, gen: int, sock: socket.socket, reader: FrameReader,
                  arena: Segment | None, slot_size: int, slots: int) -> None:
         self.gen = gen
         self.sock = sock
+        self.lost: ConveyorError | None = None  # why the connection ended
         self.reader = reader
         self.arena = arena
         self.slot_size = slot_size
@@ -305,6 +307,9 @@ class DeviceClient:
             sock.close()
             if arena is not None:
                 arena.close()
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE,
+                                                          errno.ENOMEM):
+                raise  # this process's own shortage (ulimit -n): its own error, as it is
             raise ProtocolError(f"bad handshake with the device server: {exc}") from exc
         sock.settimeout(None)
         with self._lock:
@@ -351,6 +356,7 @@ class DeviceClient:
             if self._link is not link:
                 return
             self._link = None
+            link.lost = why
             pending, self._pending = self._pending, {}
             self._give_ups.clear()
             for p in pending.values():
@@ -465,6 +471,9 @@ class DeviceClient:
                     self._on_status(frame.req_id, frame.json())
                 elif frame.type is MsgType.ERROR:
                     text = frame.body.decode("utf-8", "replace")
+                    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                        said = json.loads(text)  # {"error": name, "message": why}
+                        text = f"{said['message']} ({said['error']})"
                     raise ServerGone(f"the device server closed the connection: {text}")
                 else:
                     raise ProtocolError(f"unexpected {frame.type.name} from the server")
@@ -743,8 +752,11 @@ class DeviceClient:
                 with self._send_lock:
                     link.sock.sendall(msg)
             except OSError as exc:
+                self._read_last_words(link)  # the server's ERROR before it closed, if any
                 self._lost(link, ServerGone(f"the device server went away: {exc}"))
                 if not self.reconnect or attempt == 1:
+                    if link.lost is not None:
+                        raise link.lost from exc
                     break
                 if not block:
                     return None  # as above: not connecting here
@@ -753,6 +765,20 @@ class DeviceClient:
                 continue
             return p
         raise ServerGone("the device server went away")
+
+    def _read_last_words(self, link: _Link) -> None:
+        """A send failed: read what the server said before it closed the connection (an
+        ERROR saying why), unless another thread holds the reader role (it reads it)."""
+        with self._lock:
+            if self._reading or self._link is not link:
+                return
+            self._reading = True
+        try:
+            self._read_step(link, 0.0)
+        finally:
+            with self._lock:
+                self._reading = False
+                self._cv.notify_all()
 
     def _future(self) -> InferFuture:
         fut = InferFuture()

@@ -9,6 +9,7 @@ slow or stuck client can never stall a device.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ import numpy.typing as npt
 from .._errors import ProtocolError
 from .._shm import Segment
 from ._catalog import ModelInfo
-from ._protocol import FrameReader
+from ._protocol import FrameReader, OutOfDescriptors, descriptor_limit
 from ._scheduler import ClientState
 
 __all__ = ["MAX_OUTBOX", "MAX_SEGMENTS", "MAX_SEGMENT_BYTES", "Conn"]
@@ -147,6 +148,12 @@ class Conn:
             self.segments[seg_id] = Segment.attach(fd, size)
         except ValueError as exc:
             raise ProtocolError(f"bad segment {seg_id}: {exc}") from exc
+        except OSError as exc:  # this server's own shortage (mapping takes a descriptor)
+            raise OutOfDescriptors(
+                exc.errno or errno.EMFILE,
+                f"out of file descriptors or memory to map the client's segment: "
+                f"{exc.strerror} (this process may have {descriptor_limit()}; see ulimit -n)",
+            ) from exc
 
     def views(self, info: ModelInfo, seg_id: int, offset: int) -> Views:
         """Numpy views of a request's inputs and outputs in the client's segment (cached).

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import json
 import os
+import resource
 import socket
 import struct
 from typing import Any
@@ -65,11 +67,14 @@ __all__ = [
     "Frame",
     "FrameReader",
     "MsgType",
+    "OutOfDescriptors",
     "Status",
+    "descriptor_limit",
     "encode",
     "encode_infer",
     "encode_result",
     "json_body",
+    "out_of_descriptors",
 ]
 
 MAGIC = b"CVYR"
@@ -97,6 +102,25 @@ RESULT_MSG = struct.Struct(HEADER.format + RESULT.format[1:])
 _FDS_SIZE = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FDS_SIZE)
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class OutOfDescriptors(OSError):
+    """This process has no file descriptor left: one that a peer sent was lost."""
+
+
+def descriptor_limit() -> int:
+    """This process's soft limit on open file descriptors (RLIMIT_NOFILE)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def out_of_descriptors() -> bool:
+    """Whether opening one more file descriptor fails for want of one."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 class MsgType(enum.IntEnum):
@@ -230,6 +254,10 @@ class FrameReader:
                     fds.frombytes(data[: len(data) - len(data) % _FDS_SIZE])
                     self._fds.extend(fds)
             if flags & socket.MSG_CTRUNC:
+                if out_of_descriptors():
+                    raise OutOfDescriptors(
+                        errno.EMFILE, "out of file descriptors: one the peer sent was lost "
+                        f"(this process may have {descriptor_limit()}; see ulimit -n)")
                 raise ProtocolError("too many file descriptors in one message")
             if len(self._fds) > MAX_PENDING_FDS:
                 raise ProtocolError(f"{len(self._fds)} file descriptors sent without SEGMENT")

@@ -41,7 +41,9 @@ from ._protocol import (
     SEGMENT,
     Frame,
     MsgType,
+    OutOfDescriptors,
     Status,
+    descriptor_limit,
     encode,
     encode_result,
     json_body,
@@ -50,6 +52,13 @@ from ._scheduler import RUNNING, ClientState, DeviceState, Request, Scheduler
 from ._stats import WINDOW_S, ServerStats
 
 __all__ = ["DeviceServer"]
+
+
+def _open_spare() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 log = logging.getLogger("conveyor.server")
 
@@ -163,6 +172,9 @@ class DeviceServer:
         self._stop_seen = 0
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
+        # A descriptor kept in reserve: out of them, the server lets it go to accept the
+        # waiting connections and tell each why it cannot be served (else they wait).
+        self._spare_fd = _open_spare()
         self._served = False
         self._role = IORole(self.scheduler, IO_GRACE_S)
         self.started = time.monotonic()
@@ -406,6 +418,9 @@ class DeviceServer:
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         for conn in list(self._conns.values()):
             if conn.has_outbox:
                 conn.flush()
@@ -451,6 +466,8 @@ class DeviceServer:
             except OSError as exc:
                 # Out of descriptors: stop accepting for a moment instead of spinning.
                 log.warning("cannot accept a connection: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._refuse_waiting(listener)
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._accept_paused_until = time.monotonic() + 0.1
                     for s in self._listeners:
@@ -474,6 +491,27 @@ class DeviceServer:
                 self._refuse(sock, why, error)
                 continue
             self._register(sock, trusted=False, pid=pid, uid=uid)
+
+    def _refuse_waiting(self, listener: socket.socket) -> None:
+        """Out of descriptors: with the one in reserve, accept the connections waiting
+        and tell each that the server is out of them, rather than leave them waiting."""
+        why = (f"the server is out of file descriptors (it may have "
+               f"{descriptor_limit()}; see ulimit -n); try again later")
+        for _ in range(256):
+            if self._spare_fd < 0:
+                return
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                sock = None
+            if sock is not None:
+                self.stats.count("rejected_connections")
+                self._refuse(sock, why, "OutOfDescriptors")
+            self._spare_fd = _open_spare()
+            if sock is None:
+                return
 
     @staticmethod
     def _refuse(sock: socket.socket, why: str, error: str = "ServerError") -> None:
@@ -520,6 +558,12 @@ class DeviceServer:
             return self._conns.get(conn.fileno) is conn
         except (BlockingIOError, InterruptedError):
             return False
+        except OutOfDescriptors as exc:  # this server's shortage, not the client's fault
+            log.warning("closing the connection of client %d (pid %d): %s", conn.client.id,
+                        conn.client.pid, exc.strerror)
+            conn.send(encode(MsgType.ERROR, json_body(
+                {"error": "OutOfDescriptors", "message": f"the server is {exc.strerror}"})))
+            self._close_conn(conn, None)
         except ProtocolError as exc:
             self.stats.count("protocol_errors")
             log.warning("closing the connection of client %d (pid %d): protocol error: %s",
