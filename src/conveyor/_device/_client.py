@@ -755,8 +755,8 @@ class DeviceClient:
                 self._read_last_words(link)  # the server's ERROR before it closed, if any
                 self._lost(link, ServerGone(f"the device server went away: {exc}"))
                 if not self.reconnect or attempt == 1:
-                    if link.lost is not None:
-                        raise link.lost from exc
+                    if link.lost is not None:  # a fresh error: that one is the futures'
+                        raise ServerGone(str(link.lost)) from exc
                     break
                 if not block:
                     return None  # as above: not connecting here
