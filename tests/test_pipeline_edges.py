@@ -448,3 +448,42 @@ def test_async_with_and_aclose_leave_the_event_loop_running() -> None:
         release.set()
     assert got == [1, 2, 3]
     assert worst < 0.4, f"the event loop stood still for {worst:.2f} s"
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_cancelled_while_async_with_starts_leaves_nothing_running() -> None:
+    # The start went on in its thread and the pipeline ran on, workers and all, until
+    # it was garbage-collected ("unclosed", though it was used in an async with).
+    async def main() -> conveyor.Pipeline:
+        pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process", workers=2),
+                                 conveyor.infer("face_detection_short_range"))
+
+        async def enter() -> None:
+            async with pipe:
+                await asyncio.sleep(30)
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(enter(), 0.05)  # inside the start
+        return pipe
+
+    pipe = asyncio.run(main())
+    with pytest.raises(conveyor.PipelineClosedError):
+        pipe.submit(1)
+
+
+def test_live_mode_keeps_the_newest_frames_when_the_caller_is_behind() -> None:
+    # With the caller the slow part, finished results waited for it while every new
+    # frame was dropped: it got stale frames, and not the input's last ones at all.
+    def camera() -> Iterator[int]:
+        for i in range(30):
+            time.sleep(0.01)
+            yield i
+
+    got = []
+    with conveyor.Pipeline(conveyor.stage(sf.double, name="d"), drop="oldest") as pipe:
+        for y in pipe.map(camera()):
+            got.append(y // 2)
+            time.sleep(0.1)  # a slow display
+        items = pipe.stats()["items"]
+    assert got == sorted(got) and got[-1] == 29, got
+    assert items["admitted"] == 30 and items["dropped"] == 30 - len(got)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -164,7 +165,8 @@ class Pipeline:
             ``map`` and ``amap``; a ``submit()`` Future always raises its item's error.
         drop: ``"oldest"`` for live mode: the source never blocks; when
             ``max_in_flight`` items are in flight, the oldest one still waiting for the
-            first stage is dropped (counted in ``stats()``).
+            first stage is dropped (counted in ``stats()``), or, if none waits because
+            the caller is behind, the oldest result it has not taken (errors are kept).
         max_in_flight: items one run may have admitted and not yet consumed. Default:
             enough to fill every channel and worker; in live mode, one per stage plus one.
         inflight: requests an inference stage keeps on the device at once (default 3):
@@ -314,8 +316,19 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         """``async with``: starts the pipeline in a thread, so the event loop runs on
-        while workers and the device worker start."""
-        await asyncio.to_thread(self.start)
+        while workers and the device worker start. Cancelled meanwhile, it closes what
+        the start made before the cancellation goes on."""
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The start goes on in its thread; close() waits for it (the lock), then
+            # ends what it started. Nothing is left running when the cancel goes on.
+            closing = asyncio.ensure_future(asyncio.to_thread(self.close))
+            while not closing.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(closing)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -605,7 +618,8 @@ class Pipeline:
         device, when the pipeline closes. An item of a run cut short (a ``break``, an
         error with ``on_error="raise"``) that a stage already holds finishes that stage
         (``out``) and is dropped before the next. ``dropped`` (the first stage, live
-        mode) counts items dropped before they entered; every input of a run is one
+        mode) counts items dropped before they entered; ``items["dropped"]`` counts those
+        and the results dropped unread for a newer frame. Every input of a run is one
         output, one error, one drop or, for a run cut short, not reached.
 
         A stage's latency is an item's time in it (for a process stage, the worker's own

@@ -480,10 +480,14 @@ class Core:
 
     def _admit_live_full(self, run: Run, index: int, value: Any) -> None:
         """Live mode, no token free: drop the oldest item of this run still waiting and
-        admit the new one in its place, or drop the new one if none is waiting."""
+        admit the new one in its place; else, when the caller is behind, the oldest
+        result it has not taken (a stale frame); else drop the new one."""
         run.force_admit()
         victim = self.channels[0].pop_oldest_if(lambda it: it.run is run)
         if victim is None:
+            if run.drop_oldest_result():
+                self.admit(run, index, value)
+                return
             with self.stats[0].lock:
                 self.stats[0].dropped += 1
             run.deliver(index, DROP)

@@ -120,6 +120,32 @@ class Run:
         self._tokens_cv.notify()
         self._ready_cv.notify()
 
+    def drop_oldest_result(self) -> bool:
+        """Live mode, every token taken and no item waiting to enter: drop the oldest
+        result that is ready but not taken yet (the consumer is behind, and a new frame
+        is worth more than a stale one), counted as a drop. Errors are kept. True if one
+        was dropped: its token is free."""
+        with self._lock:
+            if self.cancelled or self.on_outcome is not None:
+                return False
+            if self.ordered:
+                ready = [i for i, (kind, _) in self._by_index.items() if kind == OK]
+                if not ready:
+                    return False
+                index = min(ready)
+                del self._by_index[index]
+                self._skip.add(index)
+            else:
+                for n, (_, (kind, _)) in enumerate(self._arrived):
+                    if kind == OK:
+                        del self._arrived[n]
+                        break
+                else:
+                    return False
+            self.dropped += 1
+            self._discard_locked()
+            return True
+
     def release_token(self) -> None:
         """Give back a token taken for an item that never came (the source ended)."""
         with self._lock:
