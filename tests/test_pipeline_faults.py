@@ -441,3 +441,23 @@ def test_a_start_that_runs_out_of_threads_leaves_no_worker(
     with pytest.raises(RuntimeError, match="can't start new thread"):
         pipe.start()
     pipe.close()
+
+
+def test_a_main_module_without_a_guard_is_told_to_add_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Each worker, importing the script to find the stage function, ran the whole script
+    # again: a nested pipeline per worker, and an error that never named the cause.
+    script = tmp_path / "noguard.py"
+    script.write_text(textwrap.dedent("""
+        import conveyor
+
+        def square(x):
+            return x * x
+
+        with conveyor.Pipeline(conveyor.stage(square, kind="process", workers=2)) as pipe:
+            print(sum(pipe.map(range(10))))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert 'if __name__ == "__main__":' in proc.stderr, proc.stderr[-2000:]
+    assert "WorkerStartError" in proc.stderr

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ._errors import DeviceBusyError, PipelineClosedError, StageError
 from ._runtime._channel import Aborted
 from ._runtime._core import Core, StageDef
+from ._runtime._proc import worker_bootstrap
 from ._runtime._run import CANCEL, DROP, ERR, OK, Run
 from ._runtime._sched import check_realtime
 from ._runtime._stats import Tracer
@@ -241,6 +242,12 @@ class Pipeline:
         missing, worker start-up) after stopping everything that had started, or the
         ``OSError`` of a ``trace`` path that cannot be written.
         """
+        if worker_bootstrap():
+            raise RuntimeError(
+                "a pipeline was started while a stage worker process imported your main "
+                "module to find its stage function: put the code that makes and runs "
+                "pipelines under `if __name__ == \"__main__\":` (process stages import the "
+                "main module, as multiprocessing does)")
         with self._lock:
             if self._closed:
                 raise PipelineClosedError("the pipeline is closed")

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from ._proc import watch_lifeline
+from ._proc import watch_lifeline, worker_bootstrap
 from ._sched import run_in_background
 from ._wire import (
     ERR,
@@ -65,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind, _, setup, _, _ = link.recv()
         if kind != SETUP:
             return 2
-        multiprocessing.spawn.prepare(setup["prep"])
+        worker_bootstrap(True)
+        try:
+            multiprocessing.spawn.prepare(setup["prep"])
+        finally:
+            worker_bootstrap(False)
         if setup.get("background"):
             run_in_background()
         fn = pickle.loads(setup["fn"])

@@ -15,7 +15,20 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["ChildProcess", "describe_exit", "on_eof", "watch_lifeline"]
+__all__ = ["ChildProcess", "describe_exit", "on_eof", "watch_lifeline", "worker_bootstrap"]
+
+#: True in a stage worker while it imports the program's main module (to find the stage
+#: function): a pipeline started then is the program's own, run again by the import
+#: because the main module lacks ``if __name__ == "__main__":``.
+_bootstrapping = False
+
+
+def worker_bootstrap(on: bool | None = None) -> bool:
+    """Whether this process is a stage worker importing the main module; ``on`` sets it."""
+    global _bootstrapping
+    if on is not None:
+        _bootstrapping = on
+    return _bootstrapping
 
 
 def describe_exit(returncode: int | None) -> str:
