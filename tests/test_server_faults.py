@@ -436,3 +436,30 @@ def test_a_server_out_of_descriptors_says_so_and_serves_on(sdir: Path) -> None:
         for stream in (srv.stdout, srv.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_sigterm_handed_to_another_thread_still_stops_an_idle_server(sdir: Path) -> None:
+    # Python runs handlers in the main thread only; the kernel may hand a process's
+    # SIGTERM to any thread (it did after SIGSTOP and SIGCONT), and an idle server's
+    # main thread slept without a timeout: the signal sat there until the next client.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import signal, sys, threading, time
+        from conveyor._device._serve import serve
+
+        def to_a_device_thread():
+            time.sleep(2.0)  # up, and idle for a while
+            (dev,) = [t for t in threading.enumerate() if t.name == "conveyor-device-0"]
+            signal.pthread_kill(dev.ident, signal.SIGTERM)
+
+        threading.Thread(target=to_a_device_thread, daemon=True).start()
+        sys.exit(serve(socket_path=sys.argv[1], devices=["sim-edgetpu"],
+                       models=["face_detection_short_range"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(sdir / "s.sock")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (sdir / "s.sock").exists()  # a drained stop: the socket is removed

@@ -506,7 +506,7 @@ class DeviceClient:
                     if link is None or self._reading:
                         self._sleepers += 1
                         try:
-                            self._cv.wait(left)
+                            self._cv.wait(0.5 if left is None else min(left, 0.5))  # as Run.take
                         finally:
                             self._sleepers -= 1
                         continue

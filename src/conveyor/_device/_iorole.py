@@ -37,6 +37,8 @@ __all__ = ["MAIN", "IORole", "Poller"]
 #: The serve_forever thread, as holder of the role (devices are 0, 1, ...).
 MAIN = -1
 _IDLE_NS = 1_000_000_000
+#: The longest the serve_forever thread sleeps at a time while the server is idle.
+_ASLEEP_S = 0.5
 
 
 class IORole:
@@ -71,7 +73,10 @@ class IORole:
                 active = holder is not None and holder != MAIN and (
                     busy or now - self._last_run_ns < _IDLE_NS)
                 self._main_asleep = not active
-                self._cv.wait(self.grace_s if active else None)
+                # Asleep, still never for long: Python runs signal handlers in this (the
+                # main) thread only, and a SIGTERM the kernel hands another thread (seen
+                # after SIGSTOP and SIGCONT) does not interrupt this wait.
+                self._cv.wait(self.grace_s if active else _ASLEEP_S)
                 self._main_asleep = False
             else:
                 return False

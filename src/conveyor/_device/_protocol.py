@@ -363,6 +363,9 @@ class FrameReader:
                 raise ServerGone("the connection was closed by the other side")
             try:
                 self.feed_from_socket()
+            except TimeoutError as exc:
+                raise ServerGone("the other side did not answer in time (the socket's "
+                                 f"timeout, {self._sock.gettimeout()} s)") from exc
             except OSError as exc:
                 raise ServerGone(f"the connection broke: {exc}") from exc
 

@@ -16,6 +16,8 @@ from typing import Any
 __all__ = ["CANCEL", "DROP", "ERR", "OK", "Run"]
 
 OK, ERR, DROP, CANCEL = "ok", "err", "drop", "cancel"
+#: The longest a caller waits at a time without looking for a signal's handler to run.
+SIGNAL_CHECK_S = 0.5
 Outcome = tuple[str, Any]
 
 
@@ -220,7 +222,9 @@ class Run:
                     return ready
                 if self.done_locked() or self.cancelled or not block:
                     return None
-                self._ready_cv.wait()
+                # Bounded: a Ctrl-C the kernel hands another thread interrupts no wait
+                # here, and Python runs its handler only when this (main) thread wakes.
+                self._ready_cv.wait(SIGNAL_CHECK_S)
 
     @property
     def complete(self) -> bool:
