@@ -463,3 +463,22 @@ def test_sigterm_handed_to_another_thread_still_stops_an_idle_server(sdir: Path)
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (sdir / "s.sock").exists()  # a drained stop: the socket is removed
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_a_reader_finding_its_socket_closed_by_another_thread_lets_the_link_go(
+        sdir: Path) -> None:
+    # The reader's poll met the socket another thread had just closed (descriptor -1):
+    # the ValueError killed the reader thread, and every waiter hung.
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    with ServeProcess(path) as srv, conveyor.connect(path, reconnect=True) as client:
+        client.infer("face_detection_short_range", img)
+        link = client._link
+        assert link is not None
+        link.sock.close()  # as the thread that lost the connection does
+        client._read_messages(link, 0.1)  # a reader with a timeout (deadlines in use)
+        assert client._link is None
+        assert len(client.infer("face_detection_short_range", img)) == 2  # reconnected
+        srv.terminate()
+        assert srv.wait() == 0

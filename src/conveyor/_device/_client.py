@@ -481,7 +481,9 @@ class DeviceClient:
                 raise ServerGone("the device server closed the connection")
         except (ServerGone, ProtocolError) as exc:
             self._lost(link, exc)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: the socket was closed meanwhile by another thread that lost the
+            # connection (its descriptor is -1); _lost() then does nothing more.
             self._lost(link, ServerGone(f"the connection to the device server broke: {exc}"))
 
     def _wait(self, p: Pending, timeout: float | None) -> None:
