@@ -179,6 +179,8 @@ def convert_onnx(name: str) -> None:
         raise SystemExit(f"{name}: ONNX I/O {got_in} {got_out} != TFLite {want_in} {want_out}")
     canonical_names(model)
     model.ir_version = ONNX_IR_VERSION
+    # tf2onnx writes the source's absolute path here: the machine it ran on, not the model
+    model.graph.doc_string = f"converted from {src.name}"
     del model.metadata_props[:]
     for key, value in (
         ("converted_from", src.name),
