@@ -84,3 +84,22 @@ def kill_at(items: Sequence[Any], at: int, pid: int) -> Iterator[Any]:
         if i == at:
             os.kill(pid, signal.SIGKILL)
         yield item
+
+
+def watch_event_loop(period: float = 0.005) -> tuple[Any, list[float]]:
+    """In the running event loop, start a task that ticks every ``period`` and notes the
+    time between its ticks: the returned list's max is the longest the loop stood still.
+    Cancel the returned task when done."""
+    import asyncio
+
+    gaps = [0.0]
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    return asyncio.create_task(heartbeat()), gaps

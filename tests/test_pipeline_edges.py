@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import stagefns as sf
-from conftest import children, wait_for
+from conftest import children, wait_for, watch_event_loop
 
 import conveyor
 
@@ -420,17 +420,7 @@ def test_async_with_and_aclose_leave_the_event_loop_running() -> None:
         return x
 
     async def main() -> tuple[list[int], float]:
-        gaps = [0.0]
-
-        async def heartbeat() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.005)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        beat = asyncio.create_task(heartbeat())
+        beat, gaps = watch_event_loop()
         got = []
         async with conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"),
                                      conveyor.stage(stuck)) as pipe:

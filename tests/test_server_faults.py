@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import wait_for, watch_event_loop
 from test_server_support import (
     SLOW,
     FakeDevice,
@@ -313,17 +313,7 @@ def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) ->
             second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
             try:
                 async def main() -> tuple[float, BaseException | None]:
-                    gaps: list[float] = []
-
-                    async def heartbeat() -> None:
-                        last = time.monotonic()
-                        while True:
-                            await asyncio.sleep(0.01)
-                            now = time.monotonic()
-                            gaps.append(now - last)
-                            last = now
-
-                    beat = asyncio.create_task(heartbeat())
+                    beat, gaps = watch_event_loop(0.01)
                     try:
                         await client.ainfer("face_detection_short_range", img, deadline=0.5)
                         error = None

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -267,14 +266,12 @@ def _unwritable(path: Path | None) -> str:
         return "is a directory"
     if not parent.is_dir():
         return f"no such directory {parent}"
-    existed = os.path.lexists(path)
+    from .._runtime._stats import probe_writable
+
     try:
-        with open(path, "ab"):
-            pass
+        probe_writable(path)
     except OSError as exc:
         return exc.strerror or str(exc)
-    if not existed:
-        path.unlink(missing_ok=True)
     return ""
 
 

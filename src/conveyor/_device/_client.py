@@ -45,6 +45,7 @@ from .._errors import (
     ServerGone,
 )
 from .._models import base_name
+from .._runtime._run import SIGNAL_CHECK_S
 from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
@@ -508,7 +509,9 @@ class DeviceClient:
                     if link is None or self._reading:
                         self._sleepers += 1
                         try:
-                            self._cv.wait(0.5 if left is None else min(left, 0.5))  # as Run.take
+                            # bounded, as Run.take: a signal's handler runs meanwhile
+                            self._cv.wait(SIGNAL_CHECK_S if left is None
+                                          else min(left, SIGNAL_CHECK_S))
                         finally:
                             self._sleepers -= 1
                         continue

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from .._runtime._run import SIGNAL_CHECK_S
 from ._scheduler import DeviceState, Request, Scheduler
 
 __all__ = ["MAIN", "IORole", "Poller"]
@@ -37,8 +38,6 @@ __all__ = ["MAIN", "IORole", "Poller"]
 #: The serve_forever thread, as holder of the role (devices are 0, 1, ...).
 MAIN = -1
 _IDLE_NS = 1_000_000_000
-#: The longest the serve_forever thread sleeps at a time while the server is idle.
-_ASLEEP_S = 0.5
 
 
 class IORole:
@@ -76,7 +75,7 @@ class IORole:
                 # Asleep, still never for long: Python runs signal handlers in this (the
                 # main) thread only, and a SIGTERM the kernel hands another thread (seen
                 # after SIGSTOP and SIGCONT) does not interrupt this wait.
-                self._cv.wait(self.grace_s if active else _ASLEEP_S)
+                self._cv.wait(self.grace_s if active else SIGNAL_CHECK_S)
                 self._main_asleep = False
             else:
                 return False

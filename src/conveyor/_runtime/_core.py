@@ -310,6 +310,7 @@ class Core:
         # The item each thread-stage worker is running its function on, by (stage,
         # worker). One still there when close() has waited its time belongs to a thread
         # stuck in the function: close() counts it cancelled, and the thread drops it.
+        # No lock: dict.pop is atomic, so whichever of the two pops an entry owns it.
         self._holding: dict[tuple[int, int], Item] = {}
         self._settled = False  # close() has counted the stuck ones: no more are taken
         self._no_worker: dict[int, str] = {}  # why a process stage's last replacement failed
@@ -449,12 +450,11 @@ class Core:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            stuck = list(self._holding.items())
-            self._holding.clear()
-            self._settled = True
-        for (si, _), item in stuck:
-            self._cancel(si, item)  # so stats() is final now, whenever the thread returns
+        self._settled = True  # before taking the entries: a thread that adds one later
+        for key in list(self._holding):  # sees it and drops its item itself
+            held = self._holding.pop(key, None)
+            if held is not None:
+                self._cancel(key[0], held)  # so stats() is final now, whatever the thread does
         self.closed_ns = time.monotonic_ns()
         if self.tracer is not None:
             self.tracer.write()
@@ -885,12 +885,10 @@ class Core:
             assert item is not None
             start = time.monotonic_ns()
             key = (si, w)
-            with self._lock:
-                settled = self._settled
-                if not settled:
-                    self._holding[key] = item
-            if settled:  # taken just as close() finished: it will not run
-                self._cancel(si, item)
+            self._holding[key] = item
+            if self._settled:  # taken just as close() finished: it will not run
+                if self._holding.pop(key, None) is not None:
+                    self._cancel(si, item)
                 return
             failed: _Failed | None = None
             value: Any = None
@@ -898,9 +896,8 @@ class Core:
                 value = self._call(si, w, item, track)
             except _Failed as f:
                 failed = f
-            with self._lock:
-                if self._holding.pop(key, None) is None:
-                    return  # close() gave up on this thread and counted the item cancelled
+            if self._holding.pop(key, None) is None:
+                return  # close() gave up on this thread and counted the item cancelled
             if failed is not None:
                 self._stage_failed(si, item, start, failed.exc, failed.tb)
             else:

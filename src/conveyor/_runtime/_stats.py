@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RECENT_S", "DeviceStats", "RecentWindow", "StageStats", "Tracer"]
+__all__ = ["RECENT_S", "DeviceStats", "RecentWindow", "StageStats", "Tracer", "probe_writable"]
 
 #: The window of recent rates: a device's ``items_per_s_recent`` and ``duty_cycle_recent``
 #: here, and the device server's rates and duty cycles.
@@ -149,6 +149,17 @@ class DeviceStats:
             }
 
 
+def probe_writable(path: str | os.PathLike[str]) -> None:
+    """Raise the ``OSError`` that writing a file at ``path`` would meet (no such folder,
+    a folder, no permission, a read-only or pseudo file system): the file is opened for
+    appending, and removed again if that created it."""
+    existed = os.path.lexists(path)
+    with open(path, "ab"):
+        pass
+    if not existed:
+        Path(path).unlink(missing_ok=True)
+
+
 class Tracer:
     """Records complete events for a Chrome trace file (opens in Perfetto / chrome://tracing).
 
@@ -185,14 +196,9 @@ class Tracer:
             })
 
     def check(self) -> None:
-        """Raise now the ``OSError`` that writing the file at close would meet (no such
-        folder, a folder, no permission, a read-only or pseudo file system): the file is
-        opened for appending, and removed again if that created it."""
-        existed = os.path.lexists(self.path)
-        with open(self.path, "ab"):
-            pass
-        if not existed:
-            self.path.unlink(missing_ok=True)
+        """Raise now the ``OSError`` that writing the file at close would meet (see
+        :func:`probe_writable`)."""
+        probe_writable(self.path)
 
     def write(self) -> Path:
         """Write the trace file; returns its path."""
