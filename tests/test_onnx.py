@@ -100,6 +100,35 @@ def test_model_resolution(tmp_path: Path) -> None:
             resolve_onnx_model(given)
 
 
+def test_auto_runs_an_onnx_file_on_onnx_runtime_and_cpu_says_where(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    import conveyor
+    from conveyor._errors import InvalidModelError
+
+    model = tmp_path / "mine.onnx"
+    shutil.copy(BUNDLED_DIR / "face_detection_short_range.onnx", model)
+    auto = open_device("auto")
+    try:
+        runner = auto.load(model)
+        choice = auto.describe()["choices"]["mine"]
+        assert choice["device"] == "onnx:cpu" and "ONNX" in choice["why"]
+        size, (lo, hi) = MODELS["face_detection_short_range"]
+        x = image_tensor("astronaut", size, lo, hi)
+        want = open_device("cpu").load("face_detection_short_range").run([x])
+        for got, w in zip(runner.run([x]), want):
+            np.testing.assert_allclose(got, w, rtol=RTOL, atol=ATOL)
+    finally:
+        auto.close()
+    with pytest.raises(InvalidModelError, match="device 'onnx'"):
+        open_device("cpu").load(model)
+    # The pipeline's default stage device does the same through its worker.
+    with conveyor.Pipeline(conveyor.infer(model, device="auto")) as pipe:
+        (outs,) = list(pipe.map([x]))
+        assert pipe.stats()["device"]["runs_on"] == "onnx:cpu"
+    np.testing.assert_allclose(outs[0], want[0], rtol=RTOL, atol=ATOL)
+
+
 def test_describe(onnx_cpu: Any) -> None:
     facts = onnx_cpu.describe()
     assert facts["backend"] == "onnxruntime" and facts["provider"] == "CPUExecutionProvider"

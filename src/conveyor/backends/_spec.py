@@ -14,7 +14,7 @@ Valid forms::
     onnx:cpu            ONNX Runtime, CPU execution provider (``onnx`` alone means this)
     onnx:cuda           ONNX Runtime, CUDA execution provider (onnx:cuda:N for GPU N)
     auto                an Edge TPU when one is present and the model has an Edge TPU build,
-                        else the CPU
+                        else the CPU; an .onnx file on ONNX Runtime's CPU provider
 """
 
 from __future__ import annotations

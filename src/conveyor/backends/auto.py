@@ -1,5 +1,7 @@
 """``auto``: the Edge TPU when one is present and the model has an Edge TPU build, else the CPU.
 
+An ``.onnx`` file runs on ONNX Runtime's CPU execution provider (LiteRT cannot read it).
+
 The choice is made per model at :meth:`AutoDevice.load` and recorded with its reason, which
 :meth:`AutoDevice.describe` reports. The Edge TPU is opened (and so locked) only when a model
 is about to run on it; if opening it fails (held by another process, runtime missing), the
@@ -35,6 +37,7 @@ class AutoDevice(Device):
         self._root = root
         self._cpu = LiteRTDevice(DeviceSpec("cpu"))
         self._tpu: EdgeTPUDevice | None = None
+        self._onnx: Device | None = None
         self._tpu_error = ""
         self.choices: dict[str, tuple[str, str]] = {}
         devices = discover_edgetpus(root)
@@ -66,6 +69,8 @@ class AutoDevice(Device):
             DeviceError: the chosen backend failed while loading.
         """
         path = resolve_model(model)
+        if path.suffix.lower() == ".onnx":
+            return self._load_onnx(path)
         plain, compiled = edgetpu_pair(path)
         name = base_name(plain or compiled or path)
         why = self._no_tpu
@@ -89,6 +94,18 @@ class AutoDevice(Device):
         self.choices[name] = ("cpu", f"LiteRT on the CPU: {why}")
         return runner
 
+    def _load_onnx(self, path: Path) -> Runner:
+        if self._onnx is None:
+            from .onnx import OnnxDevice
+
+            self._onnx = OnnxDevice(DeviceSpec("onnx", bus="cpu"))
+        runner = self._onnx.load(path)
+        self.choices[base_name(path)] = (
+            "onnx:cpu",
+            "ONNX Runtime on the CPU: an ONNX model (neither LiteRT nor the Edge TPU reads it)",
+        )
+        return runner
+
     def describe(self) -> dict[str, Any]:
         """What was chosen for each loaded model and why, and the Edge TPUs seen."""
         return {
@@ -100,7 +117,10 @@ class AutoDevice(Device):
         }
 
     def close(self) -> None:
-        """Close the Edge TPU if it was opened. Idempotent."""
+        """Close the Edge TPU if it was opened, and ONNX Runtime's device. Idempotent."""
+        if self._onnx is not None:
+            self._onnx.close()
+            self._onnx = None
         if self._tpu is not None:
             self._tpu.close()
             self._tpu = None

@@ -36,9 +36,12 @@ def check_tflite_file(path: Path) -> bytes:
     data = path.read_bytes()
     # A TFLite flatbuffer carries the file identifier "TFL3" at byte offset 4.
     if len(data) < 8 or data[4:8] != b"TFL3":
+        hint = ""
+        if path.suffix.lower() == ".onnx":
+            hint = "; an ONNX model runs on ONNX Runtime: device 'onnx' (or 'auto')"
         raise InvalidModelError(
             f"{path} is not a TFLite model: expected the identifier b'TFL3' at byte 4, "
-            f"found {data[4:8]!r} ({len(data)} bytes)"
+            f"found {data[4:8]!r} ({len(data)} bytes){hint}"
         )
     return data
 
