@@ -154,8 +154,15 @@ def probe_writable(path: str | os.PathLike[str]) -> None:
     a folder, no permission, a read-only or pseudo file system): the file is opened for
     appending, and removed again if that created it."""
     existed = os.path.lexists(path)
-    with open(path, "ab"):
-        pass
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # Some pseudo files accept the open and fail the seek or close that follows
+        # (/proc: EINVAL), an error that would otherwise not say which file.
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
     if not existed:
         Path(path).unlink(missing_ok=True)
 
