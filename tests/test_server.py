@@ -378,3 +378,23 @@ def test_pipeline_uses_the_shared_server(sdir: Path) -> None:
             assert status.status()["totals"]["requests"]["ok"] == 2 * len(imgs)
         finally:
             status.close()
+
+
+def test_max_clients_refuses_the_next_connection_and_keeps_serving(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    x = np.zeros(SHAPE, np.float32)
+    with ServeProcess(path, "--max-clients", "2"):
+        first, second = conveyor.connect(path), conveyor.connect(path)
+        try:
+            with pytest.raises(conveyor.ServerError, match=r"too many connections \(at most 2\)"):
+                conveyor.connect(path)
+            assert second.status()["server"]["max_clients"] == 2
+            first.infer(MODEL, x)  # the two admitted are served as before
+            second.close()
+            third = conveyor.connect(path)  # a freed place is taken again
+            third.infer(MODEL, x)
+            third.close()
+            assert first.status()["totals"]["rejected_connections"] == 1
+        finally:
+            first.close()
+            second.close()

@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with Busy (default 256)")
     parser.add_argument("--max-inflight", metavar="N", type=_positive, default=32,
                         help="requests one client may have in flight (default 32)")
+    parser.add_argument("--max-clients", metavar="N", type=_positive, default=256,
+                        help="connections served at once, monitors included; more are "
+                        "refused with a message saying so (default 256)")
     parser.add_argument("--realtime", metavar="PRIO", type=_priority, nargs="?", const=1,
                         default=0, help="run the device threads under SCHED_FIFO at PRIO "
                         "(1-99, default 1 when given; see above)")
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         return serve(
             socket_path=args.socket, devices=devices, models=models, group=args.group,
             allow_users=args.allow_users, max_queue=args.max_queue,
-            max_inflight=args.max_inflight, metrics_port=args.metrics_port, ready=ready,
+            max_inflight=args.max_inflight, max_clients=args.max_clients,
+            metrics_port=args.metrics_port, ready=ready,
             realtime=args.realtime, stop_on_eof=0 if args.exit_with_stdin else None,
         )
     except ConveyorError as exc:

@@ -193,6 +193,7 @@ def serve(
     allow_users: Sequence[str] = (),
     max_queue: int = 256,
     max_inflight: int = 32,
+    max_clients: int = 256,
     metrics_port: int | None = None,
     ready: Callable[[Path], None] | None = None,
     realtime: int = 0,
@@ -231,6 +232,7 @@ def serve(
         raise
     server = DeviceServer(
         opened, list(models), max_queue=max_queue, max_inflight=max_inflight,
+        max_clients=max_clients,
         allowed_uids=uids, allowed_gids=[] if gid is None else [gid], realtime=realtime,
     )
     metrics = None

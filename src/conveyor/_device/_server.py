@@ -133,8 +133,8 @@ class DeviceServer:
             raise ValueError("a device server needs at least one device")
         if not models:
             raise ValueError("a device server needs at least one model")
-        if max_queue < 1 or max_inflight < 1:
-            raise ValueError("max_queue and max_inflight must be at least 1")
+        if max_queue < 1 or max_inflight < 1 or max_clients < 1:
+            raise ValueError("max_queue, max_inflight and max_clients must be at least 1")
         self.scheduler = Scheduler(max_queue, group_slack_ns, group_limit)
         self.max_inflight = max_inflight
         self.max_clients = max_clients
@@ -893,7 +893,7 @@ class DeviceServer:
                 "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
                 "socket": self.socket_path, "uptime_s": now - self.started,
                 "max_queue": self.scheduler.max_queue, "max_inflight": self.max_inflight,
-                "stopping": self.stopping, "window_s": WINDOW_S,
+                "max_clients": self.max_clients, "stopping": self.stopping, "window_s": WINDOW_S,
             },
             "devices": devices,
             "models": models,
