@@ -533,3 +533,25 @@ def test_devices_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> No
     assert conveyor.cli.main(["devices"]) == 0
     text = capsys.readouterr().out
     assert "sim-edgetpu" in text and "simulation" in text and "LiteRT" in text
+
+
+def test_stages_naming_one_edgetpu_differently_share_its_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import conveyor
+    from conveyor._runtime._core import Core
+    from conveyor.backends import _discovery
+
+    usb = _discovery.EdgeTPUInfo("usb", 0, "/sys/bus/usb/devices/2-1", "ready", None)
+    pci = _discovery.EdgeTPUInfo("pci", 0, "/sys/class/apex/apex_0", "ready", "/dev/apex_0")
+    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [usb, pci])
+    devices = ["edgetpu", "edgetpu:usb:0", "edgetpu:pci", "edgetpu:1", "edgetpu:0", "cpu"]
+    stages = [conveyor.infer("face_detection_short_range", device=d) for d in devices]
+    core = Core(stages, maxsize=4, live=False, trace=None, inflight=2)
+    # edgetpu, edgetpu:0 and edgetpu:usb:0 are the first (USB) device; edgetpu:1 and
+    # edgetpu:pci the second: one worker each, as the device serves one process.
+    assert sorted(core._device_groups()) == [[0, 1, 4], [2, 3], [5]]
+    # With nothing found, specs still group by how they are written.
+    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [])
+    core = Core(stages, maxsize=4, live=False, trace=None, inflight=2)
+    assert sorted(core._device_groups()) == [[0, 4], [1], [2], [3], [5]]

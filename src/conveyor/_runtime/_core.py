@@ -381,11 +381,12 @@ class Core:
         exclusive device (an Edge TPU, real or simulated, or ``auto``, which may pick
         one) share one worker that loads all their models; any other stage has its own
         (two CPU workers run side by side); a stage of a server has none."""
-        from ..backends import parse_device
+        from ..backends import _discovery, parse_device
         from ..backends._spec import SIM_PROFILES
 
         groups: dict[Any, list[int]] = {}
         profiles: dict[Any, tuple[str, str]] = {}
+        edgetpus: list[Any] | None = None
         for si, d in enumerate(self.defs):
             if d.kind != "infer":
                 continue
@@ -399,6 +400,14 @@ class Core:
                     # One device, however it is named: edgetpu = edgetpu:0, sim-edgetpu =
                     # sim-edgetpu:0 = sim-edgetpu:usb3 (the default profile).
                     key = (spec.kind, spec.bus, spec.index or 0)
+                    if spec.kind == "edgetpu":
+                        # edgetpu:N counts every bus, edgetpu:usb:N one: the first USB
+                        # Edge TPU may be edgetpu, edgetpu:0 and edgetpu:usb:0 at once.
+                        if edgetpus is None:
+                            edgetpus = _discovery.discover_edgetpus()
+                        found = _discovery.select_edgetpu(spec, edgetpus)
+                        if found is not None:
+                            key = ("edgetpu", found.bus, found.index)
                     profile = spec.profile or SIM_PROFILES[0]
                     seen = profiles.setdefault(key, (profile, d.name))
                     if seen[0] != profile:

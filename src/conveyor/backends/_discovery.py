@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._spec import DeviceSpec
 
 __all__ = [
     "USB_IDS",
@@ -27,6 +32,7 @@ __all__ = [
     "Holder",
     "discover_edgetpus",
     "find_holders",
+    "select_edgetpu",
     "what_was_searched",
 ]
 
@@ -215,3 +221,11 @@ def find_holders(
                 holders.append(Holder(pid, _read(proc / str(pid) / "comm") or "?"))
                 break
     return holders
+
+
+def select_edgetpu(spec: DeviceSpec, devices: Sequence[EdgeTPUInfo]) -> EdgeTPUInfo | None:
+    """The device an ``edgetpu`` spec names among ``devices`` (discovery order), or None:
+    ``edgetpu[:N]`` counts every bus, ``edgetpu:usb[:N]`` and ``edgetpu:pci[:N]`` one."""
+    pool = [d for d in devices if not spec.bus or d.bus == spec.bus]
+    index = spec.index or 0
+    return pool[index] if index < len(pool) else None

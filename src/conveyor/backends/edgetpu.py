@@ -40,7 +40,13 @@ from .._errors import (
 )
 from .._models import COMPILED_SUFFIX, base_name, resolve_model
 from ._base import Device, Runner
-from ._discovery import EdgeTPUInfo, discover_edgetpus, find_holders, what_was_searched
+from ._discovery import (
+    EdgeTPUInfo,
+    discover_edgetpus,
+    find_holders,
+    select_edgetpu,
+    what_was_searched,
+)
 from ._lock import DeviceLock, acquire_device_lock
 from ._spec import DeviceSpec
 from .litert import LiteRTRunner, is_edgetpu_model
@@ -128,13 +134,6 @@ def _device_list(devices: Sequence[EdgeTPUInfo]) -> str:
     if not devices:
         return "none"
     return ", ".join(f"{d.name} ({d.path}, {d.state})" for d in devices)
-
-
-def select_edgetpu(spec: DeviceSpec, devices: Sequence[EdgeTPUInfo]) -> EdgeTPUInfo | None:
-    """The device ``spec`` names among ``devices`` (discovery order), or None."""
-    pool = [d for d in devices if not spec.bus or d.bus == spec.bus]
-    index = spec.index or 0
-    return pool[index] if index < len(pool) else None
 
 
 def edgetpu_pair(path: Path) -> tuple[Path | None, Path | None]:
