@@ -111,3 +111,18 @@ def sleep_for(seconds: float) -> float:
 def first_output_as_input(outputs: list[np.ndarray]) -> np.ndarray:
     """A blank frame for the short-range detector (the next stage runs it again)."""
     return np.zeros((1, 128, 128, 3), np.float32)
+
+
+def fork_then_die_on_5(item: tuple[int, str]) -> int:
+    """At item 5: fork a helper that sleeps (holding a copy of the worker's link), note
+    its pid in the file ``item[1]``, then die by SIGKILL."""
+    x, pidfile = item
+    if x == 5:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        with open(pidfile, "w") as f:
+            f.write(str(pid))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x

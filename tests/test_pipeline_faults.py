@@ -33,6 +33,25 @@ def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
     assert st["restarts"] == 1 and st["errors"] == 1 and st["out"] == 11
 
 
+def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pidfile = tmp_path / "helper.pid"
+    started = time.monotonic()
+    try:
+        with conveyor.Pipeline(conveyor.stage(sf.fork_then_die_on_5, kind="process"),
+                               on_error="return") as pipe:
+            out = list(pipe.map((i, str(pidfile)) for i in range(10)))
+        took = time.monotonic() - started
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    # The helper holds a copy of the worker's end of the link, so no end of stream comes
+    # while it lives (60 s): the worker's own exit must be what tells.
+    assert took < 20, f"the worker's death was noticed after {took:.1f} s"
+    assert [o for i, o in enumerate(out) if i != 5] == [i for i in range(10) if i != 5]
+    assert isinstance(out[5], conveyor.StageError)
+    assert "SIGKILL" in str(out[5].__cause__)
+
+
 def test_a_replaced_process_worker_gets_a_trace_track_of_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 

@@ -9,7 +9,9 @@ traceback text. Exits on end of stream or when the lifeline to the parent breaks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing.spawn
+import os
 import pickle
 import socket
 import sys
@@ -54,6 +56,17 @@ def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
     return blob, type(exc).__qualname__, message, tb
 
 
+def _let_go(link: MsgSocket, lifeline: int) -> None:
+    """In a process the stage's function forks: close its copies of this worker's link
+    and lifeline. A copy of the link kept open would hide the worker's death from the
+    parent (no end of stream while the copy lives), and what the copy might send would
+    mix with the worker's messages."""
+    with contextlib.suppress(OSError):
+        os.close(link.sock.detach())
+    with contextlib.suppress(OSError):
+        os.close(lifeline)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor-stage-worker")
     parser.add_argument("--fd", type=int, required=True)
@@ -61,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     watch_lifeline(args.lifeline)
     link = MsgSocket(socket.socket(fileno=args.fd))
+    os.register_at_fork(after_in_child=lambda: _let_go(link, args.lifeline))
     try:
         kind, _, setup, _, _ = link.recv()
         if kind != SETUP:
