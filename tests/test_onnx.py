@@ -159,11 +159,13 @@ def test_onnx_cuda_agrees_with_onnx_cpu(onnx_cpu: Any) -> None:
                 np.testing.assert_allclose(g, c, rtol=RTOL, atol=ATOL, err_msg=f"{model} {name}")
 
 
-@pytest.mark.parametrize("content", [b"hello, not a model\n", b""])
+@pytest.mark.parametrize("content", [b"hello, not a model\n", b"truncated", b"", b"\x08\x07"])
 def test_corrupt_onnx_file_is_an_invalid_model(tmp_path: Path, content: bytes) -> None:
     from conveyor import InvalidModelError
 
-    data = content or (BUNDLED_DIR / "face_landmark.onnx").read_bytes()[:5000]
+    data = content
+    if content == b"truncated":
+        data = (BUNDLED_DIR / "face_landmark.onnx").read_bytes()[:5000]
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(data)
     with pytest.raises(InvalidModelError, match=str(bad)):

@@ -211,7 +211,10 @@ class OnnxDevice(Device):
                 str(path), options, providers=[(self.provider, self._options)]
             )
         except self._errors as exc:
-            if type(exc).__name__ in _BAD_MODEL:
+            if type(exc).__name__ in _BAD_MODEL or (
+                # an empty or graph-less file: "Load model from P failed:No graph was found"
+                type(exc).__name__ == "InvalidArgument" and "Load model from" in str(exc)
+            ):
                 raise InvalidModelError(
                     f"{path} is not a model ONNX Runtime can load: {exc}"
                 ) from exc
