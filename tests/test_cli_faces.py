@@ -491,3 +491,44 @@ def test_detect_skips_a_named_pipe_in_a_folder(
     out, err = capsys.readouterr()
     assert [r["source"].endswith("a.png") for r in json_lines(out)] == [True]
     assert f"cannot read {tmp_path / 'b.png'}: not a regular file" in err
+
+
+def test_detect_reports_an_image_over_pillows_pixel_limit_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = tmp_path / "small.png"
+    Image.new("RGB", (30, 30), "gray").save(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # astronaut is now a "bomb"
+    assert main("detect", ASTRONAUT, small, "--json") == 1
+    out, err = capsys.readouterr()
+    (record,) = json_lines(out)
+    assert record["source"] == str(small)
+    assert err.startswith(f"conveyor: cannot read {ASTRONAUT}: ") and "Traceback" not in err
+    from conveyor.apps.faces import ImageReadError, load_image
+
+    with pytest.raises(ImageReadError, match="exceeds limit"):
+        load_image(ASTRONAUT)
+
+
+def test_detect_out_on_the_inputs_folder_never_overwrites_an_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(ASTRONAUT, tmp_path / "a.png")
+    before = (tmp_path / "a.png").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for out in (tmp_path, "."):
+        assert main("detect", tmp_path / "a.png", "--out", out) == 0
+        assert (tmp_path / "a.png").read_bytes() == before
+    # The first run wrote a-2.png; the second took a-2.png as output, not as input.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a-2.png", "a.png"]
+    drawn = np.asarray(Image.open(tmp_path / "a-2.png").convert("RGB"))
+    assert not np.array_equal(drawn, np.asarray(Image.open(ASTRONAUT).convert("RGB")))
+
+
+def test_detect_an_empty_path_is_not_the_current_folder(
+    media: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(media)  # full of images, none of which must be read
+    assert main("detect", "", "--json") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "cannot read '' (an empty path)" in err

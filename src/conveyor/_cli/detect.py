@@ -3,16 +3,19 @@
 Frames go through a conveyor pipeline: pre-processing in worker processes, the detector on
 the device, post-processing (and, with --landmarks, the landmark model on the same device)
 in a thread. A folder is searched recursively, in sorted order, for image and video files.
-Boxes and keypoints are relative to the image (0..1). A file that cannot be read is reported
-on stderr (conveyor: cannot read PATH: reason) and the others are still processed; the exit
-status is then 1, as it is when a folder given holds no image or video file.
+Boxes and keypoints are relative to the image (0..1 inside it; for a face cut by the
+image's edge they reach past it, below 0 or above 1, as the model estimates). A file that
+cannot be read is reported on stderr (conveyor: cannot read PATH: reason) and the others
+are still processed; the exit status is then 1, as it is when a folder given holds no
+image or video file.
 
 --json prints one line per frame:
   {"source": PATH, "frame": N, "width": W, "height": H,
    "faces": [{"xmin", "ymin", "xmax", "ymax", "score",
               "keypoints": [[x, y] x6], "landmarks": [[x, y, z] x468] (--landmarks)}]}
-(boxes, keypoints and landmarks relative to the image, 0..1; faces best first; frame 0
-for a still image).
+(boxes, keypoints and landmarks relative to the image, 0..1 inside it; faces best first;
+frame 0 for a still image). With --out, an annotated image never replaces an input: it is
+named NAME-2.png instead.
 
 examples:
   conveyor detect photo.jpg
@@ -249,6 +252,10 @@ def expand_sources(paths: Sequence[str], empty: list[str] | None = None,
     """
     sources: list[Source] = []
     for given in paths:
+        if not given:  # Path("") is the current folder: an unset "$FILE" must not mean it
+            if unreadable is not None:
+                unreadable.append("'' (an empty path)")
+            continue
         root = Path(given)
         if not root.is_dir():
             sources.append(Source(root, given, root.stem or "image"))
@@ -297,18 +304,28 @@ def writable_folder(path: Path) -> str | None:
     return None
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 class OutputNames:
     """Unique output paths under a folder: ``NAME.png`` for a still, ``NAME/NNNNNN.png``
     for each frame of an animation or video."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, inputs: Sequence[Path] = ()) -> None:
         self.out = out
         self._used: set[str] = set()
+        self._inputs = {ident for p in inputs if (ident := _file_id(p)) is not None}
 
     def base(self, name: str) -> str:
-        """A name not given out before: ``name``, else ``name-2``, ``name-3``..."""
+        """A name not given out before: ``name``, else ``name-2``, ``name-3``...; never
+        one whose still would overwrite an input (``--out`` on the inputs' own folder)."""
         candidate, n = name, 1
-        while candidate in self._used:
+        while candidate in self._used or _file_id(self.out / f"{candidate}.png") in self._inputs:
             n += 1
             candidate = f"{name}-{n}"
         self._used.add(candidate)
@@ -507,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
-    names = OutputNames(args.out) if args.out is not None else None
+    names = OutputNames(args.out, [s.path for s in sources]) if args.out is not None else None
     events: deque[_FrameIn | _FileEnd] = deque()
     console = Console(len(sources))
     line = json_line if args.json else text_line

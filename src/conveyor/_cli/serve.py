@@ -37,22 +37,29 @@ from ..backends import parse_device
 __all__ = ["add_arguments", "run"]
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _priority(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if not 1 <= value <= 99:
         raise argparse.ArgumentTypeError(f"a SCHED_FIFO priority is 1 to 99, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
     return value

@@ -34,8 +34,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg"})
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
-# What Pillow raises on a truncated or malformed file, besides UnidentifiedImageError.
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+# What Pillow raises on a truncated or malformed file, besides UnidentifiedImageError, and
+# on an image over its decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 StrPath = str | os.PathLike[str]
 
