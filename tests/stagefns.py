@@ -126,3 +126,16 @@ def fork_then_die_on_5(item: tuple[int, str]) -> int:
             f.write(str(pid))
         os.kill(os.getpid(), signal.SIGKILL)
     return x
+
+
+def detection_input(x: int) -> np.ndarray:
+    return np.zeros((1, 128, 128, 3), np.float32)
+
+
+def landmark_input(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.zeros((1, 192, 192, 3), np.float32)
+
+
+def slow_count(outputs: list[np.ndarray]) -> int:
+    time.sleep(0.003)
+    return len(outputs)

@@ -477,3 +477,28 @@ def test_live_mode_keeps_the_newest_frames_when_the_caller_is_behind() -> None:
         items = pipe.stats()["items"]
     assert got == sorted(got) and got[-1] == 29, got
     assert items["admitted"] == 30 and items["dropped"] == 30 - len(got)
+
+
+@pytest.mark.parametrize("device", ["sim-edgetpu", "cpu"])
+def test_two_inference_stages_with_a_slow_consumer_never_stall(
+    device: str, no_leaks: None
+) -> None:
+    # Several threads wait for each inference stage's device credit. A credit given back
+    # by one stage once woke a waiter of the other stage, who slept on, and the pipeline
+    # stalled for good (detection -> landmarks, as in the README).
+    done = threading.Event()
+    with conveyor.Pipeline(
+        conveyor.stage(sf.detection_input, workers=3),
+        conveyor.infer("face_detection_short_range", device=device),
+        conveyor.stage(sf.landmark_input, workers=2),
+        conveyor.infer("face_landmark", device=device),
+        conveyor.stage(sf.slow_count),
+    ) as pipe:
+        watchdog = threading.Timer(30, pipe.close)  # a stall fails the test, not the suite
+        watchdog.start()
+        try:
+            out = list(pipe.map(range(200)))
+            done.set()
+        finally:
+            watchdog.cancel()
+    assert done.is_set() and out == [2] * 200  # face_landmark has two outputs

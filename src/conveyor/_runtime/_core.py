@@ -315,7 +315,11 @@ class Core:
         self._settled = False  # close() has counted the stuck ones: no more are taken
         self._no_worker: dict[int, str] = {}  # why a process stage's last replacement failed
         self._credit = [inflight] * len(stages)
-        self._credit_cv = threading.Condition()
+        # One condition per stage on one lock: a credit given back must wake a waiter of
+        # its own stage (a shared condition's notify() could wake another stage's waiter,
+        # which sleeps on, and two inference stages then stalled for good).
+        self._credit_lock = threading.Lock()
+        self._credit_cvs = [threading.Condition(self._credit_lock) for _ in stages]
 
     # --- start and stop -------------------------------------------------------------
 
@@ -437,8 +441,9 @@ class Core:
             if self.closing:
                 return
             self.closing = True
-        with self._credit_cv:
-            self._credit_cv.notify_all()
+        with self._credit_lock:
+            for cv in self._credit_cvs:
+                cv.notify_all()
         for ch in self.channels:
             for item in ch.abort():
                 item.run.deliver(item.index, CANCEL)
@@ -609,20 +614,22 @@ class Core:
     # --- the inference stage: submit without waiting, finish in the reply callback ----
 
     def _take_credit(self, si: int) -> bool:
-        with self._credit_cv:
+        cv = self._credit_cvs[si]
+        with cv:
             while self._credit[si] <= 0:
                 if self.closing:
                     return False
-                self._credit_cv.wait()
+                cv.wait()
             if self.closing:
                 return False
             self._credit[si] -= 1
             return True
 
     def _give_credit(self, si: int) -> None:
-        with self._credit_cv:
+        cv = self._credit_cvs[si]
+        with cv:
             self._credit[si] += 1
-            self._credit_cv.notify()
+            cv.notify()
 
     def _take(self, si: int, block: bool = True) -> Item | None:
         """The next item for stage ``si`` whose run is still wanted, counted as in; None
