@@ -502,3 +502,17 @@ def test_two_inference_stages_with_a_slow_consumer_never_stall(
         finally:
             watchdog.cancel()
     assert done.is_set() and out == [2] * 200  # face_landmark has two outputs
+
+
+def test_a_cancelled_submit_future_counts_as_done_for_wait_and_as_completed() -> None:
+    from concurrent.futures import as_completed
+
+    with conveyor.Pipeline(conveyor.stage(sf.nap)) as pipe:  # 0.1 s an item, one worker
+        futs = [pipe.submit(i) for i in range(6)]
+        cancelled = futs[2:]
+        assert all(f.cancel() for f in cancelled)
+        started = time.monotonic()
+        done, pending = wait(cancelled, timeout=5)
+        assert not pending and time.monotonic() - started < 1
+        assert set(as_completed(cancelled, timeout=5)) == set(cancelled)
+        assert [f.result(timeout=5) for f in futs[:2]] == [0, 1]

@@ -42,6 +42,15 @@ atexit.register(_close_at_exit)
 OnError = Literal["raise", "skip", "return"]
 
 
+def _notify_cancel(fut: Future[Any]) -> None:
+    """A submit() Future's done-callback: a Future cancelled (by its caller, or by live
+    mode) tells the waiters of ``wait()`` and ``as_completed()``, which only
+    ``set_running_or_notify_cancel`` reaches, as an executor does before it would run it."""
+    if fut.cancelled():
+        with contextlib.suppress(RuntimeError):  # told already
+            fut.set_running_or_notify_cancel()
+
+
 def _call_if_alive(method: weakref.WeakMethod[Any], index: int, kind: str,
                    value: Any) -> None:
     fn = method()
@@ -557,12 +566,16 @@ class Pipeline:
         Blocks while the first channel is full (backpressure). The Future raises
         StageError if the item fails, PipelineClosedError if the pipeline closes first;
         in live mode (``drop="oldest"``) a dropped item's Future is cancelled.
+        ``cancel()`` on the Future succeeds until the outcome is in, and wakes
+        ``concurrent.futures.wait()`` and ``as_completed()`` as an executor's does; the
+        item itself is not recalled (it runs, and its outcome is dropped).
         Submitted items are numbered in the order of ``submit()`` calls over the
         pipeline's life (0, 1, 2...): a StageError's ``.index`` is that number.
         """
         core = self._ensure()
         self._refuse_reentry(core, "submit")
         fut: Future[Any] = Future()
+        fut.add_done_callback(_notify_cancel)
         with self._lock:
             if self._closed:
                 raise PipelineClosedError("the pipeline is closed")
@@ -600,8 +613,7 @@ class Pipeline:
         elif kind == ERR:
             fut.set_exception(value)
         elif kind == DROP:  # live mode dropped it: cancelled, as if the caller had
-            if fut.cancel():
-                fut.set_running_or_notify_cancel()  # wakes wait() and as_completed() too
+            fut.cancel()  # _notify_cancel wakes wait() and as_completed()
         elif kind == CANCEL:
             fut.set_exception(PipelineClosedError("the pipeline was closed"))
 
