@@ -516,3 +516,24 @@ def test_a_cancelled_submit_future_counts_as_done_for_wait_and_as_completed() ->
         assert not pending and time.monotonic() - started < 1
         assert set(as_completed(cancelled, timeout=5)) == set(cancelled)
         assert [f.result(timeout=5) for f in futs[:2]] == [0, 1]
+
+
+def test_a_second_close_waits_for_the_first_without_holding_it_up() -> None:
+    pipe = conveyor.Pipeline(conveyor.stage(sf.sleep_for)).start()  # a thread stage
+    futs = [pipe.submit(5.0) for _ in range(6)]  # the first holds the stage for 5 s
+    assert wait_for(lambda: pipe.stats()["stages"]["sleep_for"]["in"] == 1)
+    first = threading.Thread(target=pipe.close)
+    started = time.monotonic()
+    first.start()
+    time.sleep(0.05)
+    pipe.close()  # as leaving the `with` after a close() from elsewhere
+    second = time.monotonic() - started
+    # It returned once the first had finished: every Future failed, the figures final.
+    assert all(f.done() for f in futs), [f for f in futs if not f.done()]
+    first.join(5)
+    took = time.monotonic() - started
+    assert second < 1.8 and took < 1.8, (second, took)
+    for f in futs:
+        assert isinstance(f.exception(), conveyor.PipelineClosedError)
+    st = pipe.stats()["stages"]["sleep_for"]
+    assert st["in"] == st["out"] + st["errors"] + st["cancelled"]

@@ -293,24 +293,27 @@ class Pipeline:
         has finished, so that ``stats()`` is final then.
         """
         with self._lock:
-            if self._closed:
-                if self._closer is not threading.current_thread():
-                    # Bounded: a callback of a Future this close() fails (it runs in
-                    # the closing thread, or in one that it joins) must not hang.
-                    self._close_done.wait(2.0)
-                return
-            self._closed = True
-            self._closer = threading.current_thread()
-            core, self._core = self._core, None
-            self._final = core
-            _OPEN.discard(self)
-            runs = list(self._runs)
-            futures, self._futures = self._futures, {}
-            if self._forked():
-                # A forked child's copy: its workers and threads are the parent's, and
-                # closing would end them for the parent. Only this copy is let go of.
-                self._close_done.set()
-                return
+            second = self._closed
+            if not second:
+                self._closed = True
+                self._closer = threading.current_thread()
+                core, self._core = self._core, None
+                self._final = core
+                _OPEN.discard(self)
+                runs = list(self._runs)
+                futures, self._futures = self._futures, {}
+                if self._forked():
+                    # A forked child's copy: its workers and threads are the parent's,
+                    # and closing would end them for the parent. Only this copy is let go.
+                    self._close_done.set()
+                    return
+        if second:
+            if self._closer is not threading.current_thread():
+                # Not under the lock, which the first close() needs to finish. Bounded:
+                # a callback of a Future the first one fails (it runs in the closing
+                # thread, or in one that it joins) must not hang.
+                self._close_done.wait(2.0)
+            return
         try:
             for run in runs:
                 run.cancel()
@@ -319,10 +322,12 @@ class Pipeline:
                     ch.wake()
                 core.close()
         finally:
-            self._close_done.set()
-            for fut in futures.values():
-                if not fut.done():
-                    fut.set_exception(PipelineClosedError("the pipeline was closed"))
+            try:
+                for fut in futures.values():
+                    if not fut.done():
+                        fut.set_exception(PipelineClosedError("the pipeline was closed"))
+            finally:
+                self._close_done.set()  # a second close() returns with the futures failed
 
     def __enter__(self) -> Pipeline:
         return self.start()
