@@ -512,7 +512,7 @@ def test_a_cancelled_submit_future_counts_as_done_for_wait_and_as_completed() ->
         cancelled = futs[2:]
         assert all(f.cancel() for f in cancelled)
         started = time.monotonic()
-        done, pending = wait(cancelled, timeout=5)
+        _, pending = wait(cancelled, timeout=5)
         assert not pending and time.monotonic() - started < 1
         assert set(as_completed(cancelled, timeout=5)) == set(cancelled)
         assert [f.result(timeout=5) for f in futs[:2]] == [0, 1]
@@ -537,3 +537,29 @@ def test_a_second_close_waits_for_the_first_without_holding_it_up() -> None:
         assert isinstance(f.exception(), conveyor.PipelineClosedError)
     st = pipe.stats()["stages"]["sleep_for"]
     assert st["in"] == st["out"] + st["errors"] + st["cancelled"]
+
+
+@pytest.mark.parametrize("face", ["map", "amap"])
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_live_mode_never_drops_the_inputs_last_frame(face: str, max_in_flight: int) -> None:
+    # Every item in flight inside the stage (none waiting to enter it, no result unread):
+    # the new frame was dropped, the input's last one too.
+    def camera() -> Iterator[int]:
+        for i in range(40):
+            time.sleep(0.002)
+            yield i
+
+    async def acamera() -> Any:
+        for i in range(40):
+            await asyncio.sleep(0.002)
+            yield i
+
+    async def consume(pipe: conveyor.Pipeline) -> list[int]:
+        return [y async for y in pipe.amap(acamera())]
+
+    with conveyor.Pipeline(conveyor.stage(sf.nap, workers=2), drop="oldest",
+                           max_in_flight=max_in_flight) as pipe:  # nap: 0.1 s an item
+        got = list(pipe.map(camera())) if face == "map" else asyncio.run(consume(pipe))
+        items = pipe.stats()["items"]
+    assert got[-1] == 39 and got == sorted(got), got
+    assert items["dropped"] == 40 - len(got) > 0

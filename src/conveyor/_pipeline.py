@@ -543,12 +543,13 @@ class Pipeline:
 
     async def _afeed(self, core: Core, run: Run, inputs: AsyncIterable[Any]) -> None:
         index = 0
+        held: tuple[int, Any] | None = None  # live mode: see Core._admit_live_full
         try:
             async for value in inputs:
                 if run.cancelled or core.closing:
                     break
                 if core.live:
-                    core.admit_live(run, index, value)  # never waits
+                    held = core.live_next(run, index, value, held)  # never waits
                 else:
                     if not run.acquire(block=False):
                         ok = await asyncio.to_thread(run.acquire)
@@ -556,13 +557,21 @@ class Pipeline:
                             break
                     await asyncio.to_thread(core.admit, run, index, value)
                 index += 1
+                held = core.live_retry(run, held)
+            else:
+                held = core.live_retry(run, held)
+                if held is not None:  # the input's last item: it waits for room
+                    held = await asyncio.to_thread(core.live_retry, run, held, True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            core.live_let_go(run, held)
+            held = None
             run.force_admit()
             core._source_failed(run, index, exc)
             index += 1
         finally:
+            core.live_let_go(run, held)
             run.finish(index)
 
     def submit(self, item: Any) -> Future[Any]:

@@ -481,38 +481,71 @@ class Core:
         if self.live:
             dropped = self.channels[0].put(item)
             if dropped is not None:
-                self._drop(dropped)
+                self._drop(dropped.run, dropped.index)
         else:
             self.channels[0].put(item, cancelled=lambda: run.cancelled)
 
-    def admit_live(self, run: Run, index: int, value: Any) -> None:
-        """Live mode: admit one item now, never waiting (see :meth:`_admit_live_full`)."""
+    def admit_live(self, run: Run, index: int, value: Any, hold: bool = False) -> bool:
+        """Live mode: admit one item now, never waiting (see :meth:`_admit_live_full`).
+        False only with ``hold``, when there was no room: the caller holds the item."""
         if run.acquire(block=False):
             self.admit(run, index, value)
-        else:
-            self._admit_live_full(run, index, value)
+            return True
+        return self._admit_live_full(run, index, value, hold)
 
-    def _admit_live_full(self, run: Run, index: int, value: Any) -> None:
+    def _admit_live_full(self, run: Run, index: int, value: Any, hold: bool) -> bool:
         """Live mode, no token free: drop the oldest item of this run still waiting and
         admit the new one in its place; else, when the caller is behind, the oldest
-        result it has not taken (a stale frame); else drop the new one."""
+        result it has not taken (a stale frame); else (every item in flight is inside
+        a stage) drop the new one, or with ``hold`` return False: a feeder holds it until
+        the next item comes (then it is dropped) or the input ends (then it waits for
+        room), so that the input's last item is never the one dropped."""
         run.force_admit()
         victim = self.channels[0].pop_oldest_if(lambda it: it.run is run)
         if victim is None:
             if run.drop_oldest_result():
                 self.admit(run, index, value)
-                return
-            with self.stats[0].lock:
-                self.stats[0].dropped += 1
-            run.deliver(index, DROP)
-            return
-        self._drop(victim)
+                return True
+            if hold:
+                run.release_token()  # not admitted after all
+                return False
+            self._drop(run, index)
+            return True
+        self._drop(run, victim.index)
         self.admit(run, index, value)
+        return True
 
-    def _drop(self, item: Item) -> None:
+    def live_next(self, run: Run, index: int, value: Any,
+                  held: tuple[int, Any] | None) -> tuple[int, Any] | None:
+        """A feeder's new item in live mode: the item it held is stale now (dropped);
+        the new one is admitted, or returned to be held (see :meth:`_admit_live_full`)."""
+        if held is not None:
+            self._drop(run, held[0])
+        return None if self.admit_live(run, index, value, hold=True) else (index, value)
+
+    def live_retry(self, run: Run, held: tuple[int, Any] | None,
+                   block: bool = False) -> tuple[int, Any] | None:
+        """Admit the item a feeder holds if a token is free (waiting for one with
+        ``block``); what it still holds. A cancelled run's held item is dropped."""
+        if held is None:
+            return None
+        if run.acquire(block=block):
+            self.admit(run, *held)
+            return None
+        if block or run.cancelled:
+            self._drop(run, held[0])
+            return None
+        return held
+
+    def live_let_go(self, run: Run, held: tuple[int, Any] | None) -> None:
+        """The feeder stops (cancelled, closing, the input failed): drop what it holds."""
+        if held is not None:
+            self._drop(run, held[0])
+
+    def _drop(self, run: Run, index: int) -> None:
         with self.stats[0].lock:
             self.stats[0].dropped += 1
-        item.run.deliver(item.index, DROP)
+        run.deliver(index, DROP)
 
     def feed(self, run: Run, source: Iterable[Any] | Iterator[Any]) -> None:
         """Feeder thread body: pull from ``source`` lazily and admit each item.
@@ -522,6 +555,7 @@ class Core:
         """
         index = 0
         it: Iterator[Any] | None = None
+        held: tuple[int, Any] | None = None  # live mode: see _admit_live_full
         try:
             it = iter(source)
             while not run.cancelled and not self.closing:
@@ -530,20 +564,24 @@ class Core:
                 # items (the last one of the input too) with room for them.
                 if not self.live and not run.acquire():
                     break
+                held = self.live_retry(run, held)
                 try:
                     value = next(it)
                 except StopIteration:
                     if not self.live:
                         run.release_token()
+                    held = self.live_retry(run, held, block=True)
                     break
                 except Exception as exc:
+                    self.live_let_go(run, held)
+                    held = None
                     if self.live and not run.acquire(block=False):
                         run.force_admit()
                     self._source_failed(run, index, exc)
                     index += 1
                     break
                 if self.live:
-                    self.admit_live(run, index, value)
+                    held = self.live_next(run, index, value, held)
                 else:
                     self.admit(run, index, value)
                 index += 1
@@ -554,6 +592,7 @@ class Core:
             self._source_failed(run, index, exc)
             index += 1
         finally:
+            self.live_let_go(run, held)
             close = getattr(it, "close", None)
             if close is not None:
                 try:
