@@ -288,6 +288,8 @@ def test_a_forked_child_cannot_use_the_client_nor_end_it_for_the_parent(sdir: Pa
         used = _in_forked_child(lambda: client.infer("face_detection_short_range", img))
         assert used.startswith("RuntimeError: this client was connected by process")
         assert _in_forked_child(lambda: client.close() or "closed") == "closed"
+        with client._lock:  # held by a thread of the parent (its reader) at the fork
+            assert _in_forked_child(lambda: client.close() or "closed") == "closed"
         got = client.infer("face_detection_short_range", img)  # the parent's link lives on
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)

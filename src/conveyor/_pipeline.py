@@ -292,6 +292,15 @@ class Pipeline:
         leaving the ``with`` after a ``close()`` from elsewhere) returns once the first
         has finished, so that ``stats()`` is final then.
         """
+        if self._forked():
+            # A forked child's copy: its workers and threads are the parent's, and
+            # closing would end them for the parent. Only this copy is let go of, without
+            # the lock, which a thread of the parent may have held at the fork.
+            self._closed = True
+            self._core = None
+            _OPEN.discard(self)
+            self._futures = {}
+            return
         with self._lock:
             second = self._closed
             if not second:
@@ -302,11 +311,6 @@ class Pipeline:
                 _OPEN.discard(self)
                 runs = list(self._runs)
                 futures, self._futures = self._futures, {}
-                if self._forked():
-                    # A forked child's copy: its workers and threads are the parent's,
-                    # and closing would end them for the parent. Only this copy is let go.
-                    self._close_done.set()
-                    return
         if second:
             if self._closer is not threading.current_thread():
                 # Not under the lock, which the first close() needs to finish. Bounded:

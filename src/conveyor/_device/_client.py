@@ -985,6 +985,17 @@ class DeviceClient:
 
         Waits (briefly) for the background reader thread to end.
         """
+        if self._forked():
+            # A forked child's copy: let go of it without a word on the parent's
+            # connection (a goodbye or a shutdown would end it for the parent too), and
+            # without the lock, which a thread of the parent may have held at the fork:
+            # the child's copy of it would never be released.
+            if not self._closed:
+                self._closed = True
+                link, self._link = self._link, None
+                if link is not None:
+                    link.sock.close()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -992,13 +1003,6 @@ class DeviceClient:
             link = self._link
             bg = self._bg
             self._cv.notify_all()
-            if self._forked():
-                # A forked child's copy: let go of it without a word on the parent's
-                # connection (a goodbye or a shutdown would end it for the parent too).
-                self._link = None
-                if link is not None:
-                    link.sock.close()
-                return
         self._wake_async_waiters()  # they find the client closed
         if link is not None:
             try:
