@@ -154,6 +154,7 @@ def test_server_survives_the_fuzzing_with_no_leaks(server: ThreadServer) -> None
         (encode(MsgType.HELLO, b"[" * 60_000), "not valid JSON"),
         (encode(MsgType.HELLO, b"\xff\xfe"), "not valid JSON"),
         (encode(MsgType.HELLO, b"[1]"), "JSON object"),
+        (encode(MsgType.HELLO, json_body({"name": {"a": [1]}})), "name must be a string"),
     ],
 )
 def test_malformed_message_is_answered_and_logged(server: ThreadServer, data: bytes,
@@ -163,6 +164,17 @@ def test_malformed_message_is_answered_and_logged(server: ThreadServer, data: by
     assert why in error_of(reply)
     assert any(why in line for line in logs.lines), logs.lines
     still_serves(server)
+
+
+def test_a_client_name_reaches_status_and_the_log_without_control_characters(
+    server: ThreadServer,
+) -> None:
+    name = "\x1b[2J\x1b[31mfake\nrow\tx" + "y" * 100
+    with LogLines().installed() as logs, DeviceClient(path=server.path, name=name) as c:
+        shown = [cl["name"] for cl in c.status()["clients"] if "fake" in cl["name"]]
+    assert shown == ["?[2J?[31mfake?row?x" + "y" * 45]  # 64 characters at most
+    line = next(li for li in logs.lines if "connected" in li and "fake" in li)
+    assert "\x1b" not in line and "\n" not in line
 
 
 def test_truncated_frame_at_end_of_stream_is_logged(server: ThreadServer) -> None:

@@ -624,7 +624,12 @@ class DeviceServer:
         version = data.get("version", PROTOCOL_VERSION)
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"client speaks protocol {version!r}, server {PROTOCOL_VERSION}")
-        conn.client.name = str(data.get("name", ""))[:64]
+        name = data.get("name", "")
+        if not isinstance(name, str):
+            raise ProtocolError(f"HELLO name must be a string, got {type(name).__name__}")
+        # Shown by conveyor status/top and in the log, maybe to another user: no escape
+        # sequences, no line breaks.
+        conn.client.name = "".join(c if c.isprintable() else "?" for c in name[:64])
         conn.monitor = data.get("monitor") is True
         if conn.trusted and isinstance(data.get("pid"), int):
             conn.client.pid = int(data["pid"])
