@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,35 @@ with conveyor.connect(sys.argv[1], name="bystander") as c:
         c.infer("face_landmark", img)
 print("ok")
 """
+
+
+def test_a_done_callback_may_submit_while_a_slot_is_free_and_is_told_when_none_is(
+    sdir: Path,
+) -> None:
+    gate = threading.Event()
+    with ThreadServer(sdir / "s", [FakeDevice(gate=gate)], ["m"], max_inflight=1) as srv, \
+            DeviceClient(path=srv.path) as c:
+        outcomes: list[object] = []
+        done = threading.Event()
+
+        def callback(_fut: object) -> None:
+            for value in (2, 3):  # the first takes the slot the reply freed; none is left
+                try:
+                    outcomes.append(c.submit("m", x(value)))
+                except BaseException as exc:
+                    outcomes.append(exc)
+            done.set()
+
+        fut = c.submit("m", x(1))
+        fut.add_done_callback(callback)
+        assert not fut.done()
+        gate.set()
+        assert done.wait(10)
+        first, second = outcomes
+        assert isinstance(first, Future) and first.result(10)[1].tolist() == [4.0 * 2]
+        assert isinstance(second, RuntimeError), second
+        assert "all of this client's are in flight" in str(second)
+        assert "keep fewer requests in flight" in str(second)
 
 
 @pytest.mark.usefixtures("no_leaks")

@@ -433,14 +433,14 @@ class DeviceClient:
             with self._lock:
                 self._cv.notify_all()
 
-    def _refuse_in_callback(self, what: str) -> None:
+    def _refuse_in_callback(self, what: str, advice: str = "Use submit() and another "
+                            "callback, or hand the work to another thread") -> None:
         """A done-callback runs on the thread that reads replies: if it waited for a
         reply (or a slot a reply frees), nobody would read it."""
         if getattr(self._tls, "reading", False):
             raise RuntimeError(
                 f"{what} from a Future's done-callback would wait for ever: callbacks run on "
-                f"the thread that reads the replies. Use submit() and another callback, or "
-                f"hand the work to another thread")
+                f"the thread that reads the replies. {advice}")
 
     def _read_messages(self, link: _Link, timeout: float | None) -> None:
         reader = link.reader
@@ -671,8 +671,10 @@ class DeviceClient:
         The Future raises: Busy, DeadlineExceeded, DeviceError, ServerGone.
 
         The Future's done-callbacks run on the thread that reads this client's replies:
-        a callback may submit() more, but a call that waits for a reply (``infer``,
-        ``status``, ``result()`` of an unfinished Future) raises RuntimeError there.
+        a callback may submit() more while one of the client's request slots is free (it
+        has the server's ``--max-inflight`` credit, 32 by default); a call that would wait
+        there (``submit`` with every slot in flight, ``infer``, ``status``, ``result()`` of
+        an unfinished Future) raises RuntimeError instead, since no reply could come.
         """
         p = self._send(model, inputs, deadline_to_ns(deadline), priority, dequantize,
                        sync=False)
@@ -707,7 +709,11 @@ class DeviceClient:
                 while not link.free and self._link is link and not self._closed:
                     if not block:
                         return None
-                    self._refuse_in_callback("waiting for a free request slot")
+                    self._refuse_in_callback(
+                        "waiting for a free request slot (all of this client's are in "
+                        "flight)",
+                        "A callback may submit() only while a slot is free: keep fewer "
+                        "requests in flight, or submit from another thread")
                     wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
                     if wait is not None and wait <= 0:
                         p = Pending(info, -1, deq, True, None if sync else self._future())
