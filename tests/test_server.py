@@ -153,6 +153,14 @@ def test_status_without_a_server_says_so(sdir: Path) -> None:
     assert done.returncode == 1
     assert "no conveyor server" in done.stderr and "conveyor serve" in done.stderr
     assert cli("top", "--once", "--socket", str(sdir / "none.sock")).returncode == 1
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # bound, never listening:
+    stale.bind(str(sdir / "stale.sock"))  # as a stopping server's, or a crashed one's
+    try:
+        done = cli("status", "--socket", str(sdir / "stale.sock"))
+    finally:
+        stale.close()
+        (sdir / "stale.sock").unlink()
+    assert done.returncode == 1 and "does not take connections" in done.stderr
 
 
 def _free_port() -> int:

@@ -257,6 +257,13 @@ class DeviceClient:
                     f"with `conveyor serve --group GROUP` (socket in a folder the group can "
                     f"enter) or `--allow-user {os.getuid()}`"
                 ) from exc
+            if exc.errno == errno.ECONNREFUSED:
+                raise ServerGone(
+                    f"the conveyor server at {self.path} does not take connections (it "
+                    f"is stopping, or it ended without removing its socket): "
+                    f"{exc.strerror or exc}; start one with `conveyor serve --socket "
+                    f"{self.path}`"
+                ) from exc
             raise ServerGone(
                 f"no conveyor server at {self.path}: {exc.strerror or exc}; "
                 f"start one with `conveyor serve --socket {self.path}`"
