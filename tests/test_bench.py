@@ -249,9 +249,14 @@ def test_sigterm_ends_a_bench_at_once_with_143_and_leaves_nothing() -> None:
         time.sleep(3.0)  # well inside its first design
         helpers = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)  # timeout(1) sends a second one, to the process group
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 143  # 128 + SIGTERM, as a shell reports it
         _, alive = psutil.wait_procs(helpers, timeout=5)
         assert not alive
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err and "Exception ignored" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

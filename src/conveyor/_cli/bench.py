@@ -154,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM (timeout(1) sends one to the bench and one to its process
+    # group) must not interrupt the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt("SIGTERM")
 
 
@@ -218,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         # As detect and demo: 2 when the device or model cannot be opened at all.
         return 2 if isinstance(exc, _CANNOT_OPEN) else 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is _terminated:  # else ended by it: exiting
+            signal.signal(signal.SIGTERM, previous)
     data = outcome.data
     plotted = 0
     if args.plot is not None:
