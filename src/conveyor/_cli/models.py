@@ -3,6 +3,9 @@
 Without an argument, lists the models bundled with conveyor: name, file size and input shape.
 With a bundled model's name or a .tflite file's path, shows each input and output tensor:
 name, shape, dtype and quantisation (scale and zero point; scale 0 means not quantised).
+The tensors are read by loading the model on the CPU, so a model compiled for the Edge TPU
+(NAME_edgetpu.tflite) is refused: give the plain model it was compiled from, which has the
+same inputs and outputs.
 
 examples:
   conveyor models
