@@ -258,6 +258,9 @@ def test_lambda_in_process_stage_is_refused_clearly() -> None:
 def test_missing_model_fails_at_start_with_typed_error(no_leaks: None) -> None:
     with pytest.raises(conveyor.ModelNotFoundError, match="no_such_model"):
         conveyor.Pipeline(conveyor.infer("no_such_model")).start()
+    with pytest.raises(TypeError, match="model must be a bundled model's name or a file "
+                       "path, got NoneType"):
+        conveyor.infer(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE on this platform")

@@ -134,12 +134,16 @@ def infer(
     (``server=``), start the server with ``conveyor serve --realtime`` instead.
 
     Raises:
+        TypeError: ``model`` is neither a name nor a path.
         ValueError: ``realtime`` out of range, or given with ``server``; InputError (a
             ValueError) for a ``deadline`` that is not a number or a ``priority`` that is
             not a 32-bit int.
     """
     from ._device._client import check_deadline, check_priority
 
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a bundled model's name or a file path, got "
+                        f"{type(model).__name__}")
     check_deadline(deadline)
     priority = check_priority(priority)
     spec = str(device)
