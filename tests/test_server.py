@@ -30,6 +30,7 @@ from test_server_support import (
     finish,
     python,
     socket_dir,
+    wait_until,
 )
 
 import conveyor
@@ -388,6 +389,14 @@ def test_pipeline_uses_the_shared_server(sdir: Path) -> None:
             status.close()
 
 
+def _connect_or_none(path: Path, refused: list[str]) -> conveyor.DeviceClient | None:
+    try:
+        return conveyor.connect(path)
+    except conveyor.ServerError as exc:
+        refused.append(str(exc))
+        return None
+
+
 def test_max_clients_refuses_the_next_connection_and_keeps_serving(sdir: Path) -> None:
     path = sdir / "s.sock"
     x = np.zeros(SHAPE, np.float32)
@@ -399,10 +408,13 @@ def test_max_clients_refuses_the_next_connection_and_keeps_serving(sdir: Path) -
             assert second.status()["server"]["max_clients"] == 2
             first.infer(MODEL, x)  # the two admitted are served as before
             second.close()
-            third = conveyor.connect(path)  # a freed place is taken again
+            # a freed place is taken again, once the server has seen the goodbye
+            refused: list[str] = []
+            third = wait_until(lambda: _connect_or_none(path, refused), what="a freed place")
+            assert all("too many connections" in why for why in refused)
             third.infer(MODEL, x)
             third.close()
-            assert first.status()["totals"]["rejected_connections"] == 1
+            assert first.status()["totals"]["rejected_connections"] == 1 + len(refused)
         finally:
             first.close()
             second.close()
