@@ -6,6 +6,7 @@ serving a normal client, and holds no more descriptors than before."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -197,10 +198,14 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
     unsealed = os.memfd_create("unsealed")
     os.ftruncate(unsealed, 1 << 16)
     good = Segment.create(1 << 16)
+    frozen = os.memfd_create("frozen", os.MFD_ALLOW_SEALING)
+    os.ftruncate(frozen, 1 << 16)
+    fcntl.fcntl(frozen, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
     try:
         cases = [
             ([r], "not a shared-memory segment"),  # a pipe
             ([unsealed], "not sealed"),
+            ([frozen], "sealed against writing"),  # the server could not write outputs
             ([good.fd], "announced"),  # announces more than it has
             ([r, w, unsealed, good.fd, r], "too many file descriptors"),
         ]
@@ -215,7 +220,7 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
             reply = exchange(server.path, data, [good.fd])
             assert "segment" in error_of(reply)
     finally:
-        for fd in (r, w, unsealed):
+        for fd in (r, w, unsealed, frozen):
             os.close(fd)
         good.close()
     still_serves(server)

@@ -67,6 +67,9 @@ class Segment:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if not seals & fcntl.F_SEAL_SHRINK:
                 raise ValueError("segment is not sealed against shrinking")
+            if seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0)):
+                raise ValueError("segment is sealed against writing; outputs are written "
+                                 "into it")
             actual = os.fstat(fd).st_size
             if size <= 0 or actual < size:
                 raise ValueError(f"segment has {actual} bytes, {size} announced")
