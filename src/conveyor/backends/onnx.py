@@ -211,10 +211,10 @@ class OnnxDevice(Device):
                 str(path), options, providers=[(self.provider, self._options)]
             )
         except self._errors as exc:
-            if type(exc).__name__ in _BAD_MODEL or (
-                # an empty or graph-less file: "Load model from P failed:No graph was found"
-                type(exc).__name__ == "InvalidArgument" and "Load model from" in str(exc)
-            ):
+            # "Load model from P failed: ..." is a file ONNX Runtime could not read as a
+            # model (an empty or graph-less one: "No graph was found", "ModelProto does
+            # not have a graph"), whichever type the version at hand gives it.
+            if type(exc).__name__ in _BAD_MODEL or "Load model from" in str(exc):
                 raise InvalidModelError(
                     f"{path} is not a model ONNX Runtime can load: {exc}"
                 ) from exc
