@@ -452,7 +452,7 @@ def test_cancelled_while_async_with_starts_leaves_nothing_running() -> None:
             async with pipe:
                 await asyncio.sleep(30)
 
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # TimeoutError from Python 3.11
             await asyncio.wait_for(enter(), 0.05)  # inside the start
         return pipe
 

@@ -396,7 +396,7 @@ def test_ainfer_awaits_a_free_slot_and_cancelling_it_leaves_nothing_waiting(
             held = [asyncio.create_task(c.ainfer("m", x(i))) for i in range(2)]
             waiting = [asyncio.wait_for(c.ainfer("m", x(9)), 0.3) for _ in range(20)]
             outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-            assert all(isinstance(o, TimeoutError) for o in outcomes), outcomes
+            assert all(isinstance(o, asyncio.TimeoutError) for o in outcomes), outcomes
             with pytest.raises(DeadlineExceeded, match="slot"):
                 await c.ainfer("m", x(9), deadline=0.05)
             assert ticks >= 10  # the loop kept running while they waited

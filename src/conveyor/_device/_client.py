@@ -863,7 +863,7 @@ class DeviceClient:
                 if wait is not None and wait <= 0:
                     raise TimeoutError
                 await asyncio.wait_for(awaitable, wait)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
                 raise DeadlineExceeded(f"{model}: {what} before the deadline") from None
 
         while True:
