@@ -27,6 +27,7 @@ import select
 import socket
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,6 @@ def check_priority(priority: int) -> int:
     return value
 
 
-def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class _Link:
@@ -225,8 +223,11 @@ class DeviceClient:
         self._deadlines = False  # a request with a deadline was sent: readers wake to check
         self._unwaited = 0
         self._slot_waiters = 0
-        # ainfer() calls waiting for a free slot: (their loop, the future that wakes them)
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        # ainfer() calls waiting for a free slot, oldest first: their loop and the future
+        # that wakes them, by a number of their own
+        self._async_waiters: OrderedDict[
+            int, tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = OrderedDict()
+        self._waiter_ids = itertools.count()
         self._reading = False
         self._sleepers = 0  # threads waiting on _cv for the reader role or an outcome
         self._tls = threading.local()  # .reading: this thread holds the reader role
@@ -610,7 +611,7 @@ class DeviceClient:
                     self._cv.notify_all()
             wake = bool(self._async_waiters)
         if wake:
-            self._wake_async_waiters()
+            self._wake_async_waiters(one=True)  # one slot: the oldest waiter's
         if not p.expired:  # else the caller was already told DeadlineExceeded
             p.finish(outs, error, Timing(device, queue_ns, compute_ns, start_ns))
 
@@ -873,20 +874,28 @@ class DeviceClient:
                 await within_deadline(self._connect_in_thread(loop),
                                       "not connected to the server")
             waiter: asyncio.Future[None] = loop.create_future()
-            entry = (loop, waiter)
+            key = next(self._waiter_ids)
             with self._lock:
-                self._async_waiters.append(entry)  # before trying: no wake-up is missed
+                self._async_waiters[key] = (loop, waiter)  # before trying: no wake-up lost
+            leaving = True
+            p = None
             try:
                 p = self._send(model, inputs, deadline_ns, priority, dequantize, sync=False,
                                block=False)
                 if p is not None:
                     break
                 if self._link is None:
+                    leaving = False
                     continue  # the connection went: make a new one (above), then try again
                 await within_deadline(waiter, "no free request slot")
+                leaving = False
             finally:
-                with self._lock, contextlib.suppress(ValueError):
-                    self._async_waiters.remove(entry)
+                with self._lock:
+                    woken = self._async_waiters.pop(key, None) is None
+                if leaving and woken and p is None:
+                    # Woken for a slot this call no longer takes (cancelled, past its
+                    # deadline, failed): the next waiter's turn.
+                    self._wake_async_waiters(one=True)
         assert p.future is not None
         return await asyncio.wrap_future(p.future)
 
@@ -917,14 +926,30 @@ class DeviceClient:
         threading.Thread(target=connect, name="conveyor-client-connect", daemon=True).start()
         return done
 
-    def _wake_async_waiters(self) -> None:
-        """A slot came free or the connection changed: every ainfer() waiting for a slot
-        tries again. Call without the lock held."""
+    def _wake_async_waiters(self, one: bool = False) -> None:
+        """The connection changed (or the client closed): every ainfer() waiting for a
+        slot tries again; with ``one``, a slot came free: the oldest waiter tries (waking
+        them all cost the square of their number, and stalled the event loop). Call
+        without the lock held."""
         with self._lock:
-            waiters, self._async_waiters = self._async_waiters, []
+            if one:
+                waiters = [self._async_waiters.popitem(last=False)[1]] if (
+                    self._async_waiters) else []
+            else:
+                waiters = list(self._async_waiters.values())
+                self._async_waiters.clear()
         for loop, waiter in waiters:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve_waiter, waiter)
+            try:
+                loop.call_soon_threadsafe(self._resolve_waiter, waiter, one)
+            except RuntimeError:  # that loop is closed: nobody waits there
+                if one:
+                    self._wake_async_waiters(one=True)
+
+    def _resolve_waiter(self, waiter: asyncio.Future[None], one: bool) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+        elif one:  # cancelled meanwhile: the slot is the next waiter's
+            self._wake_async_waiters(one=True)
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         """The server's status snapshot (see ``conveyor status --json``).
