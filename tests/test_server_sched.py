@@ -475,6 +475,7 @@ def test_huge_and_infinite_deadlines_mean_no_deadline(sdir: Path) -> None:
         c.infer("m", x(1), deadline=1e11)
         c.infer("m", x(1), deadline=1e300)  # past int64 in ns: no deadline in effect
         c.infer("m", x(2), deadline=float("inf"))
-        with pytest.raises(DeadlineExceeded):
-            c.infer("m", x(3), deadline=float("-inf"))
+        for past in (float("-inf"), -1e300, -1.0):  # -1e300 s overflowed to -inf ns
+            with pytest.raises(DeadlineExceeded):
+                c.infer("m", x(3), deadline=past)
     assert order(dev) == [1, 1, 2]

@@ -125,7 +125,9 @@ def deadline_to_ns(deadline: float | None) -> int:
     ns = value * 1e9  # a float: 1e300 s is no overflow here, as int() of it would be
     if ns >= _NS_MAX - now:
         return _NS_MAX
-    return now + max(int(ns), 0) or 1
+    if ns <= 0:  # -1e300 s is -inf ns here: due now too
+        return now or 1
+    return now + int(ns) or 1
 
 
 def check_priority(priority: int) -> int:
