@@ -234,6 +234,43 @@ def test_idle_client_banks_no_credit() -> None:
     assert b.vtime == a.vtime
 
 
+@pytest.mark.parametrize("gap", ["a pauses", "between a's requests"])
+def test_a_client_that_joins_while_nobody_has_work_is_not_owed_the_past(gap: str) -> None:
+    # a used the device alone (5000 runs), then had no request queued for a moment: b,
+    # joining then, started at virtual time 0 while a kept its own, and a waited until
+    # b had used as much as a had in all its past (3.4 s, 5 s on a real server).
+    sched = Scheduler()
+    dev = DeviceState(0, frozenset({0}))
+    sched.add_device(dev)
+    a, b = ClientState(1), ClientState(2)
+    sched.add_client(a)
+    sched.add_client(b)
+    for i in range(5000):
+        sched.submit(_req(a, i), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None
+        sched.done(req, 1000, ok=True)
+    rid = 10_000
+    for _ in range(20 if gap == "a pauses" else 0):  # b alone for a while
+        rid += 1
+        sched.submit(_req(b, rid), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None
+        sched.done(req, 1000, ok=True)
+    ran = []
+    for _ in range(40):  # both busy now (b asked first): they take turns at once
+        for c in (b, a):
+            while c.queued < 2:
+                rid += 1
+                sched.submit(_req(c, rid), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None
+        ran.append(req.client.id)
+        sched.done(req, 1000, ok=True)
+    assert abs(ran.count(1) - ran.count(2)) <= 2, ran
+    assert ran[:4].count(1) >= 1, ran
+
+
 def test_admission_is_bounded_and_deadlines_expire() -> None:
     sched = Scheduler(max_queue=3)
     dev = DeviceState(0, frozenset({0}))

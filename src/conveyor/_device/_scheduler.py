@@ -7,7 +7,10 @@ Policy, in order:
 2. **Fair share.** Among clients with work at that priority, the one that has used the
    least device time (its *virtual time*, in nanoseconds of compute) goes first. A client
    that was idle rejoins at the smallest virtual time of the active clients, so idling
-   banks no credit. Equal busy clients therefore get equal device time.
+   banks no credit; with none active, it (and a new client) starts at the scheduler's
+   virtual clock, the least virtual time of the clients last served, so that time used
+   while nobody else wanted the device is not held against anyone. Equal busy clients
+   therefore get equal device time.
 3. **Model grouping.** Switching models on an Edge TPU reloads its parameter cache, so a
    request for the model the device already holds may jump ahead of the fair choice, but
    only from a client whose virtual time is within ``group_slack_ns`` of the least (so
@@ -152,6 +155,7 @@ class Scheduler:
         self._running = 0
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
+        self._vclock = 0  # see _pick_locked
         self._closed = False
         self._idle_waiters = 0
 
@@ -248,13 +252,16 @@ class Scheduler:
             if self._queued >= self.max_queue:
                 client.busy += 1
                 return Status.BUSY
-            if client.queued == 0 and client.running == 0 and (self._active or self._running):
+            if client.queued == 0 and client.running == 0:
+                # Rejoining (or new): at the least virtual time of the busy clients, or
+                # with none busy, at the clock as the last busy ones left it. A newcomer
+                # at 0 (or an old client's stale time) would have had the device to
+                # itself until it caught up with the others' whole history.
                 least = min(
                     (c.vtime for c in self._clients.values() if c.outstanding and c is not client),
-                    default=None,
+                    default=self._vclock,
                 )
-                if least is not None:
-                    client.vtime = max(client.vtime, least)
+                client.vtime = max(client.vtime, least)
             req.enqueued_ns = now
             req.seq = next(self._seq)
             req.state = QUEUED
@@ -366,6 +373,8 @@ class Scheduler:
         prio, cands = found
         models = dev.models
         fair = cands[0] if len(cands) == 1 else min(cands, key=lambda c: (c.vtime, c.id))
+        if fair.vtime > self._vclock:
+            self._vclock = fair.vtime  # the least virtual time with work: the clock
         head = fair.queues[prio][0]
         chosen = head if head.model_id in models else next(
             r for r in fair.queues[prio] if r.model_id in models
