@@ -268,6 +268,20 @@ def test_second_sigterm_stops_at_once(sdir: Path) -> None:
         assert failed > 0  # it did not drain
 
 
+@pytest.mark.parametrize("gap_s", [0.002, 0.01, 0.05])
+def test_a_second_sigterm_as_the_server_ends_never_kills_it(sdir: Path, gap_s: float) -> None:
+    # timeout(1) sends SIGTERM to the server and then to its process group: the second
+    # came after the drain, once the default handler was back, and killed the server
+    # (-15; once in 20 before it had removed its socket).
+    path = sdir / "s.sock"
+    with ServeProcess(path) as srv:
+        srv.terminate()
+        time.sleep(gap_s)
+        srv.terminate()
+        assert srv.wait(10) in (0, 1), srv.log()  # exited, not killed by the signal
+        assert not path.exists()
+
+
 def test_refuses_a_second_server_and_replaces_a_stale_socket(sdir: Path) -> None:
     path = sdir / "s.sock"
     with ServeProcess(path) as first:

@@ -169,8 +169,11 @@ class _Signals:
         self.server.request_stop(drain=self.count == 1)
 
     def restore(self) -> None:
+        """Put the handlers back; after a stop by signal, ignore both instead: the
+        process is on its way out, and a second one sent a moment later (timeout(1)
+        sends one to the process and one to its group) must not kill it half-way."""
         for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.count else handler)
         self._old.clear()
 
 
@@ -206,7 +209,8 @@ def serve(
     ``stop_on_eof``: a descriptor (a pipe from the program that started this one, such as
     standard input): its end of file stops the server as SIGTERM does, so that it never
     outlives that program, however it ends.
-    Returns 0 after a drained stop, 1 after a forced one (a second signal).
+    Returns 0 after a drained stop, 1 after a forced one (a second signal). After a stop
+    by signal, SIGTERM and SIGINT are left ignored: the caller is expected to exit.
 
     Raises:
         ServerError: another server answers at the path, or the path is unusable.
@@ -265,7 +269,6 @@ def serve(
             ready(path)
         server.serve_forever()
     finally:
-        signals.restore()
         if metrics is not None:
             metrics.close()
         if ino is not None:
@@ -276,6 +279,7 @@ def serve(
             except FileNotFoundError:
                 pass
         server.close()  # only does something if serve_forever never ran
+        signals.restore()  # only now: a second signal until here is ours, not fatal
     forced = signals.count > 1 or server._stop_seen == 2
     if not server.devices_idle():
         # A device is stuck in a request: nothing left to wait for, and joining it
