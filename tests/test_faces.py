@@ -466,6 +466,8 @@ def test_unreadable_files_raise_image_read_error(tmp_path: Path) -> None:
         assert isinstance(info.value, ConveyorError)
         with pytest.raises(ImageReadError, match=str(path)):
             load_image(path)
+    with pytest.raises(ImageReadError, match="not an image Pillow can decode"):
+        load_image(bad)  # it says what it reads: a video's frames are iter_frames' work
     err = pickle.loads(pickle.dumps(ImageReadError("x.png", "broken")))
     assert (err.path, err.reason, str(err)) == ("x.png", "broken", "cannot read x.png: broken")
 
@@ -524,3 +526,14 @@ def test_a_closed_detector_says_so(astronaut: Image8) -> None:
     runner.close()
     with pytest.raises(DeviceError, match="closed"):
         runner.run([np.zeros(runner.inputs[0].shape, np.float32)])
+
+
+def test_save_image_refuses_an_unknown_suffix_before_making_folders(tmp_path: Path) -> None:
+    from conveyor._errors import InputError
+    from conveyor.apps.faces import save_image
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match=r"suffix '\.xyz'"):
+        save_image(image, tmp_path / "new" / "x.xyz")
+    assert not (tmp_path / "new").exists()
+    assert save_image(image, tmp_path / "new" / "x.JPG").exists()

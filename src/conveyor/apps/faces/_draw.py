@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from ..._errors import InputError
 from ._face import Face
 from ._transform import as_rgb
 
@@ -52,9 +53,16 @@ def save_image(image: npt.ArrayLike, path: str | os.PathLike[str]) -> Path:
 
     Raises:
         OSError: the file cannot be written.
-        InputError: ``image`` is not a uint8 image of a supported shape.
+        InputError: ``image`` is not a uint8 image of a supported shape, or the suffix
+            names no format Pillow writes (checked before any folder is made).
     """
     out = Path(path)
+    rgb = Image.fromarray(as_rgb(image))
+    Image.init()
+    if out.suffix.lower() not in Image.EXTENSION or Image.EXTENSION[
+            out.suffix.lower()] not in Image.SAVE:
+        raise InputError(f"cannot write {out}: no image format Pillow writes has the suffix "
+                         f"{out.suffix or '(none)'!r} (try .png or .jpg)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(as_rgb(image)).save(out)
+    rgb.save(out)
     return out

@@ -112,6 +112,10 @@ def load_image(path: StrPath) -> npt.NDArray[np.uint8]:
     try:
         with Image.open(path) as img:
             return _rgb(ImageOps.exif_transpose(img))
+    except UnidentifiedImageError as exc:
+        # iter_frames would try FFmpeg next; this reads still images only.
+        raise ImageReadError(path, "not an image Pillow can decode (for a video's frames "
+                             "use iter_frames)") from exc
     except _PIL_ERRORS as exc:
         raise ImageReadError(path, _reason(exc)) from exc
 
