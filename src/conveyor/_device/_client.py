@@ -896,8 +896,13 @@ class DeviceClient:
                     woken = self._async_waiters.pop(key, None) is None
                 if leaving and woken and p is None:
                     # Woken for a slot this call no longer takes (cancelled, past its
-                    # deadline, failed): the next waiter's turn.
-                    self._wake_async_waiters(one=True)
+                    # deadline, failed): the next waiter's turn, passed on once. A wake
+                    # still on its way finds the waiter cancelled and passes it on
+                    # itself (_resolve_waiter); one that came, this call passes on.
+                    if not waiter.done():
+                        waiter.cancel()
+                    elif not waiter.cancelled():
+                        self._wake_async_waiters(one=True)
         assert p.future is not None
         return await asyncio.wrap_future(p.future)
 

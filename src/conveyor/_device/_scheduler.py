@@ -16,7 +16,9 @@ Policy, in order:
    only from a client whose virtual time is within ``group_slack_ns`` of the least (so
    grouping moves at most that much device time between clients), and at most
    ``group_limit`` times in a row (so a request for another model waits at most that many
-   extra inferences). Within one client, requests for the current model may overtake
+   extra inferences) unless another device holds the other model (it serves that
+   model's requests without a switch, so two devices serving two models each keep one,
+   as fairness allows). Within one client, requests for the current model may overtake
    older requests for another model; results are matched by request id, so callers see no
    difference but timing. Each device counts its model switches.
 4. **Deadlines.** A request whose deadline has passed is answered ``DEADLINE_EXCEEDED``
@@ -383,7 +385,7 @@ class Scheduler:
         if (
             current is not None
             and chosen.model_id != current
-            and dev.grouped < self.group_limit
+            and (dev.grouped < self.group_limit or self._held_elsewhere(dev, chosen.model_id))
         ):
             limit = fair.vtime + self.group_slack_ns
             for c in sorted((c for c in cands if c.vtime <= limit), key=lambda c: c.vtime):
@@ -402,6 +404,13 @@ class Scheduler:
             dev.switches += 1
         dev.current_model = chosen.model_id
         return chosen
+
+    def _held_elsewhere(self, dev: DeviceState, model_id: int) -> bool:
+        """Another device in service holds ``model_id``: it serves that model's requests
+        without a switch, so ``dev`` keeping its own model delays them by no more than
+        that device's run, and the run limit of grouping need not force ``dev`` over."""
+        return any(d is not dev and d.failed is None and d.current_model == model_id
+                   for d in self._devices)
 
     def take_locked(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
         """Like :meth:`next` but never waits: ``(None, [])`` when there is nothing to do.
