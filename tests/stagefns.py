@@ -139,3 +139,8 @@ def landmark_input(outputs: list[np.ndarray]) -> np.ndarray:
 def slow_count(outputs: list[np.ndarray]) -> int:
     time.sleep(0.003)
     return len(outputs)
+
+
+def landmark_input_slowly(outputs: list[np.ndarray]) -> np.ndarray:
+    time.sleep(0.005)
+    return np.zeros((1, 192, 192, 3), np.float32)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import wait
 
@@ -114,6 +115,31 @@ def test_two_stages_on_one_edge_tpu_share_its_worker(tmp_path, no_leaks: None) -
     names = {e["args"]["name"] for e in json.loads(trace.read_text())["traceEvents"]
              if e.get("name") == "thread_name"}
     assert [n for n in names if n.startswith("device")] == ["device sim-edgetpu"]
+
+
+def test_a_shared_device_worker_killed_under_backpressure_is_replaced(no_leaks: None) -> None:
+    """The worker's replacement closed each stage's old client while holding the worker's
+    lock; closing fails that stage's pending requests, whose callbacks restart the worker
+    on the same thread: it waited for itself, for good. Seen when the second stage had
+    not yet noticed the death, its reader held up by a full channel (slow stage between)."""
+    with conveyor.Pipeline(
+        conveyor.stage(sf.detection_input),
+        conveyor.infer("face_detection_short_range", device="sim-edgetpu"),
+        conveyor.stage(sf.landmark_input_slowly),
+        conveyor.infer("face_landmark", device="sim-edgetpu"),
+        maxsize=1,
+    ) as pipe:
+        (first_pid,) = {link.worker.pid for link in pipe._core.links.values()}
+        watchdog = threading.Timer(30, pipe.close)  # a hang fails the test, not the suite
+        watchdog.start()
+        try:
+            out = list(pipe.map(kill_at(range(150), 60, first_pid)))
+        finally:
+            watchdog.cancel()
+        assert len(out) == 150
+        st = pipe.stats()
+        assert [st["stages"][n]["restarts"] for n in ("face_detection_short_range",
+                                                      "face_landmark")] == [1, 1]
 
 
 def test_stages_sharing_a_device_worker_never_wait_on_each_other(no_leaks: None) -> None:

@@ -165,11 +165,14 @@ class _Worker:
             log.warning("device worker pid %d for %s %s; restarting it", old.pid,
                         self.device, old.process.describe_exit())
             old.process.kill()
-            for client in old.clients:
-                client.close()
             self.worker = self._spawn()
             self.gen += 1
-            return True
+        # Not under the lock: closing a client fails its pending requests here, and their
+        # stage (another one sharing this worker) comes back to restart() at once, which
+        # then finds the worker replaced; under the lock, that thread waited for itself.
+        for client in old.clients:
+            client.close()
+        return True
 
     def close(self) -> None:
         with self.lock:
