@@ -219,18 +219,28 @@ def test_equal_busy_clients_get_equal_device_time() -> None:
     assert max(used) - min(used) <= max(cost.values())
 
 
-def test_idle_client_banks_no_credit() -> None:
+def _two_clients() -> tuple[Scheduler, DeviceState, ClientState, ClientState]:
     sched = Scheduler()
     dev = DeviceState(0, frozenset({0}))
     sched.add_device(dev)
     a, b = ClientState(1), ClientState(2)
     sched.add_client(a)
     sched.add_client(b)
-    for i in range(50):
-        sched.submit(_req(a, i), now_ns=1)
+    return sched, dev, a, b
+
+
+def _alone(sched: Scheduler, dev: DeviceState, client: ClientState, ids: range) -> None:
+    """``client`` runs requests ``ids`` one at a time, 1000 ns each, with nobody else."""
+    for i in ids:
+        sched.submit(_req(client, i), now_ns=1)
         req, _ = sched.pick(dev)
         assert req is not None
         sched.done(req, 1000, ok=True)
+
+
+def test_idle_client_banks_no_credit() -> None:
+    sched, dev, a, b = _two_clients()
+    _alone(sched, dev, a, range(50))
     sched.submit(_req(a, 100), now_ns=1)
     sched.submit(_req(b, 101), now_ns=1)  # b joins now: starts at a's virtual time
     assert b.vtime == a.vtime
@@ -241,24 +251,10 @@ def test_a_client_that_joins_while_nobody_has_work_is_not_owed_the_past(gap: str
     # a used the device alone (5000 runs), then had no request queued for a moment: b,
     # joining then, started at virtual time 0 while a kept its own, and a waited until
     # b had used as much as a had in all its past (3.4 s, 5 s on a real server).
-    sched = Scheduler()
-    dev = DeviceState(0, frozenset({0}))
-    sched.add_device(dev)
-    a, b = ClientState(1), ClientState(2)
-    sched.add_client(a)
-    sched.add_client(b)
-    for i in range(5000):
-        sched.submit(_req(a, i), now_ns=1)
-        req, _ = sched.pick(dev)
-        assert req is not None
-        sched.done(req, 1000, ok=True)
-    rid = 10_000
-    for _ in range(20 if gap == "a pauses" else 0):  # b alone for a while
-        rid += 1
-        sched.submit(_req(b, rid), now_ns=1)
-        req, _ = sched.pick(dev)
-        assert req is not None
-        sched.done(req, 1000, ok=True)
+    sched, dev, a, b = _two_clients()
+    _alone(sched, dev, a, range(5000))
+    _alone(sched, dev, b, range(10_000, 10_020 if gap == "a pauses" else 10_000))
+    rid = 20_000
     ran = []
     for _ in range(40):  # both busy now (b asked first): they take turns at once
         for c in (b, a):
