@@ -368,6 +368,66 @@ def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) ->
         first.close()
 
 
+def test_a_reconnect_to_a_server_that_does_not_answer(sdir: Path) -> None:
+    """The server was replaced by one that does not answer its handshake yet (SIGSTOP):
+    a sync infer() with a deadline waited out the 10 s handshake timeout and said
+    ServerGone; ainfer() calls started a thread each (thousands), and their failures were
+    logged as never retrieved; close() during the handshake was undone when it ended
+    (the client connected again, and its ainfer() callers waited for good)."""
+    import asyncio
+    import signal
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    first = ServeProcess(path)
+    client = conveyor.connect(path, reconnect=True)
+    try:
+        client.infer("face_detection_short_range", img)
+        first.kill()
+        with ServeProcess(path) as second:
+            second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(conveyor.DeadlineExceeded):
+                    client.infer("face_detection_short_range", img, deadline=0.3)
+                assert time.monotonic() - t0 < 2.0
+
+                async def many() -> list[BaseException | None]:
+                    calls = [client.ainfer("face_detection_short_range", img, deadline=d)
+                             for d in [0.2] * 50 + [0.0] * 10]
+                    return list(await asyncio.gather(*calls, return_exceptions=True))
+
+                threads = threading.active_count()
+                with LogLines().installed() as logs:
+                    got = asyncio.run(many())
+                assert all(isinstance(e, conveyor.DeadlineExceeded) for e in got), got
+                assert threading.active_count() <= threads + 2  # one attempt, shared
+                assert not [li for li in logs.lines if "never retrieved" in li]
+
+                async def closed_meanwhile() -> BaseException | None:
+                    task = asyncio.ensure_future(client.ainfer("face_detection_short_range",
+                                                               img))  # no deadline
+                    await asyncio.sleep(0.3)  # it waits for the handshake
+                    threading.Thread(target=client.close).start()
+                    try:
+                        await asyncio.wait_for(task, 3)
+                    except BaseException as exc:
+                        return exc
+                    return None
+
+                error = asyncio.run(closed_meanwhile())
+                assert isinstance(error, conveyor.ServerGone), error
+            finally:
+                second.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.5)  # the server answers now: the closed client must not connect
+            assert not client.connected
+            with pytest.raises(conveyor.ServerGone):
+                client.infer("face_detection_short_range", img)
+    finally:
+        client.close()
+        first.close()
+
+
 @pytest.mark.usefixtures("no_leaks")
 def test_a_deadline_holds_when_the_server_hangs(sdir: Path) -> None:
     # Only the server checked deadlines: with it stopped (SIGSTOP), a request with a

@@ -28,6 +28,8 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,8 @@ class DeviceClient:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._connect_lock = threading.Lock()
+        self._handshaking: socket.socket | None = None  # a connection being made
+        self._connecting: Future[None] | None = None  # ainfer's one attempt at a time
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._gen = 0
@@ -244,12 +248,12 @@ class DeviceClient:
 
     # --- connection -----------------------------------------------------------------
 
-    def _open(self) -> socket.socket:
+    def _open(self, timeout: float) -> socket.socket:
         if self.path is None:
             raise ServerGone("no socket and no path to connect to")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self.timeout)
+            sock.settimeout(timeout)
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
@@ -273,10 +277,22 @@ class DeviceClient:
             ) from exc
         return sock
 
-    def _connect(self, sock: socket.socket | None) -> None:
+    def _connect(self, sock: socket.socket | None, timeout: float | None = None) -> None:
+        """Connect (``sock``: one made already) and shake hands, within ``timeout``
+        seconds (the client's own ``timeout`` if None)."""
+        timeout = self.timeout if timeout is None else timeout
         if sock is None:
-            sock = self._open()
-        sock.settimeout(self.timeout)
+            sock = self._open(timeout)
+        sock.settimeout(timeout)
+        with self._lock:
+            self._handshaking = sock  # close() shuts it down: the handshake ends at once
+        try:
+            self._handshake(sock, timeout)
+        finally:
+            with self._lock:
+                self._handshaking = None
+
+    def _handshake(self, sock: socket.socket, timeout: float) -> None:
         reader = FrameReader(sock, fds=False)
         arena: Segment | None = None
         try:
@@ -308,7 +324,7 @@ class DeviceClient:
                 arena.close_fd()
         except TimeoutError as exc:
             sock.close()
-            raise ServerGone(f"the device server did not answer within {self.timeout} s") from exc
+            raise ServerGone(f"the device server did not answer within {timeout:.3g} s") from exc
         except ConveyorError:
             sock.close()
             if arena is not None:
@@ -324,6 +340,11 @@ class DeviceClient:
             raise ProtocolError(f"bad handshake with the device server: {exc}") from exc
         sock.settimeout(None)
         with self._lock:
+            if self._closed:  # close() came during the handshake: nothing is installed
+                sock.close()
+                if arena is not None:
+                    arena.close()
+                raise ServerGone("the client was closed")
             self._gen += 1
             self._link = _Link(self._gen, sock, reader, arena, slot,
                                0 if self.monitor else inflight)
@@ -335,8 +356,9 @@ class DeviceClient:
         """This is a forked child's copy of the client (its connection is the parent's)."""
         return self._pid != os.getpid()
 
-    def _current(self) -> _Link:
-        """The live link, connecting again first if allowed. Raises ServerGone."""
+    def _current(self, deadline_ns: int = 0) -> _Link:
+        """The live link, connecting again first if allowed. Raises ServerGone, or
+        DeadlineExceeded when ``deadline_ns`` (see :func:`deadline_to_ns`) passes first."""
         if self._forked():
             raise RuntimeError(
                 f"this client was connected by process {self._pid}; a forked child cannot "
@@ -345,7 +367,21 @@ class DeviceClient:
         link = self._link
         if link is not None:
             return link
-        with self._connect_lock:
+
+        def left() -> float:
+            """Seconds to the deadline (the client's timeout without one)."""
+            if not deadline_ns:
+                return self.timeout
+            remaining = (deadline_ns - time.monotonic_ns()) / 1e9
+            if remaining <= 0:
+                raise DeadlineExceeded("not connected to the device server before the "
+                                       "deadline (it went away, and connecting again "
+                                       "takes longer)")
+            return min(remaining, self.timeout)
+
+        if not self._connect_lock.acquire(timeout=left() if deadline_ns else -1):
+            left()  # raises: the deadline passed while another thread connected
+        try:
             with self._lock:
                 if self._closed:
                     raise ServerGone("the client is closed")
@@ -355,11 +391,18 @@ class DeviceClient:
             if not self.reconnect:
                 raise ServerGone("the device server went away (connect with reconnect=True "
                                  "to reconnect automatically)")
-            self._connect(None)
+            try:
+                self._connect(None, left())
+            except ServerGone:
+                if deadline_ns and time.monotonic_ns() >= deadline_ns and not self._closed:
+                    left()  # a handshake cut short by the deadline: DeadlineExceeded
+                raise
             link = self._link
             if link is None:
                 raise ServerGone("the device server went away")
             return link
+        finally:
+            self._connect_lock.release()
 
     def _lost(self, link: _Link, why: ConveyorError) -> None:
         """The connection ``link`` is finished: fail what waits on it."""
@@ -705,7 +748,7 @@ class DeviceClient:
             raise ServerError("a monitoring client cannot run inferences")
         if not block and self._link is None and not self._closed:
             return None  # connecting may wait: not here (see ainfer)
-        link = self._current()
+        link = self._current(deadline_ns)
         info = self._lookup(model)
         specs = info.inputs
         if (type(inputs) is np.ndarray and len(specs) == 1 and inputs.shape == specs[0].shape
@@ -741,7 +784,7 @@ class DeviceClient:
                     raise ServerGone("the device server went away")
                 if not block:
                     return None  # the caller connects again where it may wait (ainfer)
-                link = self._current()
+                link = self._current(deadline_ns)
                 info = self._lookup(model)
                 continue
             for dst, arr in zip(self._views(link, info, slot)[0], arrays):
@@ -781,7 +824,7 @@ class DeviceClient:
                     break
                 if not block:
                     return None  # as above: not connecting here
-                link = self._current()
+                link = self._current(deadline_ns)
                 info = self._lookup(model)
                 continue
             return p
@@ -860,12 +903,15 @@ class DeviceClient:
         deadline_ns = deadline_to_ns(deadline)
         loop = asyncio.get_running_loop()
 
-        async def within_deadline(awaitable: asyncio.Future[None], what: str) -> None:
+        async def within_deadline(
+            awaitable: asyncio.Future[None] | Callable[[], asyncio.Future[None]], what: str
+        ) -> None:
             wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
             try:
                 if wait is not None and wait <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(awaitable, wait)
+                    raise TimeoutError  # before anything is made to wait on
+                await asyncio.wait_for(
+                    awaitable if isinstance(awaitable, asyncio.Future) else awaitable(), wait)
             except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
                 raise DeadlineExceeded(f"{model}: {what} before the deadline") from None
 
@@ -873,8 +919,7 @@ class DeviceClient:
             if self._link is None and not self._closed:
                 # (Re)connecting waits for the server's handshake: in a thread, and no
                 # longer than the deadline (the connection is then made for later calls).
-                await within_deadline(self._connect_in_thread(loop),
-                                      "not connected to the server")
+                await within_deadline(self._connect_in_thread, "not connected to the server")
             waiter: asyncio.Future[None] = loop.create_future()
             key = next(self._waiter_ids)
             with self._lock:
@@ -906,32 +951,32 @@ class DeviceClient:
         assert p.future is not None
         return await asyncio.wrap_future(p.future)
 
-    def _connect_in_thread(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """Connect again (:meth:`_current`) in a daemon thread of its own; the future is
-        its outcome. Not the loop's executor: ``asyncio.run()`` waits for those threads
-        at its end, and a handshake with a server that does not answer takes ``timeout``.
-        """
-        done: asyncio.Future[None] = loop.create_future()
+    def _connect_in_thread(self) -> asyncio.Future[None]:
+        """The outcome of connecting again (:meth:`_current`) in a daemon thread: one
+        attempt at a time, shared by every ainfer() that waits for it (a thread each
+        piled up thousands behind a server that did not answer). Not the loop's
+        executor: ``asyncio.run()`` waits for those threads at its end, and a handshake
+        with a server that does not answer takes ``timeout``. :meth:`close` ends it."""
+        with self._lock:
+            attempt = self._connecting
+            if attempt is None or attempt.done():
+                attempt = self._connecting = Future()
+                attempt.set_running_or_notify_cancel()  # a waiter's cancel is not its
+                threading.Thread(target=self._connect_for, args=(attempt,),
+                                 name="conveyor-client-connect", daemon=True).start()
+        return asyncio.wrap_future(attempt)
 
-        def settle(exc: BaseException | None) -> None:
-            if done.done():
-                return  # the caller gave up (its deadline, or cancelled)
-            if exc is None:
-                done.set_result(None)
+    def _connect_for(self, attempt: Future[None]) -> None:
+        outcome: BaseException | None = None
+        try:
+            self._current()
+        except BaseException as exc:  # handed to the awaiting tasks
+            outcome = exc
+        with contextlib.suppress(InvalidStateError):  # close() settled it first
+            if outcome is None:
+                attempt.set_result(None)
             else:
-                done.set_exception(exc)
-
-        def connect() -> None:
-            outcome: BaseException | None = None
-            try:
-                self._current()
-            except BaseException as exc:  # handed to the awaiting task
-                outcome = exc
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(settle, outcome)
-
-        threading.Thread(target=connect, name="conveyor-client-connect", daemon=True).start()
-        return done
+                attempt.set_exception(outcome)
 
     def _wake_async_waiters(self, one: bool = False) -> None:
         """The connection changed (or the client closed): every ainfer() waiting for a
@@ -1047,7 +1092,14 @@ class DeviceClient:
             self._closed = True
             link = self._link
             bg = self._bg
+            handshaking, attempt = self._handshaking, self._connecting
             self._cv.notify_all()
+        if handshaking is not None:  # a connection being made ends now (ServerGone)
+            with contextlib.suppress(OSError):
+                handshaking.shutdown(socket.SHUT_RDWR)
+        if attempt is not None:  # ainfer() calls waiting for it need not wait it out
+            with contextlib.suppress(InvalidStateError):
+                attempt.set_exception(ServerGone("the client was closed"))
         self._wake_async_waiters()  # they find the client closed
         if link is not None:
             try:
