@@ -5,7 +5,11 @@ Policy, in order:
 1. **Priority.** A request of a higher ``priority`` runs before any of a lower one
    (strict: a steady stream of high-priority work delays lower priorities indefinitely).
 2. **Fair share.** Among clients with work at that priority, the one that has used the
-   least device time (its *virtual time*, in nanoseconds of compute) goes first. A client
+   least device time (its *virtual time*, in nanoseconds of compute) goes first. A
+   request is charged its model's usual time when a device takes it and set right when
+   it ends, so that with several devices a client already being served does not also
+   look owed the next free one, and a client with a request running on another device
+   gets this one only when every other client with work has one running too. A client
    that was idle rejoins at the smallest virtual time of the active clients, so idling
    banks no credit; with none active, it (and a new client) starts at the scheduler's
    virtual clock, the least virtual time of the clients last served, so that time used
@@ -60,8 +64,8 @@ class Request:
     """
 
     __slots__ = (
-        "client", "conn", "deadline_ns", "enqueued_ns", "inputs", "model_id", "outputs",
-        "priority", "req_id", "retried", "seq", "state",
+        "charged", "client", "conn", "deadline_ns", "enqueued_ns", "inputs", "model_id",
+        "outputs", "priority", "req_id", "retried", "seq", "state", "switched",
     )
 
     def __init__(
@@ -86,6 +90,8 @@ class Request:
         self.enqueued_ns = 0
         self.seq = 0
         self.retried = False
+        self.charged = 0  # virtual time charged when a device took it (see _pick_locked)
+        self.switched = False  # its device switched models for it
         self.state = QUEUED
 
 
@@ -129,6 +135,7 @@ class DeviceState:
     switches: int = 0
     failed: str | None = None
     grouped: int = 0
+    last: Request | None = None  # the request it took last
 
 
 class Scheduler:
@@ -158,6 +165,7 @@ class Scheduler:
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
         self._vclock = 0  # see _pick_locked
+        self._cost: dict[int, int] = {}  # a model's usual compute ns (see _pick_locked)
         self._closed = False
         self._idle_waiters = 0
 
@@ -285,6 +293,8 @@ class Scheduler:
             req.state = QUEUED
             req.retried = True
             client = req.client
+            client.vtime -= req.charged
+            req.charged = 0
             client.running -= 1
             self._running -= 1
             if client.id not in self._clients:
@@ -374,9 +384,22 @@ class Scheduler:
             return None
         prio, cands = found
         models = dev.models
-        fair = cands[0] if len(cands) == 1 else min(cands, key=lambda c: (c.vtime, c.id))
-        if fair.vtime > self._vclock:
-            self._vclock = fair.vtime  # the least virtual time with work: the clock
+        elsewhere: set[int] = set()  # clients with a request running on another device
+        if len(cands) == 1:
+            fair = cands[0]
+            least = fair.vtime
+        else:
+            for other in self._devices:
+                r = other.last
+                if other is not dev and r is not None and r.state == RUNNING:
+                    elsewhere.add(r.client.id)
+            # A client already running on another device waits for the others: with
+            # several devices both went to whoever was behind, each switching models
+            # in step, instead of one device each.
+            fair = min(cands, key=lambda c: (c.id in elsewhere, c.vtime, c.id))
+            least = min(c.vtime for c in cands)
+        if least > self._vclock:
+            self._vclock = least  # the least virtual time with work: the clock
         head = fair.queues[prio][0]
         chosen = head if head.model_id in models else next(
             r for r in fair.queues[prio] if r.model_id in models
@@ -388,7 +411,11 @@ class Scheduler:
             and (dev.grouped < self.group_limit or self._held_elsewhere(dev, chosen.model_id))
         ):
             limit = fair.vtime + self.group_slack_ns
-            for c in sorted((c for c in cands if c.vtime <= limit), key=lambda c: c.vtime):
+            # Not from a client running on another device while the fair one is not:
+            # that kept both devices on one client's model, switching in step.
+            busy = fair.id in elsewhere
+            for c in sorted((c for c in cands if c.vtime <= limit
+                             and (busy or c.id not in elsewhere)), key=lambda c: c.vtime):
                 alt = next((r for r in c.queues[prio] if r.model_id == current), None)
                 if alt is not None:
                     chosen = alt
@@ -397,7 +424,14 @@ class Scheduler:
         if chosen.model_id != current or chosen is head:
             dev.grouped = 0
         self._unlink(chosen)
+        # Charged now, at its usual cost, and set right when it is done: with several
+        # devices, a client whose request is running does not look owed the next device
+        # too (both devices then went to whoever was behind, and switched models in step).
+        chosen.charged = self._cost.get(chosen.model_id, 0)
+        chosen.client.vtime += chosen.charged
+        chosen.switched = current is not None and current != chosen.model_id
         chosen.state = RUNNING
+        dev.last = chosen
         chosen.client.running += 1
         self._running += 1
         if current is not None and current != chosen.model_id:
@@ -449,8 +483,12 @@ class Scheduler:
             c = req.client
             c.running -= 1
             self._running -= 1
-            c.vtime += compute_ns
+            c.vtime += compute_ns - req.charged
             c.device_ns += compute_ns
+            usual = self._cost.get(req.model_id)
+            if ok and (usual is None or not req.switched):  # a reload is not its usual
+                self._cost[req.model_id] = (compute_ns if usual is None
+                                            else usual + (compute_ns - usual) // 8)
             if ok:
                 c.completed += 1
                 c.recent.add(time.monotonic_ns())
