@@ -135,7 +135,7 @@ class DeviceState:
     switches: int = 0
     failed: str | None = None
     grouped: int = 0
-    last: Request | None = None  # the request it took last
+    last: Request | None = None  # the request it runs (None once done: it holds memory)
 
 
 class Scheduler:
@@ -287,6 +287,13 @@ class Scheduler:
             self._cv.notify_all()
             return None
 
+    def _forget(self, req: Request) -> None:
+        """``req`` no longer runs: no device keeps it (its arrays view a client's shared
+        memory, which must go with the client)."""
+        for dev in self._devices:
+            if dev.last is req:
+                dev.last = None
+
     def requeue(self, req: Request) -> None:
         """Put a running request back at the head of its client's queue (a retry elsewhere)."""
         with self._cv:
@@ -295,6 +302,7 @@ class Scheduler:
             client = req.client
             client.vtime -= req.charged
             req.charged = 0
+            self._forget(req)
             client.running -= 1
             self._running -= 1
             if client.id not in self._clients:
@@ -391,7 +399,7 @@ class Scheduler:
         else:
             for other in self._devices:
                 r = other.last
-                if other is not dev and r is not None and r.state == RUNNING:
+                if other is not dev and r is not None:
                     elsewhere.add(r.client.id)
             # A client already running on another device waits for the others: with
             # several devices both went to whoever was behind, each switching models
@@ -483,6 +491,7 @@ class Scheduler:
             c = req.client
             c.running -= 1
             self._running -= 1
+            self._forget(req)
             c.vtime += compute_ns - req.charged
             c.device_ns += compute_ns
             usual = self._cost.get(req.model_id)
