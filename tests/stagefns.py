@@ -144,3 +144,17 @@ def slow_count(outputs: list[np.ndarray]) -> int:
 def landmark_input_slowly(outputs: list[np.ndarray]) -> np.ndarray:
     time.sleep(0.005)
     return np.zeros((1, 192, 192, 3), np.float32)
+
+
+def spawn_then_die_on_5(item: tuple[int, str]) -> int:
+    """At item 5: start a program that sleeps and keeps every inheritable descriptor
+    (as os.system does), note its pid in the file ``item[1]``, then die by SIGKILL."""
+    import subprocess
+
+    x, pidfile = item
+    if x == 5:
+        helper = subprocess.Popen(["sleep", "60"], close_fds=False)
+        with open(pidfile, "w") as f:
+            f.write(str(helper.pid))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x

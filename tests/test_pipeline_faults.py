@@ -34,11 +34,12 @@ def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
     assert st["restarts"] == 1 and st["errors"] == 1 and st["out"] == 11
 
 
-def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fn", [sf.fork_then_die_on_5, sf.spawn_then_die_on_5])
+def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_on(tmp_path, fn) -> None:  # type: ignore[no-untyped-def]
     pidfile = tmp_path / "helper.pid"
     started = time.monotonic()
     try:
-        with conveyor.Pipeline(conveyor.stage(sf.fork_then_die_on_5, kind="process"),
+        with conveyor.Pipeline(conveyor.stage(fn, kind="process"),
                                on_error="return") as pipe:
             out = list(pipe.map((i, str(pidfile)) for i in range(10)))
         took = time.monotonic() - started

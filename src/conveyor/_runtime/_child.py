@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--lifeline", type=int, required=True)
     args = parser.parse_args(argv)
+    # Not inherited by programs the stage's function runs (os.system, a Popen that keeps
+    # descriptors): one holding the link would hide this worker's death from the parent.
+    os.set_inheritable(args.fd, False)
+    os.set_inheritable(args.lifeline, False)
     watch_lifeline(args.lifeline)
     link = MsgSocket(socket.socket(fileno=args.fd))
     os.register_at_fork(after_in_child=lambda: _let_go(link, args.lifeline))

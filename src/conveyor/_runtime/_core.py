@@ -112,6 +112,11 @@ def _distinct_models(models: Iterable[str]) -> list[str]:
     return list(seen.values())
 
 
+def _close_all(clients: list[DeviceClient]) -> None:
+    for client in clients:
+        client.close()
+
+
 class _Worker:
     """A private device worker, shared by the inference stages that name one exclusive
     device (an Edge TPU serves one process: a second worker could not open it).
@@ -167,11 +172,13 @@ class _Worker:
             old.process.kill()
             self.worker = self._spawn()
             self.gen += 1
-        # Not under the lock: closing a client fails its pending requests here, and their
+        # Not under the lock: closing a client fails its pending requests, and their
         # stage (another one sharing this worker) comes back to restart() at once, which
         # then finds the worker replaced; under the lock, that thread waited for itself.
-        for client in old.clients:
-            client.close()
+        # Nor in this thread: a client's close() waits for its reader, which may be
+        # forwarding a reply into a full channel that only this thread's stage empties.
+        threading.Thread(target=_close_all, args=(old.clients,), daemon=True,
+                         name="conveyor-close-old-worker").start()
         return True
 
     def close(self) -> None:
@@ -242,8 +249,12 @@ class _DeviceLink:
         else:
             with worker.lock:
                 client, gen = worker.clients[self._slot], worker.gen
-        fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
-                            dequantize=d.dequantize)
+        try:
+            fut = client.submit(d.model, value, deadline=d.deadline, priority=d.priority,
+                                dequantize=d.dequantize)
+        except ServerGone as exc:
+            exc.worker_gen = gen  # type: ignore[attr-defined]  # the worker that was gone
+            raise
         return fut, gen
 
     def restart(self, gen: int) -> bool:
@@ -736,7 +747,9 @@ class Core:
             value = _pair_inputs(item.value, d.name) if d.with_context else item.value
             fut, gen = link.submit(value)
         except ServerGone as exc:
-            if attempt == 0 and link.restart(link.gen):
+            # The generation of the worker that was gone: the current one may be its
+            # replacement already, alive (restarting that failed its requests for nothing).
+            if attempt == 0 and link.restart(getattr(exc, "worker_gen", link.gen)):
                 self._infer_submit(si, item, start, 1)
                 return
             self._infer_failed(si, item, start, exc)
