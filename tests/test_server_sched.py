@@ -269,6 +269,23 @@ def test_a_client_that_joins_while_nobody_has_work_is_not_owed_the_past(gap: str
     assert ran[:4].count(1) >= 1, ran
 
 
+def test_a_request_an_idle_device_takes_at_once_does_not_count_as_waiting() -> None:
+    # max_queue 1 and an idle device: a burst of two (one runs, one waits) was answered
+    # Busy when both reached the queue before the device took the first.
+    sched = Scheduler(max_queue=1)
+    dev = DeviceState(0, frozenset({0}))
+    sched.add_device(dev)
+    c = ClientState(1)
+    sched.add_client(c)
+    assert sched.submit(_req(c, 1), now_ns=1) is None
+    assert sched.submit(_req(c, 2), now_ns=1) is None  # the device has not picked yet
+    assert sched.submit(_req(c, 3), now_ns=1) is Status.BUSY  # one runs, one waits: full
+    req, _ = sched.pick(dev)
+    assert req is not None and req.req_id == 1
+    assert sched.submit(_req(c, 4), now_ns=1) is Status.BUSY  # the device is busy now
+    sched.done(req, 1000, ok=True)
+
+
 def test_admission_is_bounded_and_deadlines_expire() -> None:
     sched = Scheduler(max_queue=3)
     dev = DeviceState(0, frozenset({0}))
@@ -278,14 +295,15 @@ def test_admission_is_bounded_and_deadlines_expire() -> None:
     assert sched.submit(_req(c, 1, deadline=100), now_ns=10) is None
     assert sched.submit(_req(c, 2), now_ns=10) is None
     assert sched.submit(_req(c, 3), now_ns=10) is None
-    assert sched.submit(_req(c, 4), now_ns=10) is Status.BUSY
+    assert sched.submit(_req(c, 4), now_ns=10) is None  # the idle device takes one at once
+    assert sched.submit(_req(c, 7), now_ns=10) is Status.BUSY
     assert sched.submit(_req(c, 5, deadline=5), now_ns=10) is Status.DEADLINE_EXCEEDED
     assert sched.next_deadline_ns() == 100
     assert [r.req_id for r in sched.expire(now_ns=200)] == [1]
-    assert sched.queued == 2
+    assert sched.queued == 3
     sched.close()
     assert sched.submit(_req(c, 6), now_ns=10) is Status.SHUTTING_DOWN
-    assert [r.req_id for r in sched.abort()] == [2, 3]
+    assert [r.req_id for r in sched.abort()] == [2, 3, 4]
 
 
 def test_grouping_is_bounded() -> None:

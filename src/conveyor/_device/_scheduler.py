@@ -259,7 +259,10 @@ class Scheduler:
             if not self._served.get(req.model_id):
                 client.failed += 1
                 return Status.DEVICE_ERROR
-            if self._queued >= self.max_queue:
+            # A request that an idle device is about to take does not wait: a burst that
+            # reached an idle device was answered Busy within the queue's bound.
+            idle = sum(1 for d in self._devices if d.failed is None and d.last is None)
+            if self._queued >= self.max_queue + idle:
                 client.busy += 1
                 return Status.BUSY
             if client.queued == 0 and client.running == 0:
