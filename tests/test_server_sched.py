@@ -269,6 +269,23 @@ def test_a_client_that_joins_while_nobody_has_work_is_not_owed_the_past(gap: str
     assert ran[:4].count(1) >= 1, ran
 
 
+def test_a_client_back_from_idle_rejoins_at_the_least_busy_virtual_time() -> None:
+    # It ran a lot (at a higher priority) while b waited, then went idle: it kept its
+    # virtual time on return and waited until b caught up (about 5 s on a server).
+    sched, dev, a, b = _two_clients()
+    sched.submit(_req(b, 5000), now_ns=1)  # b waits at priority 0 all along
+    sched.submit(_req(a, 0, prio=1), now_ns=1)
+    for i in range(1, 1001):  # a at priority 1, never idle, goes first each time
+        if i < 1000:
+            sched.submit(_req(a, i, prio=1), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None and req.client is a
+        sched.done(req, 1000, ok=True)
+    assert a.vtime > b.vtime + 900_000 and a.outstanding == 0
+    sched.submit(_req(a, 5001), now_ns=1)  # a back from idle, at priority 0
+    assert a.vtime == b.vtime
+
+
 def test_a_request_an_idle_device_takes_at_once_does_not_count_as_waiting() -> None:
     # max_queue 1 and an idle device: a burst of two (one runs, one waits) was answered
     # Busy when both reached the queue before the device took the first.

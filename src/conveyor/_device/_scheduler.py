@@ -270,11 +270,11 @@ class Scheduler:
                 # with none busy, at the clock as the last busy ones left it. A newcomer
                 # at 0 (or an old client's stale time) would have had the device to
                 # itself until it caught up with the others' whole history.
-                least = min(
-                    (c.vtime for c in self._clients.values() if c.outstanding and c is not client),
-                    default=self._vclock,
-                )
-                client.vtime = max(client.vtime, least)
+                busy = [c.vtime for c in self._clients.values()
+                        if c.outstanding and c is not client]
+                # At the least of the busy ones, up or down: no credit banked, and no debt
+                # kept either (time used at a higher priority held it back ~5 s later).
+                client.vtime = min(busy) if busy else max(client.vtime, self._vclock)
             req.enqueued_ns = now
             req.seq = next(self._seq)
             req.state = QUEUED
