@@ -403,6 +403,23 @@ def test_pipeline_uses_the_shared_server(sdir: Path) -> None:
             status.close()
 
 
+def test_pipeline_on_a_server_refuses_a_model_it_does_not_serve_at_start(sdir: Path) -> None:
+    path = sdir / "s.sock"
+    with ServeProcess(path):
+        with pytest.raises(conveyor.ModelNotFoundError,
+                           match=r"does not serve 'face_landmark'; it serves \['face_det"):
+            with conveyor.Pipeline(conveyor.infer("face_landmark", server=path)):
+                pytest.fail("the pipeline started")
+        # a path names the model it holds, as the server does
+        with conveyor.Pipeline(conveyor.infer(f"/elsewhere/{MODEL}.tflite", server=path)) as pipe:
+            assert len(list(pipe.map([np.zeros(SHAPE, np.float32)]))) == 1
+        client = conveyor.connect(path)
+        try:
+            assert client.status()["totals"]["requests"]["ok"] == 1
+        finally:
+            client.close()
+
+
 def _connect_or_none(path: Path, refused: list[str]) -> conveyor.DeviceClient | None:
     try:
         return conveyor.connect(path)

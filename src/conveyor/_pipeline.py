@@ -112,7 +112,8 @@ def infer(
 
     The device is driven by its own worker process, reached through shared memory and
     a Unix socket. With ``server=PATH`` (or ``device="server:PATH"``) the stage uses a
-    shared device through ``conveyor serve`` instead, with no other change. Inference
+    shared device through ``conveyor serve`` instead, with no other change; a model the
+    server does not serve fails the pipeline's start with ModelNotFoundError. Inference
     stages of one pipeline that name the same Edge TPU (real or simulated, or ``auto``)
     share one device worker that loads all their models: the device serves one process.
 

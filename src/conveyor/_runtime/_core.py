@@ -207,7 +207,8 @@ class _DeviceLink:
                                         name=f"pipeline:{d.name}", reader=True)
         try:
             client = self.client
-            self.model = client.model_info(d.model).name if d.server is None else d.model
+            # A model the server does not serve fails here, at start, not on every item.
+            self.model = client.model_info(d.model).name
             self._note_scheduling()
         except BaseException:
             # Nothing else holds this link yet: its worker would hold the device for ever.
