@@ -406,10 +406,11 @@ def test_pipeline_uses_the_shared_server(sdir: Path) -> None:
 def test_pipeline_on_a_server_refuses_a_model_it_does_not_serve_at_start(sdir: Path) -> None:
     path = sdir / "s.sock"
     with ServeProcess(path):
+        stage = conveyor.infer("face_landmark", server=path)
         with pytest.raises(conveyor.ModelNotFoundError,
-                           match=r"does not serve 'face_landmark'; it serves \['face_det"):
-            with conveyor.Pipeline(conveyor.infer("face_landmark", server=path)):
-                pytest.fail("the pipeline started")
+                           match=r"does not serve 'face_landmark'; it serves \['face_det"), \
+                conveyor.Pipeline(stage):
+            pytest.fail("the pipeline started")
         # a path names the model it holds, as the server does
         with conveyor.Pipeline(conveyor.infer(f"/elsewhere/{MODEL}.tflite", server=path)) as pipe:
             assert len(list(pipe.map([np.zeros(SHAPE, np.float32)]))) == 1

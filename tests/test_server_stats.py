@@ -27,3 +27,34 @@ def test_latency_percentiles_cover_the_window_of_the_rates() -> None:
 
 def test_the_table_shows_no_latency_for_an_idle_window() -> None:
     assert (_ms(0.0), _ms(1.234), _ms(250.0)) == ("-", "1.23ms", "250ms")
+
+
+def test_a_status_snapshot_counts_each_request_once_on_its_device_and_its_model() -> None:
+    import threading
+    from pathlib import Path
+
+    from test_server_support import FakeDevice, ThreadServer, socket_dir, x
+
+    from conveyor import DeviceClient
+
+    stop = threading.Event()
+    with socket_dir() as sdir, ThreadServer(Path(sdir) / "s", [FakeDevice()], ["m"]) as srv:
+
+        def load() -> None:
+            with DeviceClient(path=srv.path) as client:
+                while not stop.is_set():
+                    client.infer("m", x(1.0))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            items, calls = 0, 0
+            while items < 500 or calls < 300:
+                calls += 1
+                status = srv.server.status()
+                items = sum(d["items"] for d in status["devices"])
+                assert items == status["models"][0]["requests"]["ok"] \
+                    == status["totals"]["requests"]["ok"], status["totals"]
+        finally:
+            stop.set()
+            worker.join(10)

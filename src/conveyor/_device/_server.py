@@ -858,8 +858,10 @@ class DeviceServer:
         those alone.
         """
         now_ns = time.monotonic_ns()
+        counted = self.stats.snapshot([dev.index for dev in self.devices],
+                                      [info.id for info in self.models.values()], now_ns)
         devices = []
-        for dev in self.devices:
+        for dev, counts in zip(self.devices, counted["devices"], strict=True):
             state = dev.state
             devices.append({
                 **self._describe(dev),
@@ -868,14 +870,14 @@ class DeviceServer:
                 "current_model": (self.models[state.current_model].name
                                   if state.current_model is not None else None),
                 "model_switches": state.switches,
-                **self.stats.device(dev.index, now_ns),
+                **counts,
             })
         models = []
-        for info in self.models.values():
+        for info, counts in zip(self.models.values(), counted["models"], strict=True):
             models.append({
                 **info.to_json(),
                 "devices": [d.index for d in self.devices if info.id in d.runners],
-                **self.stats.model(info.id),
+                **counts,
             })
         now = time.monotonic()
         # Runs that ended but whose accounting and reply the I/O thread has still to do
@@ -888,7 +890,7 @@ class DeviceServer:
             "device_s": c.device_ns / 1e9, "connected_s": now - c.connected_at,
             "requests_per_s": c.rate(now_ns),
         } for c in sorted(self.scheduler.clients(), key=lambda c: c.id)]
-        requests = dict(self.stats.modelless)  # requests naming no model this server has
+        requests = dict(counted["modelless"])  # requests naming no model this server has
         for m in models:
             for k, v in m["requests"].items():
                 requests[k] = requests.get(k, 0) + v
@@ -914,8 +916,8 @@ class DeviceServer:
                 "requests_per_s": sum(d["items_per_s"] for d in devices),
                 "queue_s_sum": sum(m["queue"]["sum_s"] for m in models),
                 "compute_s_sum": sum(m["compute"]["sum_s"] for m in models),
-                "rejected_connections": self.stats.rejected_connections,
-                "protocol_errors": self.stats.protocol_errors,
-                "modelless": dict(self.stats.modelless),
+                "rejected_connections": counted["rejected_connections"],
+                "protocol_errors": counted["protocol_errors"],
+                "modelless": counted["modelless"],
             },
         }

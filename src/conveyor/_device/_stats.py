@@ -145,36 +145,49 @@ class ServerStats:
         with self._lock:
             setattr(self, what, getattr(self, what) + 1)
 
-    def device(self, index: int, now_ns: int) -> dict[str, Any]:
-        """A device's counters, and its rates and latency percentiles (milliseconds) over
-        the last :data:`WINDOW_S` (0 when it ran nothing then; at most 4096 requests)."""
+    def snapshot(self, devices: list[int], models: list[int], now_ns: int) -> dict[str, Any]:
+        """The counters of ``devices`` and ``models`` and the server-wide ones, read at one
+        instant (one fold, under the lock), so that they agree: a request counted ``ok``
+        by its model is among its device's ``items``."""
         with self._lock:
             self._fold()
-            d = self._devices[index]
-            rate, duty = d.recent.rates(now_ns, self.started_ns)
-            since = now_ns - _WINDOW_NS  # percentiles over the same window as the rates
-            latency = [total for end, total in d.latency if end >= since]
-            totals = {"items": d.items, "errors": d.errors, "busy_s": d.busy_ns / 1e9}
-            busy_total = d.busy_ns
-        p50, p99 = _percentiles(latency)
-        return {
-            **totals,
+            device_parts = [self._device(i, now_ns) for i in devices]
+            model_parts = [self._model(m) for m in models]
+            server = {"rejected_connections": self.rejected_connections,
+                      "protocol_errors": self.protocol_errors,
+                      "modelless": dict(self.modelless)}
+        out_devices = []
+        for latency, part in device_parts:
+            p50, p99 = _percentiles(latency)
+            out_devices.append({**part, "p50_ms": p50, "p99_ms": p99})
+        return {"devices": out_devices, "models": model_parts, **server}
+
+    def _device(self, index: int, now_ns: int) -> tuple[list[int], dict[str, Any]]:
+        # Under the lock, folded: a device's counters, rates and recent latencies.
+        d = self._devices[index]
+        rate, duty = d.recent.rates(now_ns, self.started_ns)
+        since = now_ns - _WINDOW_NS  # percentiles over the same window as the rates
+        latency = [total for end, total in d.latency if end >= since]
+        return latency, {
+            "items": d.items, "errors": d.errors, "busy_s": d.busy_ns / 1e9,
             "items_per_s": rate,
             "requests_per_s": rate,  # the same figure, under the name Triton's users expect
             "duty_cycle": duty,
-            "duty_cycle_total": min(busy_total / max(now_ns - self.started_ns, 1), 1.0),
-            "p50_ms": p50,
-            "p99_ms": p99,
+            "duty_cycle_total": min(d.busy_ns / max(now_ns - self.started_ns, 1), 1.0),
         }
 
-    def model(self, model: int) -> dict[str, Any]:
-        """A model's request counts by status and its time histograms."""
-        with self._lock:
-            self._fold()
-            m = self._models[model]
-            return {
-                "requests": dict(m.requests),
-                "queue": m.queue.to_json(),
-                "compute": m.compute.to_json(),
-                "latency": m.latency.to_json(),
-            }
+    def _model(self, model: int) -> dict[str, Any]:
+        # Under the lock, folded: a model's request counts by status and time histograms.
+        m = self._models[model]
+        return {
+            "requests": dict(m.requests),
+            "queue": m.queue.to_json(),
+            "compute": m.compute.to_json(),
+            "latency": m.latency.to_json(),
+        }
+
+    def device(self, index: int, now_ns: int) -> dict[str, Any]:
+        """A device's counters, and its rates and latency percentiles (milliseconds) over
+        the last :data:`WINDOW_S` (0 when it ran nothing then; at most 4096 requests)."""
+        result: dict[str, Any] = self.snapshot([index], [], now_ns)["devices"][0]
+        return result
