@@ -254,6 +254,42 @@ def test_library_override_to_a_library_that_is_not_a_delegate(
         EdgeTPUDevice(parse_device("edgetpu"), root=str(root))
 
 
+def _libm() -> str:
+    ctypes.CDLL(ctypes.util.find_library("m"))
+    with open("/proc/self/maps") as maps:
+        return next(line.split()[-1] for line in maps if "/libm.so" in line)
+
+
+def test_library_override_to_a_truncated_library_is_refused_not_loaded(
+        tmp_path: Path) -> None:
+    # dlopen of a shared library cut short maps segments past the file's end, and the
+    # loader's first touch of them killed the process with SIGBUS: `conveyor devices`,
+    # `auto` (which should fall back to the CPU) and `serve --device edgetpu` alike.
+    whole = Path(_libm()).read_bytes()
+    cuts = [tmp_path / f"cut{n}.so" for n in (3000, 20000, len(whole) // 2)]
+    for cut in cuts:
+        cut.write_bytes(whole[:int(cut.stem[3:])])
+    text = tmp_path / "notes.so"
+    text.write_text("not a library\n")
+    code = """if True:
+        import sys
+        from conveyor.backends import open_device, parse_device
+        from conveyor.backends.edgetpu import find_edgetpu_library
+        print(find_edgetpu_library().reason)
+        auto = open_device(parse_device("auto"))
+        auto.load("face_detection_short_range")
+        print(auto.describe()["choices"]["face_detection_short_range"]["device"])
+    """
+    for lib, why in [*((cut, "truncated") for cut in cuts), (text, "not an ELF file")]:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "CONVEYOR_EDGETPU_LIBRARY": str(lib)},
+                             timeout=60)
+        assert out.returncode == 0, (lib, out.returncode, out.stderr[-2000:])
+        reason, device = out.stdout.splitlines()
+        assert f"CONVEYOR_EDGETPU_LIBRARY={lib} is not usable: {why}" in reason
+        assert device == "cpu", device  # auto runs on the CPU instead
+
+
 def test_library_not_on_the_loader_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CONVEYOR_EDGETPU_LIBRARY", raising=False)
     monkeypatch.setattr(edgetpu_mod.ctypes.util, "find_library", lambda name: None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,49 @@ class LibraryStatus:
 DELEGATE_SYMBOL = "tflite_plugin_create_delegate"
 
 
+def _elf_problem(path: str) -> str | None:
+    """Why the file at ``path`` is no whole ELF shared library, or None.
+
+    dlopen maps a library's loadable segments; one that runs past the end of a truncated
+    file kills the process with SIGBUS when the loader touches it, so a user-given file
+    is checked first: the ELF header, the program headers, and every PT_LOAD segment
+    inside the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+            if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) \
+                    or data[5] not in (1, 2):
+                return "not an ELF file"
+            wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+            if wide and len(data) < 64:
+                return "truncated ELF header"
+            if wide:
+                phoff, = struct.unpack_from(order + "Q", data, 32)
+                phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+                entry = order + "IIQQQQQQ"  # type, flags, offset, vaddr, paddr, filesz...
+            else:
+                phoff, = struct.unpack_from(order + "I", data, 28)
+                phentsize, phnum = struct.unpack_from(order + "HH", data, 42)
+                entry = order + "IIIIIIII"  # type, offset, vaddr, paddr, filesz...
+            need = struct.calcsize(entry)
+            if phnum == 0 or phentsize < need or phoff + phentsize * phnum > size:
+                return f"truncated: its program headers end past its {size} bytes"
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    for i in range(phnum):
+        fields = struct.unpack_from(entry, table, i * phentsize)
+        kind, offset, filesz = ((fields[0], fields[2], fields[5]) if wide
+                                else (fields[0], fields[1], fields[4]))
+        if kind == 1 and offset + filesz > size:  # PT_LOAD
+            return (f"truncated: a loadable segment ends at byte {offset + filesz}, past "
+                    f"the file's {size} bytes")
+    return None
+
+
 def _loads(name: str) -> str | None:
     """None if ``name`` loads with dlopen and is a TFLite delegate, else why not."""
     try:
@@ -114,7 +158,7 @@ def find_edgetpu_library() -> LibraryStatus:
         if not Path(override).is_file():
             what = "a folder, not a library file" if Path(override).is_dir() else "no such file"
             return LibraryStatus(None, f"{LIBRARY_ENV}={override}: {what}")
-        error = _loads(override)
+        error = _elf_problem(override) or _loads(override)
         if error is not None:
             return LibraryStatus(None, f"{LIBRARY_ENV}={override} is not usable: {error}")
         return LibraryStatus(override)
