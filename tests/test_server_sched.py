@@ -90,6 +90,25 @@ def test_deadline_passes_while_queued_behind_a_slow_device(sdir: Path) -> None:
     assert order(dev) == [1]
 
 
+@pytest.mark.parametrize("days", [30, 1e300])
+def test_a_deadline_a_month_ahead_waits_in_the_queue(sdir: Path, days: float) -> None:
+    # The server turned the earliest queued deadline into its poll() timeout and the
+    # client its wait for the reply: past 24.8 days that overflowed poll()'s C int, and
+    # the server died (every client lost it) with the request in its queue.
+    gate = threading.Event()
+    dev = FakeDevice(gate=gate)
+    with ThreadServer(sdir / "s", [dev], ["m"]) as srv, DeviceClient(path=srv.path) as c:
+        first = c.submit("m", x(1))
+        assert dev.started.wait(10)
+        queued = c.submit("m", x(2), deadline=days * 86400)
+        assert wait_for(lambda: c.status()["totals"]["queue_depth"] == 1)
+        threading.Timer(0.2, gate.set).start()
+        waited = c.infer("m", x(3), deadline=days * 86400)  # the client waits, too
+        assert first.result(10)[1][0] == 4 and queued.result(10)[1][0] == 8
+        assert waited[1][0] == 12
+    assert order(dev) == [1, 2, 3]
+
+
 def test_full_queue_answers_busy_at_once(sdir: Path) -> None:
     gate = threading.Event()
     dev = FakeDevice(gate=gate)

@@ -48,7 +48,7 @@ from .._errors import (
     ServerGone,
 )
 from .._models import base_name
-from .._runtime._run import SIGNAL_CHECK_S
+from .._runtime._run import SIGNAL_CHECK_S, poll_ms
 from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
@@ -503,7 +503,7 @@ class DeviceClient:
                 if poller is None:
                     poller = link.poller = select.poll()
                     poller.register(link.sock, select.POLLIN)
-                if not poller.poll(max(0, int(timeout * 1000) + 1)):
+                if not poller.poll(poll_ms(timeout)):
                     return
             reader.feed_from_socket()
             while True:

@@ -24,13 +24,12 @@ scheduler's condition (for work or for the role), the serve_forever thread on it
 
 from __future__ import annotations
 
-import math
 import select
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .._runtime._run import SIGNAL_CHECK_S
+from .._runtime._run import SIGNAL_CHECK_S, poll_ms
 from ._scheduler import DeviceState, Request, Scheduler
 
 __all__ = ["MAIN", "IORole", "Poller"]
@@ -211,8 +210,7 @@ class Poller:
         """The ready descriptors' objects and events; blocks up to ``timeout`` seconds
         (None: until one is ready). A descriptor unregistered meanwhile yields None."""
         objs = self._objs
-        ms = None if timeout is None else math.ceil(timeout * 1000)
-        for fd, mask in self._poll.poll(ms):
+        for fd, mask in self._poll.poll(poll_ms(timeout)):
             yield objs.get(fd), mask
 
     def close(self) -> None:

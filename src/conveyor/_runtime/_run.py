@@ -8,16 +8,28 @@ outcome, so the reorder buffer never holds more than ``max_in_flight`` entries.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CANCEL", "DROP", "ERR", "OK", "Run"]
+__all__ = ["CANCEL", "DROP", "ERR", "OK", "Run", "poll_ms"]
 
 OK, ERR, DROP, CANCEL = "ok", "err", "drop", "cancel"
 #: The longest a caller waits at a time without looking for a signal's handler to run.
 SIGNAL_CHECK_S = 0.5
+#: The longest one poll() waits (ms): its argument is a C int, and a wait until a far
+#: deadline (a month ahead) overflowed it; a caller that waits longer polls again.
+_POLL_MAX_MS = 3_600_000
+
+
+def poll_ms(timeout: float | None) -> int | None:
+    """``timeout`` (seconds, None: no end) as poll()'s milliseconds, rounded up, at most
+    an hour."""
+    if timeout is None:
+        return None
+    return min(max(0, math.ceil(timeout * 1000)), _POLL_MAX_MS)
 Outcome = tuple[str, Any]
 
 
