@@ -52,6 +52,41 @@ def test_truncated_model_is_invalid(tmp_path: Path) -> None:
         conveyor.open_device("cpu").load(bad)
 
 
+def _passthrough_model(name: bytes, tensor_type: str) -> bytes:
+    """A TFLite flatbuffer with no ops whose one tensor, ``name``, is input and output."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    tensor = schema.TensorT()
+    tensor.name, tensor.shape, tensor.buffer = name, [1, 4], 0
+    tensor.type = getattr(schema.TensorType, tensor_type)
+    graph = schema.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = [tensor], [0], [0], []
+    model = schema.ModelT()
+    model.version, model.subgraphs, model.buffers = 3, [graph], [schema.BufferT()]
+    builder = flatbuffers.Builder(256)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+@pytest.mark.parametrize("device", ["cpu", "sim-edgetpu"])
+@pytest.mark.parametrize(("name", "tensor_type", "why"), [
+    # a flipped bit in a tensor name: an untyped UnicodeDecodeError reached the caller
+    (b"\xe9nput", "FLOAT32", r"LiteRT could not (load|read) .*m\.tflite: 'utf-8' codec"),
+    # a string tensor loaded, then every item failed "expected dtype bytes, got bytes8"
+    (b"x", "STRING", r"m\.tflite: tensor 'x' holds strings or objects \(dtype \|S0\), "
+                     r"which conveyor does not pass"),
+])
+def test_a_model_conveyor_cannot_read_or_feed_is_invalid(
+        tmp_path: Path, device: str, name: bytes, tensor_type: str, why: str) -> None:
+    path = tmp_path / "m.tflite"
+    path.write_bytes(_passthrough_model(name, tensor_type))
+    with pytest.raises(conveyor.InvalidModelError, match=why):
+        conveyor.open_device(device).load(path)
+    path.write_bytes(_passthrough_model(b"x", "FLOAT32"))  # the same model, well formed
+    assert conveyor.open_device("cpu").load(path).inputs[0].name == "x"
+
+
 def test_edgetpu_model_on_cpu_is_refused(tmp_path: Path) -> None:
     data = conveyor.resolve_model("face_detection_short_range").read_bytes()
     # A compiled model carries the custom op's name in its operator codes.
@@ -148,3 +183,22 @@ def test_a_failing_run_reports_liteRTs_message_once(runner: conveyor.Runner) -> 
     assert other.endswith(": something else")
     long = str(failed(RuntimeError("x" * 50_000)))
     assert len(long) < 1200 and "more)" in long
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "sim-edgetpu"])
+def test_an_unreadable_model_file_is_invalid_on_every_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    # auto read the file to look for the Edge TPU's custom op and let PermissionError out
+    path = tmp_path / "m.tflite"
+    path.write_bytes(_passthrough_model(b"x", "FLOAT32"))
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(conveyor.InvalidModelError,
+                       match=rf"cannot read model {path}: \[Errno 13\] Permission denied"):
+        conveyor.open_device(device).load(path)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conveyor._errors import DeviceNotFoundError, ModelNotFoundError
+from conveyor._errors import DeviceNotFoundError, InvalidModelError, ModelNotFoundError
 from conveyor._models import BUNDLED_DIR
 from conveyor.backends import open_device
 from conveyor.backends.onnx import OnnxDevice, resolve_onnx_model
@@ -197,3 +197,62 @@ def test_pipeline_on_onnx_cuda_finds_the_faces_litert_finds(no_leaks: None) -> N
         for g, c in zip(gpu_faces, cpu_faces):
             for field in ("xmin", "ymin", "xmax", "ymax", "score"):
                 assert getattr(g, field) == pytest.approx(getattr(c, field), abs=1e-3)
+
+
+# --- models built here: y = x, with a chosen element type and shape ----------------------
+
+
+def _field(number: int, value: int | bytes | str) -> bytes:
+    """One protobuf field: a varint for an int, else length-delimited bytes."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def _identity_model(elem_type: int, shape: list[int | str]) -> bytes:
+    """An ONNX ModelProto (opset 17) of one Identity node, y = x; ``elem_type`` is ONNX's
+    TensorProto.DataType (1 float, 8 string), a str in ``shape`` a symbolic dimension."""
+
+    def value_info(name: str) -> bytes:
+        dims = b"".join(_field(1, _field(1 if isinstance(d, int) else 2, d)) for d in shape)
+        tensor_type = _field(1, elem_type) + _field(2, dims)
+        return _field(1, name) + _field(2, _field(1, tensor_type))
+
+    node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
+    graph = (_field(1, node) + _field(2, "identity") + _field(11, value_info("x"))
+             + _field(12, value_info("y")))
+    return _field(1, 8) + _field(8, _field(2, 17)) + _field(7, graph)
+
+
+def test_a_symbolic_batch_dimension_is_taken_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "batch.onnx"
+    path.write_bytes(_identity_model(1, ["N", 3]))
+    runner = OnnxDevice().load(path)
+    assert runner.inputs[0].shape == (1, 3)
+    np.testing.assert_array_equal(runner.run([np.arange(3, dtype=np.float32)])[0], [[0, 1, 2]])
+
+
+@pytest.mark.parametrize(("elem_type", "shape", "why"), [
+    (1, [1, 3, "H", "W"], r"tensor 'x' has shape \[1, 3, 'H', 'W'\]: conveyor runs models "
+                          r"whose tensors have fixed shapes"),
+    (8, [1, 4], r"tensor 'x' has type tensor\(string\), which conveyor does not pass"),
+])
+def test_a_model_conveyor_cannot_feed_is_refused_at_load(
+        tmp_path: Path, elem_type: int, shape: list[int | str], why: str) -> None:
+    # Symbolic height and width were taken as 1: every real input was then refused as
+    # "expected shape [1, 3, 1, 1]", though the model takes it.
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_identity_model(elem_type, shape))
+    ort.InferenceSession(str(path))  # a model ONNX Runtime itself loads
+    with pytest.raises(InvalidModelError, match=rf"^{path}: {why}"):
+        OnnxDevice().load(path)

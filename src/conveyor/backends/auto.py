@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._errors import DeviceError
+from .._errors import DeviceError, InvalidModelError
 from .._models import COMPILED_SUFFIX, base_name, resolve_model
 from ._base import Device, Runner
 from ._discovery import discover_edgetpus, what_was_searched
@@ -71,7 +71,10 @@ class AutoDevice(Device):
         path = resolve_model(model)
         if path.suffix.lower() == ".onnx":
             return self._load_onnx(path)
-        plain, compiled = edgetpu_pair(path)
+        try:
+            plain, compiled = edgetpu_pair(path)
+        except OSError as exc:  # unreadable (permissions, a /proc file...)
+            raise InvalidModelError(f"cannot read model {path}: {exc}") from exc
         name = base_name(plain or compiled or path)
         why = self._no_tpu
         if not why and compiled is None:

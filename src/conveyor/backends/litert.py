@@ -51,9 +51,14 @@ def is_edgetpu_model(data: bytes) -> bool:
     return EDGETPU_CUSTOM_OP in data
 
 
-def _specs(details: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+def _specs(details: list[dict[str, Any]], path: Path) -> tuple[TensorSpec, ...]:
     specs = []
     for d in details:
+        if np.dtype(d["dtype"]).kind in "OSUV":
+            raise InvalidModelError(
+                f"{path}: tensor {d['name']!r} holds strings or objects (dtype "
+                f"{np.dtype(d['dtype'])}), which conveyor does not pass: numeric and bool "
+                f"tensors only")
         scale, zero_point = d.get("quantization", (0.0, 0))
         specs.append(
             TensorSpec(
@@ -96,13 +101,14 @@ class LiteRTRunner(Runner):
                 experimental_delegates=list(delegates) or None,
             )
             self._interp.allocate_tensors()
+            # (A tensor name that is not UTF-8 fails here, as a ValueError.)
+            self._in = self._interp.get_input_details()
+            self._out = self._interp.get_output_details()
         except (ValueError, RuntimeError) as exc:
             raise InvalidModelError(f"LiteRT could not load {self.path}: {exc}") from exc
         self._last_error = ""  # LiteRT's text of the last failed run (see _failed)
-        self._in = self._interp.get_input_details()
-        self._out = self._interp.get_output_details()
-        self.inputs = _specs(self._in)
-        self.outputs = _specs(self._out)
+        self.inputs = _specs(self._in, self.path)
+        self.outputs = _specs(self._out, self.path)
         self._in_idx = [int(d["index"]) for d in self._in]
         self._out_idx = [int(d["index"]) for d in self._out]
 

@@ -114,12 +114,25 @@ def resolve_onnx_model(model: str | Path) -> Path:
     )
 
 
-def _spec(arg: Any) -> TensorSpec:
-    # Symbolic dimensions (a batch named "N", or None) are taken as 1.
-    shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
+def _spec(arg: Any, path: Path) -> TensorSpec:
+    """A tensor's spec. A symbolic leading dimension (a batch named "N", or None) is taken
+    as 1; any other dimension must be fixed: shared-memory slots are sized at load."""
+    dims = list(arg.shape) if arg.shape is not None else None
+    fixed = [isinstance(d, int) and d >= 0 for d in dims or ()]
+    # (A tensor with no declared shape shows as [], as a scalar does: taken as a scalar.)
+    if dims is None or not all(fixed[1:]):
+        raise InvalidModelError(
+            f"{path}: tensor {arg.name!r} has shape {dims}: conveyor runs models whose tensors "
+            f"have fixed shapes (only a leading batch dimension may be symbolic: it is "
+            f"taken as 1); export the model with fixed sizes, or fix them with "
+            f"`python3 -m onnxruntime.tools.make_dynamic_shape_fixed` (it needs the onnx "
+            f"package)")
+    shape = tuple(d if ok else 1 for d, ok in zip(dims, fixed))
     dtype = _DTYPES.get(arg.type)
     if dtype is None:
-        raise DeviceError(f"ONNX tensor {arg.name!r} has unsupported type {arg.type}")
+        raise InvalidModelError(
+            f"{path}: tensor {arg.name!r} has type {arg.type}, which conveyor does not "
+            f"pass (numeric and bool tensors only: {', '.join(_DTYPES)})")
     return TensorSpec(name=str(arg.name), shape=shape, dtype=np.dtype(dtype))
 
 
@@ -131,8 +144,8 @@ class OnnxRunner(Runner):
         self._errors = errors
         self.path = path
         self.model = path.stem
-        self.inputs = tuple(_spec(a) for a in session.get_inputs())
-        self.outputs = tuple(_spec(a) for a in session.get_outputs())
+        self.inputs = tuple(_spec(a, path) for a in session.get_inputs())
+        self.outputs = tuple(_spec(a, path) for a in session.get_outputs())
         self._names = [s.name for s in self.inputs]
 
     def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:

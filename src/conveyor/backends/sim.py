@@ -236,8 +236,8 @@ class SimRunner(Runner):
         try:
             # Building an interpreter reads the tensors without allocating or running.
             details = Interpreter(model_content=data)
-            self.inputs = _specs(details.get_input_details())
-            self.outputs = _specs(details.get_output_details())
+            self.inputs = _specs(details.get_input_details(), path)
+            self.outputs = _specs(details.get_output_details(), path)
         except (ValueError, RuntimeError) as exc:
             raise InvalidModelError(f"LiteRT could not read {path}: {exc}") from exc
         self._fixed = _reference_outputs(path, data, self.inputs, self.outputs)
