@@ -22,6 +22,7 @@ from conveyor._runtime._wire import (
     OK,
     PICKLE,
     PICKLE_OOB,
+    PICKLE_TABLE,
     SEGMENT,
     TASK,
     MsgSocket,
@@ -159,6 +160,10 @@ CASES = [
     ({"a": BIG, "b": [1, 2]}, PICKLE),
     (b"\x01" * 300_000, PICKLE_OOB),  # bytes have no out-of-band form: the pickle moves
     ([str(i) * 20 for i in range(500)], PICKLE_OOB),
+    # thousands of buffers: their table would make the socket message large
+    ([np.full(1024, i, np.float32) for i in range(2000)], PICKLE_TABLE),
+    ([np.full(1024, i, np.float32) for i in range(254)], PICKLE_OOB),  # a table under 4 KiB
+    ([np.full(1024, i, np.float32) for i in range(255)], PICKLE_TABLE),
 ]
 
 
@@ -408,6 +413,12 @@ def test_large_pickles_both_ways_at_once_do_not_deadlock(no_leaks: None) -> None
         many = [{f"k{j}": np.full(3, i) for j in range(5000)} for i in range(3)]
         for i, got in enumerate(pipe.map(many)):
             assert len(got) == 5000 and int(got["k4999"][0]) == i
+        # 20,000 arrays of 4 KiB: 16 bytes each of their table went in the socket message
+        # (320 kB), and the parent and the worker each blocked sending to the other.
+        item = [np.full(1024, i, np.float32) for i in range(20_000)]
+        first, second = pipe.submit(item), pipe.submit(item)
+        for got in (first.result(timeout=30), second.result(timeout=30)):
+            assert len(got) == 20_000 and all(int(a[0]) == i for i, a in enumerate(got))
 
 
 def _refuse_to_load() -> Any:

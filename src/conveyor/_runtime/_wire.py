@@ -7,9 +7,12 @@ start ns, end ns), then the body, whose layout the form gives:
   buffers (any buffer of 4 KiB or more) in the sender's memfd segment.
 - ``PICKLE_OOB``: the same, but the pickle itself is in the segment too (the first
   pair), when it is 4 KiB or more (a large ``bytes``, a dict of many small arrays).
-  Socket messages so stay small: both ends may be sending at once (the parent its next
-  task, the worker its last result) with nobody reading, and a message larger than the
-  socket's buffer would leave both blocked for ever.
+- ``PICKLE_TABLE``: the same as ``PICKLE_OOB``, but the table of pairs is in the segment
+  too, and the body is one pair: where the table is. For 256 buffers or more (a list
+  of thousands of arrays).
+  Socket messages so stay small (under 8 KiB): both ends may be sending at once (the
+  parent its next task, the worker its last result) with nobody reading, and a message
+  larger than the socket's buffer would leave both blocked for ever.
 - ``INT``: an int64; the payload is an ``int``.
 - ``ARRAY``: a bare C-contiguous numpy array: ndim and dtype-string length (``<BB``),
   the dtype string, the shape (``<q`` each), then the data itself when it is under
@@ -51,7 +54,7 @@ BUF = struct.Struct("<QQ")
 I64 = struct.Struct("<q")
 DESC = struct.Struct("<BB")
 SETUP, READY, TASK, OK, ERR, SEGMENT = 1, 2, 3, 4, 5, 6
-PICKLE, INT, ARRAY, PICKLE_OOB = 0, 1, 2, 3
+PICKLE, INT, ARRAY, PICKLE_OOB, PICKLE_TABLE = 0, 1, 2, 3, 4
 INBAND_LIMIT = 4096
 RECV_SIZE = 1 << 16
 _ANC_SIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -210,23 +213,30 @@ class MsgSocket:
                 b.release()
             raise Unpicklable(f"cannot pickle {type(obj).__name__}: {exc}") from exc
         form = PICKLE
-        if len(data) >= INBAND_LIMIT:
+        if (len(bufs) + 1) * BUF.size >= INBAND_LIMIT:
+            form = PICKLE_TABLE
+            bufs.insert(0, memoryview(data))
+        elif len(data) >= INBAND_LIMIT:
             form = PICKLE_OOB
             bufs.insert(0, memoryview(data))
         try:
             slot = self._turn
-            table = b""
+            table = bytearray()
             if bufs:
-                out = self._segment(slot, sum(align(b.nbytes) for b in bufs))
+                table_size = len(bufs) * BUF.size if form == PICKLE_TABLE else 0
+                out = self._segment(slot, sum(align(b.nbytes) for b in bufs) + table_size)
                 pos = 0
-                for b in bufs:
-                    try:
+                try:
+                    for b in bufs:
                         out.buf[pos : pos + b.nbytes] = b
-                    except ValueError as exc:  # close() in another thread released it
-                        raise PeerClosed("the link was closed") from exc
-                    table += BUF.pack(pos, b.nbytes)
-                    pos += align(b.nbytes)
-            body = table if form == PICKLE_OOB else data + table
+                        table += BUF.pack(pos, b.nbytes)
+                        pos += align(b.nbytes)
+                    if form == PICKLE_TABLE:
+                        out.buf[pos : pos + table_size] = table
+                        table = bytearray(BUF.pack(pos, table_size))
+                except ValueError as exc:  # close() in another thread released it
+                    raise PeerClosed("the link was closed") from exc
+            body = data + table if form == PICKLE else table
             self.sock.sendall(HEAD.pack(kind, slot, form, len(body), len(bufs), index,
                                         start_ns, end_ns) + body)
             if bufs:
@@ -370,16 +380,24 @@ class MsgSocket:
                     raise LinkBroken("array size does not match its shape")
                 data = bytearray(frame[dend : dend + nbytes])
             return np.ndarray(shape, dtype, buffer=data)
-        if form not in (PICKLE, PICKLE_OOB):
+        if form == PICKLE_TABLE:
+            if blen != BUF.size or not nbufs:
+                raise LinkBroken("bad frame length")
+            off, length = BUF.unpack_from(frame, at)
+            if length != nbufs * BUF.size:
+                raise LinkBroken("buffer table size does not match its count")
+            frame, at, plen = memoryview(self._segment_bytes(slot, off, length)), 0, 0
+        elif form in (PICKLE, PICKLE_OOB):
+            plen = blen - nbufs * BUF.size
+            if plen < 0 or (form == PICKLE_OOB and (plen or not nbufs)):
+                raise LinkBroken("bad frame length")
+        else:
             raise LinkBroken(f"bad frame form {form}")
-        plen = blen - nbufs * BUF.size
-        if plen < 0 or (form == PICKLE_OOB and (plen or not nbufs)):
-            raise LinkBroken("bad frame length")
         buffers = []
         for i in range(nbufs):
             off, length = BUF.unpack_from(frame, at + plen + i * BUF.size)
             buffers.append(self._segment_bytes(slot, off, length))
-        if form == PICKLE_OOB:
+        if form != PICKLE:
             return pickle.loads(buffers[0], buffers=buffers[1:])
         return pickle.loads(frame[at : at + plen], buffers=buffers)
 
