@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,3 +287,58 @@ def test_frame_reader_reassembles_any_split(payloads: list[bytes], cuts: list[in
     finally:
         a.close()
         b.close()
+
+
+def test_a_client_flooding_requests_takes_turns_with_the_others() -> None:
+    # A raw client that sends requests over its credit as fast as it can (reading the
+    # Busy answers) cut a normal client to a tenth of its throughput: the I/O thread
+    # handled all ~1,400 requests of each 64 KiB read of the flood before the normal
+    # client's one request. Now each connection gets FRAMES_PER_TURN messages a round.
+    from conveyor._device._server import FRAMES_PER_TURN
+
+    stop = threading.Event()
+    with socket_dir() as d, ThreadServer(d / "s", [FakeDevice()], ["m"]) as srv:
+        seg = Segment.create(1 << 16)
+        flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        flood.connect(str(srv.path))
+        reader = FrameReader(flood, fds=False)
+        flood.sendall(HELLO)
+        assert reader.read_frame().type is MsgType.WELCOME
+        socket.send_fds(flood, [encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size))], [seg.fd])
+        burst = encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), 1) * 4096
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    flood.sendall(burst)
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while flood.recv(1 << 16):
+                    pass
+
+        threads = [threading.Thread(target=send), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        try:
+            def answered() -> int:
+                return sum(srv.server.status()["totals"]["requests"].values())
+
+            with DeviceClient(path=srv.path, timeout=10) as client:
+                while answered() < 20_000:  # the flood is on
+                    time.sleep(0.01)
+                between = []
+                for _ in range(15):
+                    before = answered()
+                    assert client.infer("m", x(1.0))[1].tolist() == [4.0]
+                    between.append(answered() - before - 1)
+        finally:
+            stop.set()
+            flood.shutdown(socket.SHUT_RDWR)
+            for t in threads:
+                t.join(10)
+            flood.close()
+            seg.close()
+    # Requests of the flood answered while one of ours waited: a turn or two of it, and
+    # the status calls' own rounds (the median was 1,300-2,700 before).
+    assert sorted(between)[len(between) // 2] <= 6 * FRAMES_PER_TURN, between

@@ -70,6 +70,7 @@ class Conn:
         self.opened = time.monotonic()
         self.alive = True
         self.writing = False  # registered for EVENT_WRITE (I/O loop only)
+        self.turn = 0  # the round of I/O that last read it (I/O loop only)
         self.lock = threading.Lock()
         self._outbox = bytearray()
         self._views: dict[tuple[int, int, int], Views] = {}

@@ -68,6 +68,10 @@ _NO_DEVICE = 0xFFFF
 #: How long a device may run one request while holding the I/O role before the
 #: serve_forever thread takes the I/O over (see :mod:`conveyor._device._iorole`).
 IO_GRACE_S = 0.02
+#: Messages taken from one connection in one round of I/O before the others have their
+#: turn: a client that floods the socket (requests over its credit, each answered Busy)
+#: must not hold the I/O thread while the others' requests wait to be read.
+FRAMES_PER_TURN = 64
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
@@ -160,6 +164,10 @@ class DeviceServer:
         self._conns: dict[int, Conn] = {}
         self._listeners: list[socket.socket] = []
         self._trouble: deque[Conn] = deque()
+        # Connections whose last read holds messages not handled yet (they used their
+        # turn): served again next round, before their socket is read again.
+        self._backlog: dict[int, Conn] = {}
+        self._round = 0
         # Requests a device ran and handed over for accounting and the reply: (request,
         # device, start ns, end ns); see _run.
         self._replies: deque[tuple[Request, int, int, int]] = deque()
@@ -288,7 +296,11 @@ class DeviceServer:
             return
         if role.holder == MAIN and role.handover:
             return
-        self._poll(self._poll_timeout())
+        self._round += 1
+        self._poll(0.0 if self._backlog else self._poll_timeout())
+        for conn in list(self._backlog.values()):
+            if conn.turn != self._round:  # not served by the poll just now
+                self._on_readable(conn)
 
     def _poll_timeout(self) -> float | None:
         ends = []
@@ -537,13 +549,22 @@ class DeviceServer:
         return bool(groups & self.allowed_gids)
 
     def _on_readable(self, conn: Conn) -> bool:
-        """Read what ``conn`` sent and act on it; True if bytes came and it is still open."""
+        """Read what ``conn`` sent and act on it, at most :data:`FRAMES_PER_TURN` messages
+        (the rest wait in the backlog for the next round); True if it is still open and
+        bytes came or messages wait."""
         if self._conns.get(conn.fileno) is not conn:
             return False
         reader = conn.reader
+        conn.turn = self._round
         try:
-            reader.feed_from_socket()
+            if self._backlog.pop(conn.fileno, None) is None:
+                reader.feed_from_socket()
+            budget = FRAMES_PER_TURN
             while conn.alive:
+                if not budget:
+                    self._backlog[conn.fileno] = conn
+                    break
+                budget -= 1
                 infer = reader.next_infer()
                 if infer is not None:
                     self._infer(conn, *infer)
@@ -552,7 +573,7 @@ class DeviceServer:
                 if frame is None:
                     break
                 self._handle(conn, frame)
-            if reader.eof:
+            if reader.eof and conn.fileno not in self._backlog:
                 self._close_conn(conn, None)
                 return False
             return self._conns.get(conn.fileno) is conn
@@ -681,6 +702,7 @@ class DeviceServer:
             return
         del self._conns[conn.fileno]
         self._handshakes.pop(conn.fileno, None)
+        self._backlog.pop(conn.fileno, None)
         self._sel.unregister(conn.fileno)
         conn.mark_dead()
         conn.sock.close()
