@@ -342,3 +342,31 @@ def test_a_client_flooding_requests_takes_turns_with_the_others() -> None:
     # Requests of the flood answered while one of ours waited: a turn or two of it, and
     # the status calls' own rounds (the median was 1,300-2,700 before).
     assert sorted(between)[len(between) // 2] <= 6 * FRAMES_PER_TURN, between
+
+
+def test_a_segment_after_the_first_request_is_refused_as_such(server: ThreadServer) -> None:
+    # It was refused as "SEGMENT message without a file descriptor" though one came: from
+    # the first INFER on the server receives no descriptors (the kernel drops them).
+    segs = [Segment.create(1 << 16) for _ in range(2)]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(str(server.path))
+        reader = FrameReader(s, fds=False)
+        s.sendall(HELLO)
+        assert reader.read_frame().type is MsgType.WELCOME
+        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(0, segs[0].size))],
+                        [segs[0].fd])
+        s.sendall(encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), 7))
+        assert reader.read_frame().type is MsgType.RESULT
+        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(1, segs[1].size))],
+                        [segs[1].fd])
+        frame = reader.read_frame()
+        assert frame.type is MsgType.ERROR
+        assert json.loads(frame.body)["message"] == (
+            "SEGMENT after INFER: segments come before the first request")
+    finally:
+        s.close()
+        for seg in segs:
+            seg.close()
+    still_serves(server)

@@ -311,6 +311,9 @@ class FrameReader:
         self._lo = end
         fd = None
         if kind is MsgType.SEGMENT:
+            if not self.want_fds:  # the kernel dropped any descriptor sent with it
+                raise ProtocolError("SEGMENT after INFER: segments come before the first "
+                                    "request")
             if not self._fds:
                 raise ProtocolError("SEGMENT message without a file descriptor")
             fd = self._fds.pop(0)

@@ -628,7 +628,8 @@ class DeviceServer:
                 raise ProtocolError("bad SEGMENT message")
             if not conn.reader.want_fds:
                 os.close(frame.fd)
-                raise ProtocolError("SEGMENT after INFER: segments come first")
+                raise ProtocolError("SEGMENT after INFER: segments come before the first "
+                                    "request")
             seg_id, size = SEGMENT.unpack(frame.body)
             conn.add_segment(seg_id, frame.fd, size)
         elif kind is MsgType.STATUS:
