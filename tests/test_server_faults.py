@@ -258,9 +258,10 @@ def test_connection_without_hello_is_closed(sdir: Path, monkeypatch: pytest.Monk
             c.infer("m", x(0))
 
 
-def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path) -> None:
+@pytest.mark.parametrize("credit", [32, 2])
+def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path, credit: int) -> None:
     dev = FakeDevice(delay=0.002)
-    with ThreadServer(sdir / "s", [dev], ["m"]) as srv:
+    with ThreadServer(sdir / "s", [dev], ["m"], max_inflight=credit) as srv:
         for trial in range(15):  # the window was narrow: about one trial in five hung
             client = DeviceClient(path=srv.path)
             ended: list[BaseException] = []
@@ -272,7 +273,7 @@ def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path) -> None:
                 except BaseException as exc:  # how it ended is what the test checks
                     ended.append(exc)
 
-            threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
+            threads = [threading.Thread(target=loop, daemon=True) for _ in range(6)]
             for t in threads:
                 t.start()
             time.sleep(0.02 + 0.01 * (trial % 5))
@@ -281,6 +282,9 @@ def test_close_wakes_every_thread_waiting_on_the_client(sdir: Path) -> None:
                 t.join(5)
             assert not any(t.is_alive() for t in threads), f"trial {trial}: a thread hung"
             assert all(isinstance(e, ServerGone) for e in ended), ended
+            # not "the device server went away": threads waiting for a slot were told so
+            assert {str(e) for e in ended} <= {"the client was closed",
+                                               "the client is closed"}, ended
 
 
 def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) -> None:

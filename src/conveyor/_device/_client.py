@@ -399,7 +399,8 @@ class DeviceClient:
                 raise
             link = self._link
             if link is None:
-                raise ServerGone("the device server went away")
+                raise ServerGone("the client was closed" if self._closed
+                                 else "the device server went away")
             return link
         finally:
             self._connect_lock.release()
@@ -409,6 +410,8 @@ class DeviceClient:
         with self._lock:
             if self._link is not link:
                 return
+            if self._closed:  # (the server's close answers our BYE: not its doing)
+                why = ServerGone("the client was closed")
             self._link = None
             link.lost = why
             pending, self._pending = self._pending, {}
@@ -781,7 +784,8 @@ class DeviceClient:
                 slot = link.free.pop() if self._link is link and link.free else -1
             if slot < 0:
                 if self._closed or attempt == 1:
-                    raise ServerGone("the device server went away")
+                    raise ServerGone("the client was closed" if self._closed
+                                     else "the device server went away")
                 if not block:
                     return None  # the caller connects again where it may wait (ainfer)
                 link = self._current(deadline_ns)
@@ -1014,7 +1018,8 @@ class DeviceClient:
         p = Pending(None, -1, False, True)
         with self._lock:
             if self._link is not link:
-                raise ServerGone("the device server went away")
+                raise ServerGone("the client was closed" if self._closed
+                                 else "the device server went away")
             self._pending[req_id] = p
         try:
             with self._send_lock:
