@@ -89,6 +89,30 @@ def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
 
 
+def test_a_device_taken_while_its_worker_restarts_fails_the_item_with_why(
+        no_leaks: None) -> None:
+    # The item failed with "ServerGone: the device server went away (connect with
+    # reconnect=True ...)", advice for a client, not a pipeline; the DeviceBusyError that
+    # said who holds the device was only logged.
+    x = np.zeros((128, 128, 3), np.float32)
+    with conveyor.Pipeline(conveyor.infer("face_detection_short_range",
+                                          device="sim-edgetpu")) as pipe:
+        pipe.submit(x).result(30)
+        link = device_worker(pipe)
+        os.kill(link.worker.pid, signal.SIGKILL)
+        assert wait_for(lambda: link.worker.worker.process.proc.poll() is not None)
+        thief = conveyor.open_device("sim-edgetpu")  # another program takes the device
+        try:
+            with pytest.raises(conveyor.StageError) as info:
+                pipe.submit(x).result(30)
+            assert isinstance(info.value.__cause__, conveyor.DeviceBusyError)
+            assert f"in use by conveyor process {os.getpid()}" in str(info.value.__cause__)
+        finally:
+            thief.close()
+        assert len(pipe.submit(x).result(30)) == 2  # let go: the next item restarts it
+        assert pipe.stats()["device"]["restarts"] == 1
+
+
 def test_two_stages_on_one_edge_tpu_share_its_worker(tmp_path, no_leaks: None) -> None:  # type: ignore[no-untyped-def]
     """Detection then landmarks on one (simulated) Edge TPU: a device serves one process,
     so both stages use one device worker that loads both models; when it dies, it is

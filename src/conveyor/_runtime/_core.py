@@ -259,8 +259,12 @@ class _DeviceLink:
         return fut, gen
 
     def restart(self, gen: int) -> bool:
-        """Replace a dead private worker (once per generation). False for a server link,
-        while closing, or if the new worker fails to start (that is logged)."""
+        """Replace a dead private worker (once per generation). False for a server link
+        or while closing.
+
+        Raises ConveyorError (logged too) if the new worker fails to start: the device
+        taken by another process meanwhile, say. The next item tries again.
+        """
         if self.worker is None or self.closing:
             return False
         try:
@@ -269,9 +273,10 @@ class _DeviceLink:
             if self.worker.gen != self._gen:
                 self._gen = self.worker.gen
                 self._note_scheduling()
-        except ConveyorError:
-            log.exception("could not restart the device worker for %s", self.defn.device)
-            return False
+        except ConveyorError as exc:
+            log.warning("could not restart the device worker for %s: %s",
+                        self.defn.device, exc)
+            raise
         return True
 
     def close(self) -> None:
@@ -750,15 +755,28 @@ class Core:
         except ServerGone as exc:
             # The generation of the worker that was gone: the current one may be its
             # replacement already, alive (restarting that failed its requests for nothing).
-            if attempt == 0 and link.restart(getattr(exc, "worker_gen", link.gen)):
-                self._infer_submit(si, item, start, 1)
-                return
-            self._infer_failed(si, item, start, exc)
+            if attempt == 0:
+                self._retry(si, item, start, getattr(exc, "worker_gen", link.gen), exc)
+            else:
+                self._infer_failed(si, item, start, exc)
             return
         except Exception as exc:  # InputError and the like: this item fails, not the thread
             self._infer_failed(si, item, start, exc)
             return
         fut.add_done_callback(functools.partial(self._infer_done, si, item, start, gen, attempt))
+
+    def _retry(self, si: int, item: Item, start: int, gen: int, exc: ServerGone) -> None:
+        """The device worker of generation ``gen`` went away with ``item``: restart it
+        and submit the item once more, or fail the item with why that cannot be."""
+        try:
+            restarted = self.links[si].restart(gen)
+        except ConveyorError as why:  # the item fails with the reason, not "gone"
+            self._infer_failed(si, item, start, why)
+            return
+        if restarted:
+            self._infer_submit(si, item, start, 1)
+        else:
+            self._infer_failed(si, item, start, exc)
 
     def _infer_failed(self, si: int, item: Item, start: int, exc: BaseException) -> None:
         self._give_credit(si)
@@ -774,11 +792,10 @@ class Core:
         link = self.links[si]
         exc = fut.exception()
         if exc is not None:
-            if isinstance(exc, ServerGone) and attempt == 0 and not self.closing \
-                    and link.restart(gen):
-                self._infer_submit(si, item, start, 1)
-                return
-            self._infer_failed(si, item, start, exc)
+            if isinstance(exc, ServerGone) and attempt == 0 and not self.closing:
+                self._retry(si, item, start, gen, exc)
+            else:
+                self._infer_failed(si, item, start, exc)
             return
         self._give_credit(si)
         d = self.defs[si]
