@@ -619,3 +619,63 @@ def test_huge_and_infinite_deadlines_mean_no_deadline(sdir: Path) -> None:
             with pytest.raises(DeadlineExceeded):
                 c.infer("m", x(3), deadline=past)
     assert order(dev) == [1, 1, 2]
+
+
+class WideDevice(FakeDevice):
+    """Runs FakeRunner's model with ``n`` float32 values in and out."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def load(self, model: str | Path) -> Any:
+        from test_server_support import FakeRunner, spec
+
+        runner = FakeRunner(self, str(model))
+        runner.inputs = (spec("x", (1, self.n)),)
+        runner.outputs = (spec("y", (1, self.n)), spec("s", (1,)))
+        return runner
+
+
+def test_large_tensors_lower_a_clients_credit_to_what_the_server_maps(sdir: Path) -> None:
+    # 16 MiB in and 16 MiB out a request: 32 requests' worth is over the 1 GiB of a
+    # client's memory the server maps, so it refused the client's segment and every
+    # request failed ServerGone, though a handshake had succeeded.
+    n = 4 << 20
+    with ThreadServer(sdir / "s", [WideDevice(n)], ["m"]) as srv, \
+            DeviceClient(path=srv.path) as c:
+        assert c.welcome["max_inflight"] == 32
+        futures = [c.submit("m", np.full((1, n), i, np.float32)) for i in range(3)]
+        assert [f.result(30)[1][0] for f in futures] == [n * i for i in range(3)]
+        assert c.status()["clients"][0]["completed"] == 3
+
+
+def test_a_model_too_large_to_share_is_refused_at_start() -> None:
+    from conveyor import ModelError
+    from conveyor._device._server import DeviceServer
+
+    with pytest.raises(ModelError, match=r"m: its tensors take 2147483\d+ bytes a request, "
+                                         r"more than the 1073741824"):
+        DeviceServer([WideDevice(1 << 28)], ["m"])  # 1 GiB in and 1 GiB out
+
+
+def test_two_files_of_one_name_are_refused_naming_both(tmp_path: Path) -> None:
+    # "model 'face_detection_short_range' given twice", a plain ValueError, for two files
+    # in two folders (a pipeline's detection and landmark stages on one Edge TPU, say).
+    import shutil
+
+    from conveyor import ModelError
+    from conveyor._device._server import DeviceServer
+    from conveyor._models import resolve_model
+    from conveyor.backends import open_device
+
+    bundled = resolve_model("face_detection_short_range")
+    other = tmp_path / "other" / bundled.name
+    other.parent.mkdir()
+    shutil.copy(resolve_model("face_detection_full_range"), other)
+    with pytest.raises(ModelError, match=rf"two models are named "
+                       rf"'face_detection_short_range' \({bundled} and {other}\): clients "
+                       rf"choose a model by its name"):
+        DeviceServer([open_device("cpu")], [bundled, other])
+    with pytest.raises(ValueError, match="model 'face_detection_short_range' given twice"):
+        DeviceServer([open_device("cpu")], [bundled, bundled])

@@ -41,6 +41,7 @@ from .._errors import (
     ConveyorError,
     DeadlineExceeded,
     InputError,
+    ModelError,
     ModelNotFoundError,
     PermissionDenied,
     ProtocolError,
@@ -52,6 +53,7 @@ from .._runtime._run import SIGNAL_CHECK_S, poll_ms
 from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
+from ._conn import MAX_SEGMENT_BYTES
 from ._protocol import (
     PROTOCOL_VERSION,
     RESULT,
@@ -318,6 +320,13 @@ class DeviceClient:
             if not self.monitor:
                 if not 0 < inflight <= 4096:
                     raise ValueError(f"max_inflight {inflight}")
+                # The server maps at most MAX_SEGMENT_BYTES of a client's: with large
+                # tensors, fewer requests in flight than the server's credit.
+                inflight = min(inflight, MAX_SEGMENT_BYTES // slot)
+                if not inflight:
+                    raise ModelError(
+                        f"a request's tensors take {slot} bytes, more than the "
+                        f"{MAX_SEGMENT_BYTES} a client may share with the server")
                 arena = Segment.create(slot * inflight, name="conveyor-client")
                 socket.send_fds(sock, [encode(MsgType.SEGMENT, SEGMENT.pack(0, arena.size))],
                                 [arena.fd])

@@ -33,7 +33,7 @@ from .._runtime._sched import check_realtime, set_realtime
 from .._version import __version__
 from ..backends import Device, Runner
 from ._catalog import ModelInfo
-from ._conn import Conn
+from ._conn import MAX_SEGMENT_BYTES, Conn
 from ._iorole import MAIN, READABLE, IORole, Poller
 from ._protocol import (
     INFER,
@@ -113,7 +113,9 @@ class DeviceServer:
             so in :meth:`status` (``devices[i]["scheduling"]``).
 
     Raises:
-        ModelError, DeviceError: a model could not be loaded on any device.
+        ModelError, DeviceError: a model could not be loaded on any device, two models
+            have one name (files of one stem in two folders), or a model's tensors take
+            more than a client may share (1 GiB a request).
         ValueError: no devices, no models, a model given twice, or ``realtime`` out of
             range.
     """
@@ -192,7 +194,7 @@ class DeviceServer:
 
     def _load(self, devices: Sequence[Device], models: Sequence[str | Path]) -> None:
         errors: dict[int, ConveyorError] = {}
-        names: set[str] = set()
+        names: dict[str, Path] = {}  # name -> the file it came from
         for index, device in enumerate(devices):
             runners: dict[int, Runner] = {}
             self.devices.append(_Dev(index, device, runners))
@@ -206,13 +208,24 @@ class DeviceServer:
                     continue
                 info = self.models.get(model_id)
                 if info is None:
-                    if runner.model in names:
+                    first = names.setdefault(runner.model, runner.path)
+                    if first != runner.path:
+                        runner.close()
+                        raise ModelError(
+                            f"two models are named {runner.model!r} ({first} and "
+                            f"{runner.path}): clients choose a model by its name, the "
+                            f"file's stem; rename one of the files")
+                    if any(i.name == runner.model for i in self.models.values()):
                         runner.close()
                         raise ValueError(f"model {runner.model!r} given twice")
-                    names.add(runner.model)
-                    info = self.models[model_id] = ModelInfo(
-                        model_id, runner.model, runner.inputs, runner.outputs
-                    )
+                    info = ModelInfo(model_id, runner.model, runner.inputs, runner.outputs)
+                    if info.slot_size > MAX_SEGMENT_BYTES:
+                        runner.close()
+                        raise ModelError(
+                            f"{runner.path}: its tensors take {info.slot_size} bytes a "
+                            f"request, more than the {MAX_SEGMENT_BYTES} a client may share "
+                            f"with a device worker or server")
+                    self.models[model_id] = info
                 elif (runner.inputs, runner.outputs) != (info.inputs, info.outputs):
                     log.warning("device %d (%s) loads %s with other tensors; not used there",
                                 index, device.spec, model)
