@@ -591,3 +591,39 @@ def test_stages_naming_one_edgetpu_differently_share_its_worker(
     monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [])
     core = Core(stages, maxsize=4, live=False, trace=None, inflight=2)
     assert sorted(core._device_groups()) == [[0, 4], [1], [2], [3], [5]]
+
+
+def test_lock_directory_problems_are_named_as_they_are(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from conveyor.backends._lock import lock_dir
+
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    monkeypatch.setenv("CONVEYOR_LOCK_DIR", str(link))  # was "not a directory owned by..."
+    assert lock_dir() == link
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("CONVEYOR_LOCK_DIR", str(afile))  # was "[Errno 17] File exists"
+    with pytest.raises(DeviceError, match=rf"^the lock directory {afile} \(CONVEYOR_LOCK_DIR\) "
+                                          r"is a file, not a folder$"):
+        lock_dir()
+    # The default one, in a shared folder, must be this user's own folder.
+    monkeypatch.delenv("CONVEYOR_LOCK_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = tmp_path / f"conveyor-{os.getuid()}"
+    mine.symlink_to(folder)
+    with pytest.raises(DeviceError, match=rf"^the lock directory {mine} is not a folder; "
+                                          r"remove it or set CONVEYOR_LOCK_DIR$"):
+        lock_dir()
+    mine.unlink()
+    assert lock_dir() == mine and mine.is_dir() and not mine.is_symlink()
+    if os.geteuid() == 0:
+        os.chown(mine, 65534, 65534)
+        with pytest.raises(DeviceError, match=rf"^the lock directory {mine} belongs to uid "
+                                              r"65534, not to this user \(uid 0\)"):
+            lock_dir()

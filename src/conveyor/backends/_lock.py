@@ -43,7 +43,8 @@ def lock_dir() -> Path:
     """The directory for conveyor's device lock files, created (mode 0700) if missing.
 
     Raises:
-        DeviceError: the directory cannot be made, or a ``/tmp`` one belongs to another user.
+        DeviceError: the directory cannot be made, or a default one belongs to another
+            user (one named by ``CONVEYOR_LOCK_DIR`` is taken as it is).
     """
     explicit = os.environ.get("CONVEYOR_LOCK_DIR")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -53,14 +54,22 @@ def lock_dir() -> Path:
         path = Path(runtime) / "conveyor"
     else:
         path = Path(tempfile.gettempdir()) / f"conveyor-{os.getuid()}"
+    where = f"the lock directory {path}" + (" (CONVEYOR_LOCK_DIR)" if explicit else "")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.lstat()
+        # One the user names is theirs to choose (a link to a folder will do); a default
+        # one in a shared folder must be a folder of this user's, not a link to another.
+        info = path.stat() if explicit else path.lstat()
+    except FileExistsError:
+        raise DeviceError(f"{where} is a file, not a folder") from None
     except OSError as exc:
-        raise DeviceError(f"cannot create the lock directory {path}: {exc}") from exc
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise DeviceError(f"cannot create {where}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise DeviceError(f"{where} is not a folder; "
+                          + ("set another" if explicit else "remove it or set CONVEYOR_LOCK_DIR"))
+    if not explicit and info.st_uid != os.getuid():
         raise DeviceError(
-            f"the lock directory {path} is not a directory owned by uid {os.getuid()}; "
+            f"{where} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}); "
             f"remove it or set CONVEYOR_LOCK_DIR"
         )
     return path
