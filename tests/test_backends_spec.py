@@ -121,3 +121,15 @@ def test_unknown_simulation_profile_lists_the_profiles() -> None:
 
 def test_onnx_alone_is_onnx_runtime_on_the_cpu() -> None:
     assert parse_device("onnx") == parse_device("onnx:cpu") == DeviceSpec("onnx", bus="cpu")
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    (5, r"^a device spec is a string such as 'cpu' or 'edgetpu:usb', got int 5$"),  # "empty"
+    (None, r"got NoneType None$"),
+    ("sim-edgetpu:-1", r"'-1' is not a device number"),  # "unknown simulation profile"
+    ("sim-edgetpu:+2", r"'\+2' is not a device number"),
+])
+def test_a_spec_that_is_no_string_or_a_negative_number_is_named_so(spec: object,
+                                                                      why: str) -> None:
+    with pytest.raises(DeviceSpecError, match=why):
+        parse_device(spec)  # type: ignore[arg-type]

@@ -110,8 +110,11 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
     """
     if isinstance(spec, DeviceSpec):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise _bad(str(spec), "empty")
+    if not isinstance(spec, str):
+        raise DeviceSpecError(f"a device spec is a string such as 'cpu' or 'edgetpu:usb', "
+                              f"got {type(spec).__name__} {spec!r}")
+    if not spec.strip():
+        raise _bad(spec, "empty")
     parts = spec.strip().lower().split(":")
     kind, rest = parts[0], parts[1:]
     if kind == "cpu":
@@ -137,6 +140,8 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
             index = int(rest.pop())
         if len(rest) <= 1:
             profile = rest[0] if rest else ""
+            if rest and profile.lstrip("+-").isdigit():
+                raise _bad(spec, f"{profile!r} is not a device number")
             if rest and profile not in SIM_PROFILES:
                 profiles = ", ".join(f"sim-edgetpu:{p}" for p in SIM_PROFILES)
                 raise _bad(spec, f"unknown simulation profile {profile!r} (profiles: "
