@@ -123,6 +123,10 @@ def test_quantise_and_dequantise_at_the_boundary() -> None:
     np.testing.assert_allclose(dequantize(quantize(np.array([1.5, -2.0]), spec), spec), [1.5, -2.0])
     with pytest.raises(conveyor.InputError, match="int8 \\(or float"):
         prepare_inputs([spec], np.zeros(4, np.int32))
+    for bad in (np.nan, np.inf):  # quantised to whatever the cast gave, with a warning
+        with pytest.raises(conveyor.InputError, match=r"input 'x' of model 'model': float "
+                           r"data for a quantised \(int8\) input must be finite"):
+            prepare_inputs([spec], np.array([0.0, bad, 1.0, 2.0], np.float32))
 
 
 def test_thread_count_is_used() -> None:

@@ -143,6 +143,10 @@ def prepare_inputs(
             arr = arr.astype(spec.dtype)  # the same type in the other byte order
         if arr.dtype != spec.dtype:
             if spec.quantized and arr.dtype.kind == "f":
+                if not np.isfinite(arr).all():  # NaN has no integer: it came out anything
+                    raise InputError(
+                        f"input {spec.name!r} of model {model!r}: float data for a quantised "
+                        f"({spec.dtype.name}) input must be finite; it holds NaN or inf")
                 arr = quantize(arr, spec)
             else:
                 expected = spec.dtype.name
