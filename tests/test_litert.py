@@ -107,6 +107,8 @@ def test_edgetpu_model_on_cpu_is_refused(tmp_path: Path) -> None:
         ),
         (np.zeros((1, 128, 128, 3), np.uint8), "expected dtype float32, got uint8"),
         ({"image": np.zeros((1, 128, 128, 3), np.float32)}, "expects inputs named ['input']"),
+        (None, "expected an array of shape [1, 128, 128, 3], got None"),  # was "got []"
+        ({"input": None}, "expected an array of shape [1, 128, 128, 3], got None"),
     ],
 )
 def test_wrong_inputs_say_what_was_expected(runner: conveyor.Runner, value, message) -> None:  # type: ignore[no-untyped-def]

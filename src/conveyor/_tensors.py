@@ -125,6 +125,9 @@ def prepare_inputs(
         )
     out: list[npt.NDArray[Any]] = []
     for spec, value in zip(specs, arrays):
+        if value is None:  # (as an array, a 0-d object: "got shape []")
+            raise InputError(f"input {spec.name!r} of model {model!r}: expected an array of "
+                             f"shape {list(spec.shape)}, got None")
         try:
             arr = np.asarray(value)
         except (ValueError, TypeError) as exc:  # a ragged nested list, for one
