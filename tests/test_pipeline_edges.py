@@ -285,20 +285,24 @@ def test_workers_are_out_of_reach_of_the_terminals_ctrl_c(no_leaks: None) -> Non
             assert os.getpgid(kid.pid) != os.getpgid(0)
 
 
-def test_live_amap_whose_item_another_caller_drops_ends() -> None:
+def test_live_amap_whose_item_waits_behind_another_callers_ends_with_it() -> None:
     with conveyor.Pipeline(conveyor.stage(sf.sleep_for), maxsize=1, drop="oldest",
                            max_in_flight=2) as pipe:
-        pipe.submit(0.5)  # holds the only worker
+        first = pipe.submit(0.5)  # holds the only worker
         time.sleep(0.05)
 
-        async def main() -> list[Any]:
+        async def main() -> tuple[list[Any], Any]:
             task = asyncio.ensure_future(_collect(pipe.amap([0.0])))
             await asyncio.sleep(0.1)  # its item waits in the full first channel
-            await asyncio.to_thread(pipe.submit, 0.0)  # pushes it out: a counted drop
-            return await asyncio.wait_for(task, 10)
+            # Another caller's item no longer pushes it out (it was the amap's last
+            # item): the channel takes it over its bound, each caller bounded by its own.
+            later = await asyncio.to_thread(pipe.submit, 0.0)
+            return await asyncio.wait_for(task, 10), later
 
-        assert asyncio.run(main()) == []
-        assert pipe.stats()["items"]["dropped"] == 1
+        got, later = asyncio.run(main())
+        assert got == [0.0]
+        assert [first.result(10), later.result(10)] == [0.5, 0.0]
+        assert pipe.stats()["items"]["dropped"] == 0
 
 
 async def _collect(source: Any) -> list[Any]:
@@ -563,3 +567,71 @@ def test_live_mode_never_drops_the_inputs_last_frame(face: str, max_in_flight: i
         items = pipe.stats()["items"]
     assert got[-1] == 39 and got == sorted(got), got
     assert items["dropped"] == 40 - len(got) > 0
+
+
+@pytest.mark.parametrize("face", ["map", "amap"])
+@pytest.mark.parametrize("max_in_flight", [1, 2])
+def test_live_mode_keeps_max_in_flight_with_frames_held_and_dropped(
+        face: str, max_in_flight: int) -> None:
+    # A frame the feeder held (no room) and then dropped for a newer one gave back a token
+    # it never took: a room more for good each time, so with 4 workers up to 4 items were
+    # inside the stage at once with max_in_flight=1.
+    lock = threading.Lock()
+    inside = peak = 0
+
+    def slow(x: int) -> int:
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        time.sleep(0.03)
+        with lock:
+            inside -= 1
+        return x
+
+    def camera() -> Iterator[int]:
+        for i in range(120):
+            time.sleep(0.003)
+            yield i
+
+    async def acamera() -> Any:
+        for i in range(120):
+            await asyncio.sleep(0.003)
+            yield i
+
+    async def consume(pipe: conveyor.Pipeline) -> list[int]:
+        return [y async for y in pipe.amap(acamera())]
+
+    with conveyor.Pipeline(conveyor.stage(slow, workers=4), drop="oldest",
+                           max_in_flight=max_in_flight) as pipe:
+        got = list(pipe.map(camera())) if face == "map" else asyncio.run(consume(pipe))
+        items = pipe.stats()["items"]
+    assert peak <= max_in_flight
+    assert got[-1] == 119 and got == sorted(got)
+    assert items["admitted"] == 120 and items["dropped"] == 120 - len(got) > 0
+
+
+def test_live_runs_sharing_a_pipeline_drop_only_their_own_frames() -> None:
+    # Camera B's frame, finding the first channel full of camera A's, dropped A's last
+    # frame: the input's last frame is never dropped, and a run drops only its own.
+    def camera(frames: list[str], gap: float) -> Iterator[str]:
+        for f in frames:
+            yield f
+            time.sleep(gap)
+
+    with conveyor.Pipeline(conveyor.stage(sf.nap), drop="oldest", maxsize=1) as pipe:
+        got: dict[str, list[str]] = {}
+
+        def run(tag: str, frames: list[str], delay: float) -> None:
+            time.sleep(delay)
+            got[tag] = list(pipe.map(camera(frames, 0.03)))
+
+        threads = [threading.Thread(target=run, args=("a", ["a0", "a1"], 0.0)),
+                   threading.Thread(target=run, args=("b", ["b0"], 0.05))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        items = pipe.stats()["items"]
+    assert got == {"a": ["a0", "a1"], "b": ["b0"]}
+    assert items["dropped"] == 0

@@ -55,11 +55,15 @@ class Channel(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: T, cancelled: Callable[[], bool] | None = None) -> T | None:
+    def put(self, item: T, cancelled: Callable[[], bool] | None = None,
+            own: Callable[[T], bool] | None = None) -> T | None:
         """Add an item; returns the item dropped to make room (live mode), else None.
 
-        Blocks while full (not in drop-oldest mode). Cancellation: raises Aborted when the
-        channel is aborted, or when ``cancelled()`` turns true and :meth:`wake` is called.
+        Blocks while full (not in drop-oldest mode). In drop-oldest mode the oldest item
+        for which ``own`` is true makes room; with none such (the room is taken by other
+        callers' items, each bounded by its own caller) the item is added over the bound.
+        Cancellation: raises Aborted when the channel is aborted, or when ``cancelled()``
+        turns true and :meth:`wake` is called.
         """
         with self._lock:
             dropped = None
@@ -67,7 +71,12 @@ class Channel(Generic[T]):
                 if self._aborted or (cancelled is not None and cancelled()):
                     raise Aborted
                 if self.drop_oldest:
-                    dropped = self._items.popleft()
+                    if own is None:
+                        dropped = self._items.popleft()
+                    else:
+                        dropped = next((it for it in self._items if own(it)), None)
+                        if dropped is not None:
+                            self._items.remove(dropped)
                     break
                 self._not_full.wait()
             if self._aborted:

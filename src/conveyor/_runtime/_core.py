@@ -499,7 +499,8 @@ class Core:
         """Put one item into the first channel (blocks while full, unless live)."""
         item = Item(run, index, value)
         if self.live:
-            dropped = self.channels[0].put(item)
+            # Only this run's own oldest frame makes room: another run's may be its last.
+            dropped = self.channels[0].put(item, own=lambda it: it.run is run)
             if dropped is not None:
                 self._drop(dropped.run, dropped.index)
         else:
@@ -540,7 +541,7 @@ class Core:
         """A feeder's new item in live mode: the item it held is stale now (dropped);
         the new one is admitted, or returned to be held (see :meth:`_admit_live_full`)."""
         if held is not None:
-            self._drop(run, held[0])
+            self._drop_held(run, held[0])
         return None if self.admit_live(run, index, value, hold=True) else (index, value)
 
     def live_retry(self, run: Run, held: tuple[int, Any] | None,
@@ -553,14 +554,21 @@ class Core:
             self.admit(run, *held)
             return None
         if block or run.cancelled:
-            self._drop(run, held[0])
+            self._drop_held(run, held[0])
             return None
         return held
 
     def live_let_go(self, run: Run, held: tuple[int, Any] | None) -> None:
         """The feeder stops (cancelled, closing, the input failed): drop what it holds."""
         if held is not None:
-            self._drop(run, held[0])
+            self._drop_held(run, held[0])
+
+    def _drop_held(self, run: Run, index: int) -> None:
+        # A held item holds no token: it is admitted without one and dropped (the drop
+        # gives one back), so that the run's tokens stay as they were. Dropped as it
+        # was, it gave back a token it never took: a room more for good, each time.
+        run.force_admit()
+        self._drop(run, index)
 
     def _drop(self, run: Run, index: int) -> None:
         with self.stats[0].lock:
