@@ -4,6 +4,7 @@ a full queue, a client that stops reading, a connection that never says HELLO.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -36,6 +37,7 @@ import conveyor
 from conveyor import Busy, DeviceClient, ServerGone
 from conveyor._device._client import query_status
 from conveyor._device._protocol import PROTOCOL_VERSION, MsgType, encode, json_body
+from conveyor._models import resolve_model
 
 IMG = np.zeros((1, 192, 192, 3), np.float32)
 
@@ -421,6 +423,8 @@ def test_a_reconnect_to_a_server_that_does_not_answer(sdir: Path) -> None:
 
                 error = asyncio.run(closed_meanwhile())
                 assert isinstance(error, conveyor.ServerGone), error
+                # not "the connection was closed by the other side": close() did it
+                assert str(error) == "the client was closed", error
             finally:
                 second.proc.send_signal(signal.SIGCONT)
             time.sleep(0.5)  # the server answers now: the closed client must not connect
@@ -568,3 +572,68 @@ def test_a_reader_finding_its_socket_closed_by_another_thread_lets_the_link_go(
         assert len(client.infer("face_detection_short_range", img)) == 2  # reconnected
         srv.terminate()
         assert srv.wait() == 0
+
+
+def test_an_idle_client_meets_a_restarted_server_with_other_models(
+        sdir: Path, tmp_path: Path) -> None:
+    # The server comes back while the client is idle. status() failed on the dead
+    # connection and models() gave the old server's list. A request was checked against
+    # the old model's tensors: for a model of the same name with others, a raw numpy
+    # ValueError, and its slot was lost for good (with a credit of 1, every later request
+    # waited for ever).
+    path = sdir / "s.sock"
+    small = np.zeros((1, 128, 128, 3), np.float32)
+    other = tmp_path / "face_detection_short_range.tflite"  # full range (192x192), renamed
+    shutil.copy(resolve_model("face_detection_full_range"), other)
+    with ServeProcess(path, "--model", "face_landmark") as first:
+        client = conveyor.connect(path, reconnect=True)
+    try:
+        assert first.proc.returncode is not None
+        with ServeProcess(path) as second:
+            assert wait_for(lambda: not client.connected, timeout=5.0)
+            assert list(client.models()) == ["face_detection_short_range"]
+            assert client.status()["server"]["pid"] == second.pid
+            assert len(client.infer("face_detection_short_range", small)) == 2
+        with ServeProcess(path, "--model", str(other), "--max-inflight", "1"):
+            with pytest.raises(conveyor.InputError, match=r"expected shape \[1, 192, 192, 3\], "
+                                                          r"got \[1, 128, 128, 3\]"):
+                client.infer("face_detection_short_range", small)
+            big = np.zeros((1, 192, 192, 3), np.float32)
+            for _ in range(3):  # its one slot is free
+                assert len(client.infer("face_detection_short_range", big, deadline=10)) == 2
+    finally:
+        client.close()
+
+
+def test_close_during_a_reconnect_handshake_says_the_client_was_closed(sdir: Path) -> None:
+    # A sync infer() reconnecting to a server that does not answer yet (SIGSTOP), ended
+    # by close() from another thread, said "the connection was closed by the other side".
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    with ServeProcess(path) as first:
+        client = conveyor.connect(path, reconnect=True)
+        client.infer("face_detection_short_range", img)
+    try:
+        assert first.proc.returncode is not None
+        with ServeProcess(path) as second:
+            second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+            try:
+                ended: list[BaseException] = []
+
+                def call() -> None:
+                    try:
+                        client.infer("face_detection_short_range", img)
+                    except BaseException as exc:
+                        ended.append(exc)
+
+                caller = threading.Thread(target=call)
+                caller.start()
+                time.sleep(0.5)  # it waits in the handshake
+                client.close()
+                caller.join(5)
+                assert not caller.is_alive()
+                assert [str(e) for e in ended] == ["the client was closed"], ended
+            finally:
+                second.proc.send_signal(signal.SIGCONT)
+    finally:
+        client.close()

@@ -290,6 +290,10 @@ class DeviceClient:
             self._handshaking = sock  # close() shuts it down: the handshake ends at once
         try:
             self._handshake(sock, timeout)
+        except ServerGone:
+            if self._closed:  # close() shut the handshake down: not the server's doing
+                raise ServerGone("the client was closed") from None
+            raise
         finally:
             with self._lock:
                 self._handshaking = None
@@ -762,12 +766,17 @@ class DeviceClient:
             return None  # connecting may wait: not here (see ainfer)
         link = self._current(deadline_ns)
         info = self._lookup(model)
-        specs = info.inputs
-        if (type(inputs) is np.ndarray and len(specs) == 1 and inputs.shape == specs[0].shape
-                and inputs.dtype == specs[0].dtype):
-            arrays: list[npt.NDArray[Any]] = [inputs]  # nothing to check or convert
-        else:
-            arrays = prepare_inputs(specs, inputs, info.name)
+
+        def fit(info: ModelInfo) -> list[npt.NDArray[Any]]:
+            # Checked again for a new connection: a server started again may serve a
+            # model of this name with other tensors.
+            specs = info.inputs
+            if (type(inputs) is np.ndarray and len(specs) == 1
+                    and inputs.shape == specs[0].shape and inputs.dtype == specs[0].dtype):
+                return [inputs]  # nothing to check or convert
+            return prepare_inputs(specs, inputs, info.name)
+
+        arrays = fit(info)
         priority = check_priority(priority)
         for attempt in (0, 1):
             with self._cv:
@@ -799,9 +808,17 @@ class DeviceClient:
                     return None  # the caller connects again where it may wait (ainfer)
                 link = self._current(deadline_ns)
                 info = self._lookup(model)
+                arrays = fit(info)
                 continue
-            for dst, arr in zip(self._views(link, info, slot)[0], arrays):
-                np.copyto(dst, arr)
+            try:
+                for dst, arr in zip(self._views(link, info, slot)[0], arrays):
+                    np.copyto(dst, arr)
+            except BaseException:
+                with self._cv:  # the slot is free again, whatever failed
+                    if self._link is link:
+                        link.free.append(slot)
+                        self._cv.notify()
+                raise
             fut = None if sync else self._future()
             p = Pending(info, slot, deq, sync, fut)
             if fut is not None:
@@ -839,6 +856,7 @@ class DeviceClient:
                     return None  # as above: not connecting here
                 link = self._current(deadline_ns)
                 info = self._lookup(model)
+                arrays = fit(info)
                 continue
             return p
         raise ServerGone("the device server went away")
@@ -1022,7 +1040,7 @@ class DeviceClient:
         Blocks for one round trip, at most ``timeout`` seconds. Raises ServerGone, or
         ServerError if no answer came in time.
         """
-        link = self._current()
+        link = self._fresh()
         req_id = next(self._ids)
         p = Pending(None, -1, False, True)
         with self._lock:
@@ -1049,8 +1067,19 @@ class DeviceClient:
 
     def models(self) -> dict[str, ModelInfo]:
         """The models the server serves, by name (their tensors and slot layout)."""
-        self._current()
+        self._fresh()
         return dict(self._models)
+
+    def _fresh(self) -> _Link:
+        """The live link, for a call that has no retry of its own: with ``reconnect``, a
+        connection the server has closed (it was started again while this client was
+        idle) is let go first, so that the call reaches the server there now. The
+        request paths need no such look (a syscall): they retry once instead."""
+        link = self._current()
+        if self.reconnect and not self.connected:
+            self._lost(link, ServerGone("the device server closed the connection"))
+            link = self._current()
+        return link
 
     def model_info(self, model: str) -> ModelInfo:
         """The specs of a served model (a bundled name or a path's stem).
