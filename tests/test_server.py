@@ -298,6 +298,30 @@ def test_refuses_a_second_server_and_replaces_a_stale_socket(sdir: Path) -> None
     assert not path.exists()
 
 
+def test_a_server_that_cannot_start_leaves_no_folder_and_names_its_path(sdir: Path) -> None:
+    # The folders made for the socket were left behind (the outer ones at the umask's
+    # 0755, not 0700), and a socket that could not be bound was reported without its path.
+    path = sdir / "new" / "sub" / "s.sock"
+    bad = cli("serve", "--socket", str(path), "--model", "no_such_model")
+    assert bad.returncode == 2 and "no_such_model" in bad.stderr
+    assert not (sdir / "new").exists()
+    server = subprocess.Popen([sys.executable, "-m", "conveyor", "serve", "--socket",
+                               str(path)], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+        modes = [stat.S_IMODE((sdir / p).stat().st_mode) for p in ("new", "new/sub")]
+        assert modes == [0o700, 0o700]
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0
+        assert server.stdout is not None
+        server.stdout.close()
+    unbindable = cli("serve", "--socket", "/proc/conveyor-test.sock")
+    assert unbindable.returncode == 2
+    assert "cannot listen on /proc/conveyor-test.sock: No such file" in unbindable.stderr
+
+
 # --- who may connect ---------------------------------------------------------------------
 
 NOBODY = 65534

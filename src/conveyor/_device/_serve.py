@@ -60,18 +60,27 @@ def resolve_group(group: str) -> int:
         raise ValueError(f"no group named {group!r}") from None
 
 
-def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> None:
-    """Make the socket's folder if need be: 0700, 0750 with a group, 0711 when other
-    users are allowed (they may enter it, not list it). Warns if those let in cannot."""
+def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list[Path]:
+    """Make the socket's folder if need be, its missing parents too, each 0700, 0750 with
+    a group, 0711 when other users are allowed (they may enter it, not list it); the
+    folders made, outermost first. Warns if those let in cannot reach an existing one."""
     if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if gid is not None:
-            os.chown(directory, -1, gid)
-        if others:
-            os.chmod(directory, 0o711)
-        elif gid is not None:
-            os.chmod(directory, 0o750)
-        return
+        missing = [d for d in (directory, *directory.parents) if not d.exists()][::-1]
+        made: list[Path] = []
+        try:
+            for folder in missing:
+                folder.mkdir(mode=0o700)
+                made.append(folder)
+                if gid is not None:
+                    os.chown(folder, -1, gid)
+                if others:
+                    os.chmod(folder, 0o711)
+                elif gid is not None:
+                    os.chmod(folder, 0o750)
+        except BaseException:
+            _remove_dirs(made)
+            raise
+        return made
     info = directory.stat()
     if not stat.S_ISDIR(info.st_mode):
         raise ServerError(f"{directory} is not a directory")
@@ -84,6 +93,16 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> None
     if others and not info.st_mode & stat.S_IXOTH:
         log.warning("the users allowed cannot reach %s (mode %o); pass --socket in a "
                     "directory they can enter", directory, stat.S_IMODE(info.st_mode))
+    return []
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    """Remove the folders :func:`_prepare_dir` made, innermost first, where still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def check_socket_path(path: Path) -> None:
@@ -132,6 +151,9 @@ def bind_socket(path: Path, gid: int | None = None, backlog: int = 128,
     old = os.umask(0o177)
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from exc
     except BaseException:
         sock.close()
         raise
@@ -224,21 +246,25 @@ def serve(
     path = path.absolute()
     gid = resolve_group(group) if group is not None else None
     uids = [resolve_user(u) for u in allow_users]
-    _prepare_dir(path.parent, gid, others=bool(uids))
-    check_socket_path(path)
+    made = _prepare_dir(path.parent, gid, others=bool(uids))
     opened = []
     try:
-        for spec in devices:
-            opened.append(open_device(spec))
+        check_socket_path(path)
+        try:
+            for spec in devices:
+                opened.append(open_device(spec))
+        except BaseException:
+            for device in opened:
+                device.close()
+            raise
+        server = DeviceServer(  # (closes the devices if it fails)
+            opened, list(models), max_queue=max_queue, max_inflight=max_inflight,
+            max_clients=max_clients,
+            allowed_uids=uids, allowed_gids=[] if gid is None else [gid], realtime=realtime,
+        )
     except BaseException:
-        for device in opened:
-            device.close()
+        _remove_dirs(made)  # a server that never started leaves no folder behind
         raise
-    server = DeviceServer(
-        opened, list(models), max_queue=max_queue, max_inflight=max_inflight,
-        max_clients=max_clients,
-        allowed_uids=uids, allowed_gids=[] if gid is None else [gid], realtime=realtime,
-    )
     metrics = None
     listener = None
     signals = _Signals(server)
