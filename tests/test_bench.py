@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import conveyor.cli
+from conveyor._bench import _designs
 from conveyor._bench._measure import Result, Timeline, busy_within, percentiles_ms
 from conveyor._bench._plot import _gaps
 from conveyor._bench._report import as_json, table
@@ -68,11 +69,23 @@ def check_shape(data: dict[str, Any], device: str, items: int) -> None:
 
 
 @pytest.mark.slow
-def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leaks: None) -> None:
+def test_sim_edgetpu(capsys: pytest.CaptureFixture[str], tmp_path: Path, no_leaks: None,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor._bench import _programs
+
     png, trace = tmp_path / "bench", tmp_path / "trace.json"  # no extension: PNG
+    traced: list[Path | None] = []  # where two_programs' pipeline wrote its trace
+
+    def two_programs_pipeline(setup: Any, name: str) -> Any:
+        traced.append(setup.trace)
+        return _designs.conveyor_design(setup, name=name)
+
+    monkeypatch.setattr(_programs, "conveyor_design", two_programs_pipeline)
     data, _ = bench(
         capsys, "--device", "sim-edgetpu", "--items", "40", "--plot", png, "--trace", trace
     )
+    # --trace is the conveyor design's: two_programs wrote over it, the last design run
+    assert traced == [None]
     check_shape(data, "sim-edgetpu", 40)
     assert data["machine"]["bench"]["device_run_ms"] > 0  # the simulation's own busy time
     assert data["machine"]["bench"]["background"] is True
@@ -153,6 +166,8 @@ def test_checking_an_output_path_leaves_no_file_and_keeps_one_there(tmp_path: Pa
     (["--python-ms", "inf"], "--python-ms must be a number of at least 0, got inf"),
     (["--device", "sim-edgetpu:nosuch"], "unknown simulation profile"),
     (["--device", "cpu:0"], "invalid device spec 'cpu:0'"),
+    (["--nice", "-5"], "--nice must be 0 to 19, got -5"),  # was run, and reported, as is
+    (["--nice", "20"], "--nice must be 0 to 19, got 20"),
 ])
 def test_bad_numbers_name_the_option(capsys: pytest.CaptureFixture[str], argv: list[str],
                                      says: str) -> None:
@@ -272,3 +287,48 @@ def test_an_unknown_option_is_refused_with_the_sub_commands_usage(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: conveyor bench") and "unrecognized arguments: --bogus 1" in err
+
+
+def test_an_interrupt_inside_a_coroutine_is_not_logged_as_never_retrieved(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The bench's SIGTERM raises KeyboardInterrupt in whichever task runs: under
+    # asyncio.run the asyncio design's end printed "Task exception was never retrieved"
+    # and a traceback, though the bench then stopped cleanly.
+    import asyncio
+    import gc
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def worker(n: int) -> None:
+        await asyncio.sleep(0.01 * n)
+        if n == 1:
+            raise KeyboardInterrupt("SIGTERM")
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        tasks.extend(asyncio.ensure_future(worker(n)) for n in range(3))
+        await asyncio.gather(*tasks)
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        _designs._run_loop(main(), tasks)
+    assert time.monotonic() - t0 < 5  # the others were cancelled, not waited for
+    tasks.clear()
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("argv", [["models"], ["devices"], ["models", "face_landmark"]])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(argv: list[str]) -> None:
+    # `conveyor models > /dev/full` said "cannot read None"; bench and others gave a
+    # traceback after the whole run.
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "conveyor", *argv], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "conveyor: cannot write the output: No space left on device"), out.stderr
+    assert "Traceback" not in out.stderr

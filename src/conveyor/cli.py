@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What a write to a full or failing output gives (commands let these reach main).
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``conveyor`` console script; returns the exit code."""
     parser = build_parser()
@@ -62,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``| head``): stop quietly, as Unix tools do. Point stdout
         # at devnull so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        # Output to a full disk (or /dev/full): one line, not a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"conveyor: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return code
 

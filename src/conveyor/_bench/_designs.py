@@ -11,13 +11,14 @@ measured window, and closes the device before returning, so the next design can 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -237,17 +238,21 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
             cpu_track.extend(((t0, t1), (t2, time.monotonic_ns())))
             done.done(i)
 
+    tasks: list[asyncio.Task[None]] = []
+
     async def main(clock: DeviceClock) -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="device", initializer=set_realtime,
                                 initargs=(setup.realtime,)) as executor:
             source = iter(range(setup.items))
-            await asyncio.gather(*(worker(source, clock, executor) for _ in range(depth)))
+            tasks.extend(asyncio.ensure_future(worker(source, clock, executor))
+                         for _ in range(depth))
+            await asyncio.gather(*tasks)
 
     with _Device(setup, timeline) as clock:
         _warm(setup, clock)
         cpu0 = cpu_seconds(setup.exclude)
         start = time.monotonic_ns()
-        asyncio.run(main(clock))
+        _run_loop(main(clock), tasks)
         return _result(
             "asyncio",
             setup,
@@ -257,6 +262,30 @@ def asyncio_design(setup: Setup, depth: int = 4) -> Result:
             timeline,
             f"{depth} coroutines, device via run_in_executor (1 thread)",
         )
+
+
+def _run_loop(main: Coroutine[Any, Any, None], tasks: list[asyncio.Task[None]]) -> None:
+    """``asyncio.run(main)``, where ``main`` starts ``tasks``. The bench's SIGTERM raises
+    KeyboardInterrupt inside whichever task runs, which asyncio then logged as "Task
+    exception was never retrieved", with its traceback: here every task's end is
+    collected before the interrupt goes on."""
+    loop = asyncio.new_event_loop()
+    try:
+        top = loop.create_task(main)
+        try:
+            loop.run_until_complete(top)
+        except BaseException:
+            left = [t for t in (top, *tasks) if not t.done()]
+            for t in left:
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            for t in (top, *tasks):
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: it is the one being raised
+            raise
+    finally:
+        loop.close()
 
 
 _END = None

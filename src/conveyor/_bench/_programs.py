@@ -273,7 +273,9 @@ def two_programs(setup: Setup, alone_s: float | None = None) -> Result:
         hog, _ = _hog_rate(stack)
         # Normal priority: at idle priority the preparing processes would leave every
         # core to the other program.
-        mine = dataclasses.replace(setup, exclude=(*setup.exclude, hog.pid), background=False)
+        # Its own trace, not the one --trace names: that is the conveyor design's.
+        mine = dataclasses.replace(setup, exclude=(*setup.exclude, hog.pid), background=False,
+                                   trace=None)
         result = conveyor_design(mine, name="two_programs")
         ends: list[int] = hog.last_words()
     during = chunks_per_s(ends, result.start_ns, result.end_ns)

@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"conveyor bench: {option} must be a number of at least {least}, "
                   f"got {value:g}", file=sys.stderr)
             return 2
+    if not 0 <= args.nice <= 19:  # a lower priority only, as nice(1) gives one
+        print(f"conveyor bench: --nice must be 0 to 19, got {args.nice}", file=sys.stderr)
+        return 2
     try:
         parse_device(args.device)
     except ConveyorError as exc:

@@ -16,6 +16,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -125,5 +126,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise  # the reader went away: conveyor's main ends quietly
     except OSError as exc:
+        if args.model is None or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # writing the output failed: conveyor's main says so
         print(f"conveyor: cannot read {args.model}: {exc}", file=sys.stderr)
         return 2
