@@ -107,3 +107,42 @@ def test_socket_path_and_status_of_thread_server(server: ThreadServer) -> None:
     assert [d["spec"] for d in st["devices"]] == ["fake", "two"]
     assert st["totals"]["requests"]["ok"] >= 6
     assert Path(st["server"]["socket"]).is_socket()
+
+
+def test_half_sent_scrapes_are_bounded_and_timed_out(server: ThreadServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each connection that sent half a request held a thread and a descriptor for good,
+    # with no bound: enough of them (any local user can reach the port) left the device
+    # server no descriptors to accept its clients with.
+    import socket
+    import threading
+    import time
+
+    from conveyor._device import _metrics
+
+    monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT_S", 0.5)
+    metrics = MetricsServer(server.server.status, 0)
+    threads = threading.active_count()
+    held = []
+    try:
+        for _ in range(3 * _metrics.MAX_SCRAPERS):
+            s = socket.create_connection((metrics.host, metrics.port))
+            s.sendall(b"GET /metr")
+            held.append(s)
+        time.sleep(0.2)
+        assert threading.active_count() <= threads + _metrics.MAX_SCRAPERS
+        t0 = time.monotonic()
+        for s in held:  # each is closed by the server: at once, or after the timeout
+            s.settimeout(5)
+            try:
+                assert s.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - t0 < 3
+        url = f"http://{metrics.host}:{metrics.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert b"conveyor_request_success_total" in resp.read()
+    finally:
+        for s in held:
+            s.close()
+        metrics.close()

@@ -227,6 +227,12 @@ def render(status: dict[str, Any], *, use_client: bool | None = None) -> str:
     return _render_client(fams) if use_client else _render_text(fams)
 
 
+#: Seconds a scrape's connection may take to send its request, or to take the reply.
+SCRAPE_TIMEOUT_S = 5.0
+#: Scrape connections served at once (Prometheus makes one at a time per target).
+MAX_SCRAPERS = 8
+
+
 class MetricsServer:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread (owned: see :meth:`close`).
 
@@ -240,6 +246,10 @@ class MetricsServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A request not in (or a reply not taken) within this many seconds ends its
+            # connection: a half-sent request held a thread and a descriptor for good.
+            timeout = SCRAPE_TIMEOUT_S
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics is here")
@@ -258,10 +268,31 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # At most MAX_SCRAPERS connections at once: the next is closed unanswered,
+                # so that connections never cost the device server its descriptors.
+                if not self.slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    self.slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
+
         self._status = status
         self._use_client = use_client
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = Server((host, port), Handler)
         self.host = host
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
