@@ -162,6 +162,13 @@ def test_status_without_a_server_says_so(sdir: Path) -> None:
         stale.close()
         (sdir / "stale.sock").unlink()
     assert done.returncode == 1 and "does not take connections" in done.stderr
+    # A file or a folder: the kernel refuses it as it refuses a stale socket, and the
+    # message blamed a stopped server, then suggested a serve command that refuses it.
+    (sdir / "notes.txt").write_text("")
+    for where in (sdir / "notes.txt", sdir):
+        done = cli("status", "--socket", str(where))
+        assert done.returncode == 1
+        assert f"{where} is not a socket, so no conveyor server listens there" in done.stderr
 
 
 def _free_port() -> int:

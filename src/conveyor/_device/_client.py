@@ -25,6 +25,7 @@ import operator
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -148,6 +149,13 @@ def check_priority(priority: int) -> int:
 
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return True  # gone meanwhile, or not ours to look at: say what connect said
+
+
 class _Link:
     """One connection: socket, reader and arena (replaced as a whole on reconnect)."""
 
@@ -265,6 +273,11 @@ class DeviceClient:
                     f"device server's socket {self.path}; the server's owner can let it in "
                     f"with `conveyor serve --group GROUP` (socket in a folder the group can "
                     f"enter) or `--allow-user {os.getuid()}`"
+                ) from exc
+            if exc.errno == errno.ECONNREFUSED and not _is_socket(self.path):
+                raise ServerGone(  # the kernel refuses a plain file or folder so too
+                    f"{self.path} is not a socket, so no conveyor server listens there; "
+                    f"pass the path a server was started with (conveyor serve prints it)"
                 ) from exc
             if exc.errno == errno.ECONNREFUSED:
                 raise ServerGone(
