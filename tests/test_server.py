@@ -4,9 +4,11 @@ and closed to users it does not allow."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -481,3 +483,39 @@ def test_max_clients_refuses_the_next_connection_and_keeps_serving(sdir: Path) -
         finally:
             first.close()
             second.close()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_top_ended_by_a_signal_gives_the_terminal_back(sdir: Path, signum: int,
+                                                        code: int) -> None:
+    # Only q and Ctrl-C restored the terminal: after `kill` (or the terminal closing)
+    # it was left without echo.
+    import pty
+    import select
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: top on a terminal, waiting for a server that is not there
+        try:
+            os.execvpe(sys.executable, [sys.executable, "-m", "conveyor", "top", "--socket",
+                                        str(sdir / "none.sock")], env())
+        finally:
+            os._exit(127)
+    try:
+        before = termios.tcgetattr(fd)
+        seen = b""
+        end = time.monotonic() + 20
+        while b"waiting for a server" not in seen and time.monotonic() < end:
+            if select.select([fd], [], [], 0.1)[0]:
+                seen += os.read(fd, 65536)
+        assert b"waiting for a server" in seen
+        assert not termios.tcgetattr(fd)[3] & termios.ECHO  # keys unechoed while it runs
+        os.kill(pid, signum)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == code
+        assert termios.tcgetattr(fd) == before
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -66,11 +67,25 @@ def _keys() -> Iterator[bool]:
 
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
+
+    def ended(signum: int, frame: object) -> None:
+        raise _Ended(128 + signum)
+
+    # kill, or the terminal closing: end as q does, so that the terminal gets its echo
+    # back (it was left in cbreak mode).
+    previous = {sig: signal.signal(sig, ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         tty.setcbreak(fd)
         yield True
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        with contextlib.suppress(termios.error):  # a terminal that has gone (SIGHUP)
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Ended(Exception):
+    """A signal ended top; ``args[0]``: the exit code (128 + its number)."""
 
 
 def _wait_for_key(seconds: float, keys: bool) -> bool:
@@ -133,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
                     return 0
     except KeyboardInterrupt:
         return 0
+    except _Ended as exc:
+        return int(exc.args[0])
     finally:
         if client is not None:
             client.close()
