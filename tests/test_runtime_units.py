@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +118,35 @@ def test_a_blocked_producer_gets_the_token_the_consumer_frees(ordered: bool) -> 
     assert not took.wait(0.1)  # delivered, not yet consumed: the token is still held
     assert run.take() == (0, (OK, "a"))
     assert took.wait(5)
+
+
+def test_a_trace_keeps_its_events_compactly_and_writes_them_as_recorded(
+        tmp_path: Path) -> None:
+    # Each event was a dict of about 540 bytes until the file was written: a long camera
+    # run with a trace on reached the 1,000,000-event cap with half a gigabyte held.
+    import json
+    import tracemalloc
+
+    from conveyor._runtime._stats import Tracer
+
+    tracer = Tracer(tmp_path / "t.json", max_events=30_000)
+    track = tracer.track('device "sim"')
+    t0 = time.monotonic_ns()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            tracer.span(track, "face_detection", t0 + i * 1000, t0 + i * 1000 + 700, i)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / 20_000 < 64, held
+    for _ in range(20_000):  # past the cap: not recorded
+        tracer.span(track, "other", t0, t0 + 1)
+    written = json.loads(tracer.write().read_text())["traceEvents"]
+    spans = [e for e in written if e["ph"] == "X"]
+    assert spans == tracer.events() and len(spans) == 30_000
+    assert spans[5]["args"] == {"item": 5} and spans[5]["dur"] == 0.7
+    assert spans[-1]["name"] == "other" and spans[-1]["args"] == {}
+    names = {e["args"]["name"] for e in written if e["name"] == "thread_name"}
+    assert names == {'device "sim"'}

@@ -651,7 +651,7 @@ class Core:
             raise _Failed(exc, traceback.format_exc()) from None
         finally:
             if self.tracer is not None:
-                self.tracer.span(track, d.name, start, time.monotonic_ns(), item=item.index)
+                self.tracer.span(track, d.name, start, time.monotonic_ns(), item.index)
 
     def _replace_proc(self, si: int, w: int, count: bool = True) -> None:
         d = self.defs[si]
@@ -814,7 +814,7 @@ class Core:
             if self.tracer is not None:
                 track = self.tracer.track(link.track)
                 self.tracer.span(track, link.model, timing.start_ns,
-                                 timing.start_ns + timing.compute_ns, item=item.index)
+                                 timing.start_ns + timing.compute_ns, item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
         self._forward(si + 1, item)
@@ -857,7 +857,7 @@ class Core:
             pending.popleft()
             if self.tracer is not None:  # a track per worker process: a replacement's own
                 track = self.tracer.track(f"{d.name} #{w} (pid {pw.pid})")
-                self.tracer.span(track, d.name, t0, t1, item=item.index)
+                self.tracer.span(track, d.name, t0, t1, item.index)
             # Queue the worker's next task before handing this result on: the next stage
             # may block (device credit, a full channel) and the worker must not wait.
             if not self._proc_top_up(si, w, pending, block=False):
