@@ -543,27 +543,34 @@ def test_a_second_close_waits_for_the_first_without_holding_it_up() -> None:
     assert st["in"] == st["out"] + st["errors"] + st["cancelled"]
 
 
+def _live_run(pipe: conveyor.Pipeline, face: str, frames: int, gap: float) -> list[int]:
+    """What ``pipe.map`` (or ``amap``) gives for a camera of ``frames`` frames, ``gap`` s
+    apart."""
+
+    def camera() -> Iterator[int]:
+        for i in range(frames):
+            time.sleep(gap)
+            yield i
+
+    async def acamera() -> Any:
+        for i in range(frames):
+            await asyncio.sleep(gap)
+            yield i
+
+    async def consume() -> list[int]:
+        return [y async for y in pipe.amap(acamera())]
+
+    return list(pipe.map(camera())) if face == "map" else asyncio.run(consume())
+
+
 @pytest.mark.parametrize("face", ["map", "amap"])
 @pytest.mark.parametrize("max_in_flight", [1, 2])
 def test_live_mode_never_drops_the_inputs_last_frame(face: str, max_in_flight: int) -> None:
     # Every item in flight inside the stage (none waiting to enter it, no result unread):
     # the new frame was dropped, the input's last one too.
-    def camera() -> Iterator[int]:
-        for i in range(40):
-            time.sleep(0.002)
-            yield i
-
-    async def acamera() -> Any:
-        for i in range(40):
-            await asyncio.sleep(0.002)
-            yield i
-
-    async def consume(pipe: conveyor.Pipeline) -> list[int]:
-        return [y async for y in pipe.amap(acamera())]
-
     with conveyor.Pipeline(conveyor.stage(sf.nap, workers=2), drop="oldest",
                            max_in_flight=max_in_flight) as pipe:  # nap: 0.1 s an item
-        got = list(pipe.map(camera())) if face == "map" else asyncio.run(consume(pipe))
+        got = _live_run(pipe, face, 40, 0.002)
         items = pipe.stats()["items"]
     assert got[-1] == 39 and got == sorted(got), got
     assert items["dropped"] == 40 - len(got) > 0
@@ -589,22 +596,9 @@ def test_live_mode_keeps_max_in_flight_with_frames_held_and_dropped(
             inside -= 1
         return x
 
-    def camera() -> Iterator[int]:
-        for i in range(120):
-            time.sleep(0.003)
-            yield i
-
-    async def acamera() -> Any:
-        for i in range(120):
-            await asyncio.sleep(0.003)
-            yield i
-
-    async def consume(pipe: conveyor.Pipeline) -> list[int]:
-        return [y async for y in pipe.amap(acamera())]
-
     with conveyor.Pipeline(conveyor.stage(slow, workers=4), drop="oldest",
                            max_in_flight=max_in_flight) as pipe:
-        got = list(pipe.map(camera())) if face == "map" else asyncio.run(consume(pipe))
+        got = _live_run(pipe, face, 120, 0.003)
         items = pipe.stats()["items"]
     assert peak <= max_in_flight
     assert got[-1] == 119 and got == sorted(got)

@@ -229,19 +229,29 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
     wait_no_new_fds(os.getpid(), before)
 
 
+def _welcomed(path: Path, seg: Segment) -> tuple[socket.socket, FrameReader]:
+    """A raw connection past HELLO, with ``seg`` sent as segment 0 (timeout 5 s)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(str(path))
+        reader = FrameReader(s, fds=False)
+        s.sendall(HELLO)
+        assert reader.read_frame().type is MsgType.WELCOME
+        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size))], [seg.fd])
+    except BaseException:
+        s.close()
+        raise
+    return s, reader
+
+
 def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None:
     from conveyor._device._metrics import render
 
     before = server.server.status()["totals"]["requests"]["unknown_model"]
     seg = Segment.create(1 << 16)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
+    s, reader = _welcomed(server.path, seg)
     try:
-        s.connect(str(server.path))
-        reader = FrameReader(s, fds=False)
-        s.sendall(HELLO)
-        assert reader.read_frame().type is MsgType.WELCOME
-        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size))], [seg.fd])
         s.sendall(encode(MsgType.INFER, INFER.pack(42, 0, 0, 0, 0), 7))
         frame = reader.read_frame()
         assert (frame.type, frame.req_id) == (MsgType.RESULT, 7)
@@ -299,12 +309,8 @@ def test_a_client_flooding_requests_takes_turns_with_the_others() -> None:
     stop = threading.Event()
     with socket_dir() as d, ThreadServer(d / "s", [FakeDevice()], ["m"]) as srv:
         seg = Segment.create(1 << 16)
-        flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        flood.connect(str(srv.path))
-        reader = FrameReader(flood, fds=False)
-        flood.sendall(HELLO)
-        assert reader.read_frame().type is MsgType.WELCOME
-        socket.send_fds(flood, [encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size))], [seg.fd])
+        flood, _ = _welcomed(srv.path, seg)
+        flood.settimeout(None)
         burst = encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), 1) * 4096
 
         def send() -> None:
@@ -348,15 +354,8 @@ def test_a_segment_after_the_first_request_is_refused_as_such(server: ThreadServ
     # It was refused as "SEGMENT message without a file descriptor" though one came: from
     # the first INFER on the server receives no descriptors (the kernel drops them).
     segs = [Segment.create(1 << 16) for _ in range(2)]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
+    s, reader = _welcomed(server.path, segs[0])
     try:
-        s.connect(str(server.path))
-        reader = FrameReader(s, fds=False)
-        s.sendall(HELLO)
-        assert reader.read_frame().type is MsgType.WELCOME
-        socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(0, segs[0].size))],
-                        [segs[0].fd])
         s.sendall(encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), 7))
         assert reader.read_frame().type is MsgType.RESULT
         socket.send_fds(s, [encode(MsgType.SEGMENT, SEGMENT.pack(1, segs[1].size))],
