@@ -455,6 +455,7 @@ def test_detect_refuses_an_unwritable_out_before_the_work(
     assert main("detect", ASTRONAUT, "--out", blocker) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("cannot write to") == 1
+    assert f"cannot write to {blocker}: it is a file, not a folder" in err  # "File exists"
 
 
 @pytest.mark.parametrize("argv", [["status", "--timeout", "-1"], ["status", "--timeout", "nan"],
@@ -532,3 +533,64 @@ def test_detect_an_empty_path_is_not_the_current_folder(
     assert main("detect", "", "--json") == 1
     out, err = capsys.readouterr()
     assert out == "" and "cannot read '' (an empty path)" in err
+
+
+def test_frames_of_an_animation_never_overwrite_an_input_or_another_output(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # clip.gif's frames go to clip/000000.png...: the photo clip/000000.png beside it was
+    # overwritten with --out on the inputs' folder, and elsewhere one of the two outputs
+    # named clip/000000.png was lost.
+    astronaut = Image.open(ASTRONAUT).convert("RGB")
+    astronaut.save(tmp_path / "clip.gif", save_all=True,
+                   append_images=[astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    (tmp_path / "clip").mkdir()
+    photo = tmp_path / "clip" / "000000.png"
+    astronaut.rotate(5).save(photo)
+    kept = photo.read_bytes()
+    for out in (tmp_path / "elsewhere", tmp_path):
+        before = set(out.rglob("*.png")) if out.exists() else set()
+        assert main("detect", tmp_path / "clip.gif", photo, "--json", "--out", out) == 0
+        assert len(json_lines(capsys.readouterr().out)) == 3
+        assert len(set(out.rglob("*.png")) - before) == 3  # one file a frame, none lost
+        assert photo.read_bytes() == kept
+
+
+def test_a_second_frame_that_cannot_be_read_comes_after_the_first(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Reading ahead to know whether a file has one frame raised the second frame's error
+    # before the first was given: frame 0 went unreported.
+    astronaut = Image.open(ASTRONAUT).convert("RGB")
+    gif = tmp_path / "two.gif"
+    astronaut.save(gif, save_all=True,
+                   append_images=[astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    cut = tmp_path / "cut.gif"
+    data = gif.read_bytes()
+    cut.write_bytes(data[: len(data) - 20_000])  # inside the second frame
+    assert main("detect", cut, "--json") == 1
+    out, err = capsys.readouterr()
+    (record,) = json_lines(out)
+    assert record["frame"] == 0 and record["faces"]
+    assert f"cannot read {cut}" in err
+
+
+def test_a_phones_mpo_jpeg_is_one_upright_photo(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A JPEG saved as MPO (a photo and a preview after it, as many phones write) was read
+    # as an animation: its EXIF orientation was not applied, and the preview was reported
+    # as a frame of its own.
+    with Image.open(ASTRONAUT) as image:
+        upright = image.convert("RGB").crop((0, 0, 512, 400))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    photo = tmp_path / "photo.jpg"
+    stored.save(photo, format="MPO", save_all=True, quality=95, exif=exif,
+                append_images=[stored.resize((stored.width // 4, stored.height // 4))])
+    with Image.open(photo) as check:
+        assert check.format == "MPO"
+    upright.save(tmp_path / "upright.png")
+    assert main("detect", photo, tmp_path / "upright.png", "--json") == 0
+    got, want = json_lines(capsys.readouterr().out)
+    assert (got["frame"], got["width"], got["height"]) == (0, 512, 400)
+    assert abs(got["faces"][0]["xmin"] - want["faces"][0]["xmin"]) < 0.01
+    assert abs(got["faces"][0]["ymin"] - want["faces"][0]["ymin"]) < 0.01

@@ -297,6 +297,8 @@ def writable_folder(path: Path) -> str | None:
     """Make the folder ``path`` if need be; None if it can be written in, else why not."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it is a file, not a folder"
     except OSError as exc:
         return exc.strerror or str(exc)
     if not os.access(path, os.W_OK | os.X_OK):
@@ -319,21 +321,34 @@ class OutputNames:
     def __init__(self, out: Path, inputs: Sequence[Path] = ()) -> None:
         self.out = out
         self._used: set[str] = set()
+        self._paths: set[Path] = set()  # every output path given out
         self._inputs = {ident for p in inputs if (ident := _file_id(p)) is not None}
+
+    def _taken(self, path: Path) -> bool:
+        return path in self._paths or _file_id(path) in self._inputs
 
     def base(self, name: str) -> str:
         """A name not given out before: ``name``, else ``name-2``, ``name-3``...; never
-        one whose still would overwrite an input (``--out`` on the inputs' own folder)."""
+        one whose still would overwrite an input (``--out`` on the inputs' own folder) or
+        another output."""
         candidate, n = name, 1
-        while candidate in self._used or _file_id(self.out / f"{candidate}.png") in self._inputs:
+        while candidate in self._used or self._taken(self.out / f"{candidate}.png"):
             n += 1
             candidate = f"{name}-{n}"
         self._used.add(candidate)
         return candidate
 
     def path(self, base: str, frame: int, single: bool) -> Path:
-        """Where frame ``frame`` of the source given ``base`` goes."""
-        return self.out / f"{base}.png" if single else self.out / base / f"{frame:06d}.png"
+        """Where frame ``frame`` of the source given ``base`` goes: ``BASE.png``, or
+        ``BASE/NNNNNN.png``, with ``-2``, ``-3``... before the suffix where that is an input
+        or another output already (a photo ``clip/000000.png`` beside ``clip.gif``)."""
+        stem, folder = (base, self.out) if single else (f"{frame:06d}", self.out / base)
+        path, n = folder / f"{stem}.png", 1
+        while self._taken(path):
+            n += 1
+            path = folder / f"{stem}-{n}.png"
+        self._paths.add(path)
+        return path
 
 
 def frames_with_lookahead(
@@ -347,7 +362,11 @@ def frames_with_lookahead(
     first = next(frames, None)
     if first is None:
         return
-    second = next(frames, None)
+    try:
+        second = next(frames, None)
+    except Exception:
+        yield first[0], first[1], False  # a source of frames whose second is unreadable
+        raise
     yield first[0], first[1], second is None
     if second is not None:
         yield second[0], second[1], False

@@ -123,7 +123,8 @@ def load_image(path: StrPath) -> npt.NDArray[np.uint8]:
 def iter_frames(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], None, None]:
     """``(frame_index, RGB frame)`` for every frame of an image, animated GIF or video.
 
-    A still image gives one frame (index 0); an animated image every frame, composited
+    A still image gives one frame (index 0), turned upright by its EXIF orientation (a
+    phone's MPO JPEG too: its first image); an animated image every frame, composited
     as displayed; a video every decoded frame of its first video stream. Frames are uint8
     HxWx3 RGB arrays, decoded lazily. The file is closed when the generator is exhausted or
     closed (``contextlib.closing`` makes that happen on an early exit).
@@ -143,7 +144,9 @@ def iter_frames(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], N
         return
     with img:
         try:
-            if getattr(img, "n_frames", 1) <= 1:
+            # An MPO (a phone's JPEG holding a preview or a second view after the
+            # photo) is a still: its first image, turned upright as a JPEG is.
+            if getattr(img, "n_frames", 1) <= 1 or img.format == "MPO":
                 yield 0, _rgb(ImageOps.exif_transpose(img))
                 return
             for index, frame in enumerate(ImageSequence.Iterator(img)):
