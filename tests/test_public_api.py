@@ -50,3 +50,31 @@ def test_readme_pipeline_example_runs_as_written(tmp_path: Path) -> None:
     assert len(faces) == len(sample_images()) and any(faces), proc.stdout
     stats = ast.literal_eval(lines[-1])
     assert stats["items"] == len(sample_images()) and 0 < stats["duty_cycle"] <= 1
+
+
+def test_the_types_public_functions_return_can_be_named() -> None:
+    # A typed user helper could not annotate what stage()/infer(), model_info(),
+    # InferFuture.timing and parse_device() return without a private import.
+    assert isinstance(conveyor.infer("face_detection_short_range"), conveyor.StageDef)
+    assert isinstance(conveyor.parse_device("cpu"), conveyor.DeviceSpec)
+    assert {"ModelInfo", "Timing"} <= set(conveyor.__all__)
+
+
+def test_a_runner_is_typed_to_take_what_it_accepts() -> None:
+    # Runner.run took "anything conveyor.infer accepts" (an array, a dict by name), but
+    # its hint said Sequence[ndarray]: correct calls failed mypy --strict.
+    import typing
+
+    from conveyor._tensors import Inputs
+
+    for method in (conveyor.Runner.run, conveyor.Runner.run_into):
+        assert typing.get_type_hints(method)["arrays"] == Inputs
+
+
+def test_a_malformed_tensor_spec_is_a_value_error() -> None:
+    import pytest
+
+    for data in ({}, {"name": "a", "shape": 5, "dtype": "float32"},
+                 {"name": "a", "shape": [1], "dtype": "no-such-dtype"}, [1]):
+        with pytest.raises(ValueError, match="not a tensor spec"):  # KeyError, TypeError
+            conveyor.TensorSpec.from_json(data)  # type: ignore[arg-type]

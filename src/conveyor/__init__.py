@@ -3,7 +3,9 @@
 The public API is what this module exports; everything else is private.
 """
 
+from ._device._catalog import ModelInfo
 from ._device._client import DeviceClient, InferFuture, connect, default_socket_path
+from ._device._requests import Timing
 from ._errors import (
     Busy,
     ConveyorError,
@@ -29,9 +31,10 @@ from ._errors import (
 )
 from ._models import bundled_models, resolve_model
 from ._pipeline import Pipeline, infer, stage
+from ._runtime._core import StageDef
 from ._tensors import TensorSpec
 from ._version import __version__
-from .backends import Device, Runner, open_device, parse_device
+from .backends import Device, DeviceSpec, Runner, open_device, parse_device
 
 __all__ = [
     "Busy",
@@ -42,6 +45,7 @@ __all__ = [
     "DeviceClient",
     "DeviceError",
     "DeviceNotFoundError",
+    "DeviceSpec",
     "DeviceSpecError",
     "EdgeTPUModelError",
     "EdgeTPURuntimeMissingError",
@@ -49,6 +53,7 @@ __all__ = [
     "InputError",
     "InvalidModelError",
     "ModelError",
+    "ModelInfo",
     "ModelNotFoundError",
     "PermissionDenied",
     "Pipeline",
@@ -57,8 +62,10 @@ __all__ = [
     "Runner",
     "ServerError",
     "ServerGone",
+    "StageDef",
     "StageError",
     "TensorSpec",
+    "Timing",
     "WorkerDiedError",
     "WorkerStartError",
     "__version__",

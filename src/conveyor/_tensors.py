@@ -61,16 +61,19 @@ class TensorSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
         """The inverse of :meth:`to_json`; raises ValueError on a malformed dict."""
-        shape = tuple(int(d) for d in data["shape"])
-        if any(d < 0 for d in shape) or len(shape) > 8:
-            raise ValueError(f"bad shape {shape}")
-        return cls(
-            name=str(data["name"]),
-            shape=shape,
-            dtype=np.dtype(str(data["dtype"])),
-            scale=float(data.get("scale", 0.0)),
-            zero_point=int(data.get("zero_point", 0)),
-        )
+        try:
+            shape = tuple(int(d) for d in data["shape"])
+            if any(d < 0 for d in shape) or len(shape) > 8:
+                raise ValueError(f"bad shape {shape}")
+            return cls(
+                name=str(data["name"]),
+                shape=shape,
+                dtype=np.dtype(str(data["dtype"])),
+                scale=float(data.get("scale", 0.0)),
+                zero_point=int(data.get("zero_point", 0)),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:  # a missing key, a wrong type
+            raise ValueError(f"not a tensor spec: {data!r:.200} ({exc!r})") from exc
 
 
 def quantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .._tensors import TensorSpec, prepare_inputs
+from .._tensors import Inputs, TensorSpec, prepare_inputs
 from ._spec import DeviceSpec
 
 __all__ = ["Device", "Runner"]
@@ -30,7 +30,7 @@ class Runner(abc.ABC):
     outputs: tuple[TensorSpec, ...]
 
     @abc.abstractmethod
-    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    def run(self, arrays: Inputs) -> list[npt.NDArray[Any]]:
         """Run the model once.
 
         ``arrays``: one C-contiguous array per input, in model order, of the model's
@@ -59,7 +59,7 @@ class Runner(abc.ABC):
         return prepare_inputs(specs, arrays, self.model)
 
     def run_into(
-        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+        self, arrays: Inputs, outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """Run the model once and write its outputs into ``outputs`` (arrays of the
         model's output shapes and dtypes, in model order, such as shared-memory views).

@@ -40,6 +40,7 @@ from .._errors import (
     ModelNotFoundError,
 )
 from .._models import COMPILED_SUFFIX, base_name, resolve_model
+from .._tensors import Inputs
 from ._base import Device, Runner
 from ._discovery import (
     EdgeTPUInfo,
@@ -208,7 +209,7 @@ class EdgeTPURunner(Runner):
         self.inputs = self._litert.inputs
         self.outputs = self._litert.outputs
 
-    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    def run(self, arrays: Inputs) -> list[npt.NDArray[Any]]:
         """Run once on the Edge TPU; blocks (GIL released) for the invoke.
 
         Raises:
@@ -217,7 +218,7 @@ class EdgeTPURunner(Runner):
         return self._litert.run(arrays)
 
     def run_into(
-        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+        self, arrays: Inputs, outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """As :meth:`run`, writing the outputs into ``outputs`` (see Runner.run_into)."""
         self._litert.run_into(arrays, outputs)

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .._errors import DeviceError, EdgeTPUModelError, InvalidModelError, ModelError
 from .._models import resolve_model
-from .._tensors import TensorSpec
+from .._tensors import Inputs, TensorSpec
 from ._base import Device, Runner
 from ._spec import DeviceSpec
 
@@ -112,7 +112,7 @@ class LiteRTRunner(Runner):
         self._in_idx = [int(d["index"]) for d in self._in]
         self._out_idx = [int(d["index"]) for d in self._out]
 
-    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    def run(self, arrays: Inputs) -> list[npt.NDArray[Any]]:
         arrays = self.checked(arrays)
         try:
             self._invoke(arrays)
@@ -137,7 +137,7 @@ class LiteRTRunner(Runner):
         return DeviceError(f"LiteRT failed running {self.model}: {text}")
 
     def run_into(
-        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+        self, arrays: Inputs, outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """Run once and copy the outputs from the interpreter's own buffers into
         ``outputs`` (no intermediate arrays). Raises as :meth:`run` does."""

@@ -8,7 +8,6 @@ measured agreement with LiteRT are in ``models/NOTICE``). ``onnxruntime`` is the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from .._errors import (
     ModelNotFoundError,
 )
 from .._models import BUNDLED_DIR
-from .._tensors import TensorSpec
+from .._tensors import Inputs, TensorSpec
 from ._base import Device, Runner
 from ._spec import DeviceSpec
 
@@ -148,7 +147,7 @@ class OnnxRunner(Runner):
         self.outputs = tuple(_spec(a, path) for a in session.get_outputs())
         self._names = [s.name for s in self.inputs]
 
-    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    def run(self, arrays: Inputs) -> list[npt.NDArray[Any]]:
         """Run once; blocks (ONNX Runtime releases the GIL) for the inference.
 
         Raises:

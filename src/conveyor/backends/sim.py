@@ -67,7 +67,7 @@ import numpy.typing as npt
 
 from .._errors import DeviceError, DeviceSpecError, InvalidModelError, ModelError
 from .._models import base_name, resolve_model
-from .._tensors import TensorSpec
+from .._tensors import Inputs, TensorSpec
 from ._base import Device, Runner
 from ._lock import DeviceLock, acquire_device_lock
 from ._modelcost import ModelCost, model_cost
@@ -243,7 +243,7 @@ class SimRunner(Runner):
         self._fixed = _reference_outputs(path, data, self.inputs, self.outputs)
         self._closed = False
 
-    def run(self, arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    def run(self, arrays: Inputs) -> list[npt.NDArray[Any]]:
         """Simulate one run: wait (asleep) for the simulated latency, return the fixed outputs.
 
         Blocks for the latency of :func:`sim_latency`, plus the wait for any run of another
@@ -257,7 +257,7 @@ class SimRunner(Runner):
         return [out.copy() for out in self._fixed]
 
     def run_into(
-        self, arrays: Sequence[npt.NDArray[Any]], outputs: Sequence[npt.NDArray[Any]]
+        self, arrays: Inputs, outputs: Sequence[npt.NDArray[Any]]
     ) -> None:
         """As :meth:`run`, copying the fixed outputs straight into ``outputs``."""
         self._execute(self.checked(arrays))
