@@ -419,7 +419,7 @@ def test_open_describe_close_and_a_second_open_in_this_process(
         facts = device.describe()
         assert facts["backend"] == "edgetpu" and facts["simulated"] is False
         assert (facts["name"], facts["node"], facts["state"]) == ("pci:0", "/dev/apex_0", "ready")
-        with pytest.raises(DeviceBusyError, match="this process"):
+        with pytest.raises(DeviceBusyError, match="this program"):
             open_device_at(root, "edgetpu:pci:0")
         with pytest.raises(ModelNotFoundError, match="face_detection_short_range_edgetpu"):
             device.load("face_detection_short_range")
@@ -525,7 +525,7 @@ def test_auto_with_only_a_compiled_model_and_no_edgetpu(tmp_path: Path, root: Pa
 def test_lock_helper_refuses_a_second_open_in_the_same_process() -> None:
     with acquire_device_lock("thing", "the thing") as lock:
         assert lock.held
-        with pytest.raises(DeviceBusyError, match="the thing is already open in this process"):
+        with pytest.raises(DeviceBusyError, match="the thing is already open in this program"):
             acquire_device_lock("thing", "the thing")
     assert not lock.held
     acquire_device_lock("thing", "the thing").release()

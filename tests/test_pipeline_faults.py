@@ -106,7 +106,8 @@ def test_a_device_taken_while_its_worker_restarts_fails_the_item_with_why(
             with pytest.raises(conveyor.StageError) as info:
                 pipe.submit(x).result(30)
             assert isinstance(info.value.__cause__, conveyor.DeviceBusyError)
-            assert f"in use by conveyor process {os.getpid()}" in str(info.value.__cause__)
+            assert f"already open in this program (pid {os.getpid()})" in str(
+                info.value.__cause__)
         finally:
             thief.close()
         assert len(pipe.submit(x).result(30)) == 2  # let go: the next item restarts it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -239,6 +240,37 @@ def test_exclusive_across_processes(private_locks: Path, src_env: dict[str, str]
     device.close()
 
 
+def test_a_device_held_by_a_pipeline_is_named_by_its_program_not_its_worker(
+        tmp_path: Path) -> None:
+    # The lock is taken in the pipeline's device worker: the busy error named that
+    # worker's pid (killing it frees nothing: it is restarted) and told the program to
+    # "close the other program" when the holder was the program itself.
+    import conveyor
+
+    holder = tmp_path / "holder.py"
+    holder.write_text(
+        "import sys, conveyor\n"
+        "with conveyor.Pipeline(conveyor.infer('face_detection_short_range',\n"
+        "                                      device='sim-edgetpu')):\n"
+        "    print('READY', flush=True)\n"
+        "    sys.stdin.read()\n")
+    with subprocess.Popen([sys.executable, str(holder)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as other:
+        assert other.stdout is not None and other.stdout.readline().strip() == "READY"
+        with pytest.raises(DeviceBusyError) as info:
+            open_device("sim-edgetpu")
+        said = str(info.value)
+        assert f"in use by conveyor process {other.pid} (" in said and "holder.py" in said
+        assert ", through its device worker " in said
+        other.communicate("", timeout=30)
+    first, second = (conveyor.Pipeline(conveyor.infer(SHORT, device="sim-edgetpu"))
+                     for _ in range(2))
+    with first, pytest.raises(DeviceBusyError, match=(
+            rf"already open in this program \(pid {os.getpid()}\): a pipeline's device "
+            rf"worker \(pid \d+\) holds it")):
+        second.start()
+
+
 def test_numbered_simulated_devices_are_separate_devices() -> None:
     """``sim-edgetpu:N`` is simulated device N: two open at once in one process, and a
     server serves both; the same one twice is refused as already open here."""
@@ -249,7 +281,7 @@ def test_numbered_simulated_devices_are_separate_devices() -> None:
     first, second = open_device("sim-edgetpu:0"), open_device("sim-edgetpu:pci:1")
     try:
         assert (first.index, second.index) == (0, 1)  # type: ignore[attr-defined]
-        with pytest.raises(DeviceBusyError, match="already open in this process"):
+        with pytest.raises(DeviceBusyError, match="already open in this program"):
             open_device("sim-edgetpu")
     finally:
         first.close()

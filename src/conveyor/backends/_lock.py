@@ -109,6 +109,38 @@ def lock_holder(name: str, directory: Path | None = None) -> int | None:
     return None
 
 
+_WORKER_MODULE = "conveyor._device._worker"
+
+
+def _program_of(pid: int | None) -> tuple[int | None, int | None]:
+    """``(program, worker)``: a lock held by a pipeline's device worker process is the
+    program's that started it (its parent), and ``worker`` is the worker's pid; else
+    ``(pid, None)``."""
+    if pid is None:
+        return None, None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return pid, None
+    if _WORKER_MODULE.encode() not in command:
+        return pid, None
+    parent = int(stat_fields[1])  # after the name: state, ppid, ...
+    return (parent, pid) if parent > 1 else (pid, None)
+
+
+def _command(pid: int) -> str:
+    """A process's command line, short, for a message: file names without their folders
+    ("python3 cam.py"; "?" when it cannot be read)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(os.path.basename(w.decode(errors="replace")) or w.decode(errors="replace")
+                    for w in words if w)
+    return (text[:77] + "...") if len(text) > 80 else text or "?"
+
+
 class DeviceLock:
     """An exclusive lock on one device, held until :meth:`release` or process exit.
 
@@ -173,14 +205,22 @@ def acquire_device_lock(name: str, what: str, directory: Path | None = None) -> 
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise DeviceError(f"cannot lock {path}: {exc}") from exc
-        pid = read_holder(path)
-        holder = f"conveyor process {pid}" if pid is not None else "another conveyor process"
-        if pid == os.getpid():
+        # /proc/locks names the holder even before it has written its pid in the file.
+        pid = lock_holder(name, folder) or read_holder(path)
+        program, worker = _program_of(pid)
+        if program is not None and program == _program_of(os.getpid())[0]:
+            # (This process may be a device worker itself: its program is its parent.)
+            by = "" if worker is None else f": a pipeline's device worker (pid {worker}) holds it"
             raise DeviceBusyError(
-                f"{what} is already open in this process ({pid}) (lock {path}): open each "
-                f"device once (is it listed twice, or still open from before?) and share "
-                f"that one between its users"
+                f"{what} is already open in this program (pid {program}){by} (lock {path}): "
+                f"open each device once (is it listed twice, or still open from before? two "
+                f"inference stages of one pipeline on it share one worker) and share that "
+                f"one between its users"
             ) from None
+        holder = ("another conveyor process" if program is None
+                  else f"conveyor process {program} ({_command(program)})" if worker is None
+                  else f"conveyor process {program} ({_command(program)}), through its "
+                       f"device worker {worker}")
         raise DeviceBusyError(
             f"{what} is in use by {holder} (lock {path}); a device serves one process at "
             f"a time: share it by running `conveyor serve` and connecting to the server, or "
