@@ -536,3 +536,83 @@ def test_a_main_module_without_a_guard_is_told_to_add_one(tmp_path) -> None:  # 
     assert proc.returncode != 0
     assert 'if __name__ == "__main__":' in proc.stderr, proc.stderr[-2000:]
     assert "WorkerStartError" in proc.stderr
+
+
+def _workers_of_this_test() -> list[psutil.Process]:
+    return [p for p in children() if "conveyor." in " ".join(p.cmdline())]
+
+
+def test_ctrl_c_while_workers_start_ends_them_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                      no_leaks: None) -> None:
+    # The workers were not the pipeline's yet while in their start-up handshake (an import
+    # that hangs: up to a minute): Ctrl-C left them running for the handshake's 60 s.
+    import slowstart
+
+    monkeypatch.setenv("CONVEYOR_TEST_PARENT", str(os.getpid()))
+    monkeypatch.setenv("CONVEYOR_TEST_SLOW_IMPORT_S", "120")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), conveyor.Pipeline(
+                conveyor.stage(slowstart.exit_on_1, workers=2, kind="process")):
+            pytest.fail("the pipeline started")
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 3.0
+    assert wait_for(lambda: not _workers_of_this_test(), timeout=1.0)
+
+
+def test_close_while_a_worker_is_replaced_is_final_at_once(
+        monkeypatch: pytest.MonkeyPatch, no_leaks: None) -> None:
+    # The replacement of a dead worker was still starting (a slow import) when close()
+    # came: close() returned with the item queued behind the dead one not yet counted,
+    # the replacement lived on, and stopping it counted a second restart.
+    import slowstart
+
+    monkeypatch.setenv("CONVEYOR_TEST_PARENT", str(os.getpid()))
+    with conveyor.Pipeline(conveyor.stage(slowstart.exit_on_1, kind="process")) as pipe:
+        monkeypatch.setenv("CONVEYOR_TEST_SLOW_IMPORT_S", "60")  # the replacement's import
+        futures = [pipe.submit(i) for i in range(4)]
+        assert futures[0].result(30) == 0
+        with pytest.raises(conveyor.StageError, match="exited with code 3"):
+            futures[1].result(30)  # its worker died
+        time.sleep(0.3)  # the replacement is importing
+        t0 = time.monotonic()
+        pipe.close()
+        assert time.monotonic() - t0 < 1.5
+        stage = pipe.stats()["stages"]["exit_on_1"]
+        assert stage["in"] == stage["out"] + stage["errors"] + stage["cancelled"], stage
+        assert stage["restarts"] == 1
+        assert not _workers_of_this_test()
+        for f in futures[2:]:
+            with pytest.raises(conveyor.PipelineClosedError):
+                f.result(5)
+
+
+def test_close_while_the_device_worker_is_replaced_ends_the_replacement(
+        no_leaks: None) -> None:
+    # The replacement of a dead device worker that is slow to start (here: stopped)
+    # outlived close() by the handshake's minute, holding the device, and the item that
+    # waited for it was counted only then.
+    x = np.zeros((128, 128, 3), np.float32)
+    with conveyor.Pipeline(conveyor.infer("face_detection_short_range",
+                                          device="sim-edgetpu")) as pipe:
+        pipe.submit(x).result(30)
+        old = device_worker(pipe).worker.pid
+        os.kill(old, signal.SIGKILL)
+        waiting = pipe.submit(x)  # fails on the dead worker: a replacement starts
+        new: list[psutil.Process] = []
+        assert wait_for(lambda: bool(new.extend(
+            p for p in _workers_of_this_test() if p.pid != old and "_device." in
+            " ".join(p.cmdline())) or new), timeout=10)
+        new[0].suspend()  # SIGSTOP: its handshake never comes
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        pipe.close()
+        assert time.monotonic() - t0 < 1.5
+        stage = pipe.stats()["stages"]["face_detection_short_range"]
+        assert stage["in"] == stage["out"] + stage["errors"] + stage["cancelled"], stage
+        with pytest.raises(conveyor.PipelineClosedError):
+            waiting.result(5)
+    assert not psutil.pid_exists(new[0].pid) or new[0].status() == psutil.STATUS_ZOMBIE

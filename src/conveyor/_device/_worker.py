@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import ConveyorError, WorkerStartError
-from .._runtime._proc import ChildProcess, watch_lifeline
+from .._runtime._proc import ChildProcess, Spawning, watch_lifeline
 from ._client import DeviceClient
 from ._protocol import FrameReader, MsgType, encode
 
@@ -44,6 +44,7 @@ class DeviceWorker:
     def __init__(
         self, device: str, models: Sequence[str], *, timeout: float = 60.0,
         max_inflight: int = 8, realtime: int = 0, reader: bool = True, connections: int = 1,
+        spawning: Spawning | None = None,
     ) -> None:
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                  for _ in range(max(connections, 1))]
@@ -55,7 +56,7 @@ class DeviceWorker:
             args += ["--model", str(m)]
         try:
             self.process = ChildProcess("conveyor._device._worker", args,
-                                        [child.fileno() for _, child in pairs])
+                                        [child.fileno() for _, child in pairs], spawning)
         except BaseException:
             for parent, _ in pairs:
                 parent.close()
@@ -64,6 +65,15 @@ class DeviceWorker:
             for _, child in pairs:
                 child.close()
         self.clients: list[DeviceClient] = []
+        try:
+            self._handshake(device, pairs, timeout, reader)
+        finally:
+            if spawning is not None:  # started, or failed and reaped: not the scope's now
+                spawning.discard(self.process)
+        self.client = self.clients[0]
+
+    def _handshake(self, device: str, pairs: Sequence[tuple[socket.socket, socket.socket]],
+                   timeout: float, reader: bool) -> None:
         try:
             for parent, _ in pairs:
                 self.clients.append(DeviceClient(parent, timeout=timeout, name="pipeline",
@@ -81,7 +91,6 @@ class DeviceWorker:
             self._close_clients(pairs)
             self.process.kill()
             raise
-        self.client = self.clients[0]
 
     def _close_clients(self, pairs: Sequence[tuple[socket.socket, socket.socket]]) -> None:
         for client in self.clients:

@@ -31,6 +31,7 @@ from .._errors import (
     describe_exception,
 )
 from ._channel import Aborted, Channel
+from ._proc import Spawning
 from ._run import CANCEL, DROP, ERR, OK, Run
 from ._stats import DeviceStats, StageStats, Tracer
 from ._wire import PeerClosed, Unpicklable
@@ -126,8 +127,9 @@ class _Worker:
     """
 
     def __init__(self, device: str, models: list[str], inflight: int, realtime: int,
-                 connections: int) -> None:
+                 connections: int, spawning: Spawning | None = None) -> None:
         self.device = device
+        self._spawning = spawning
         self._models = models
         self._inflight = inflight
         self._realtime = realtime
@@ -152,7 +154,8 @@ class _Worker:
         from .._device._worker import DeviceWorker
 
         return DeviceWorker(self.device, self._models, max_inflight=self._inflight + 2,
-                            realtime=self._realtime, connections=self._connections)
+                            realtime=self._realtime, connections=self._connections,
+                            spawning=self._spawning)
 
     def restart(self, gen: int) -> bool:
         """Replace the dead worker of generation ``gen`` (once: a later call for the same
@@ -334,6 +337,7 @@ class Core:
         self._holding: dict[tuple[int, int], Item] = {}
         self._settled = False  # close() has counted the stuck ones: no more are taken
         self._no_worker: dict[int, str] = {}  # why a process stage's last replacement failed
+        self._spawning = Spawning()  # worker processes still starting (see close)
         self._credit = [inflight] * len(stages)
         # One condition per stage on one lock: a credit given back must wake a waiter of
         # its own stage (a shared condition's notify() could wake another stage's waiter,
@@ -393,7 +397,8 @@ class Core:
             raise
 
     def _spawn_proc(self, si: int, w: int, blob: bytes, name: str) -> None:
-        worker = ProcWorker(blob, name, background=self.defs[si].background)
+        worker = ProcWorker(blob, name, background=self.defs[si].background,
+                            spawning=self._spawning)
         with self._lock:
             if not self.closing:
                 self.procs[si][w] = worker
@@ -447,7 +452,8 @@ class Core:
         worker = None
         if defs[0].server is None:
             worker = _Worker(defs[0].device, _distinct_models(d.model for d in defs),
-                             self.inflight, max(d.realtime for d in defs), len(defs))
+                             self.inflight, max(d.realtime for d in defs), len(defs),
+                             self._spawning)
             # One trace track per device worker; two workers on one spec (CPU) apart.
             if sum(d.kind == "infer" and d.server is None and d.device == defs[0].device
                    for d in self.defs) > len(defs):
@@ -461,6 +467,9 @@ class Core:
             if self.closing:
                 return
             self.closing = True
+        # Workers still in their start-up handshake (up to a minute) are reachable by
+        # nothing else yet: killed now, their starters go on at once.
+        self._spawning.abort()
         with self._credit_lock:
             for cv in self._credit_cvs:
                 cv.notify_all()
@@ -658,16 +667,19 @@ class Core:
         old = self.procs[si][w]
         if old is not None:
             old.close(kill=True)
+        self.procs[si][w] = None
+        if self.closing:  # (a worker stopped by close() is no restart)
+            return
         if count:
             with self.stats[si].lock:
                 self.stats[si].restarts += 1
         assert d.fn is not None
-        self.procs[si][w] = None
-        if self.closing:
-            return
         try:
-            new = ProcWorker(pickle_function(d.fn, d.name), d.name, background=d.background)
+            new = ProcWorker(pickle_function(d.fn, d.name), d.name, background=d.background,
+                             spawning=self._spawning)
         except Exception as exc:  # a start-up failure, or out of descriptors or processes
+            if self.closing:  # close() killed it in its start-up
+                return
             log.warning("could not replace a worker of stage %r: %s", d.name, exc)
             self._no_worker[si] = f"{type(exc).__name__}: {exc}"
             return

@@ -8,6 +8,7 @@ and no dependence on which parent thread spawned the child (PR_SET_PDEATHSIG's t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["ChildProcess", "describe_exit", "on_eof", "watch_lifeline", "worker_bootstrap"]
+__all__ = ["ChildProcess", "Spawning", "describe_exit", "on_eof", "watch_lifeline",
+           "worker_bootstrap"]
 
 #: True in a stage worker while it imports the program's main module (to find the stage
 #: function): a pipeline started then is the program's own, run again by the import
@@ -44,14 +46,51 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with code {returncode}"
 
 
+class Spawning:
+    """The child processes a scope (a pipeline) is starting, still in their handshake.
+
+    :meth:`abort` (the scope's close) kills each of them, and any started from then on,
+    so that a start-up never outlives the close: a handshake waits up to a minute (an
+    import that hangs, a stopped child), and nothing else could reach the child yet.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[ChildProcess] = set()
+        self.aborted = False
+
+    def add(self, child: ChildProcess) -> None:
+        with self._lock:
+            if not self.aborted:
+                self._procs.add(child)
+                return
+        child.proc.kill()  # the starter's handshake fails at once; it reaps the child
+
+    def discard(self, child: ChildProcess) -> None:
+        """``child`` is started (or its start failed): no longer the scope's to kill."""
+        with self._lock:
+            self._procs.discard(child)
+
+    def abort(self) -> None:
+        """Kill every child still starting (SIGKILL; their starters reap them)."""
+        with self._lock:
+            self.aborted = True
+            procs, self._procs = list(self._procs), set()
+        for child in procs:
+            with contextlib.suppress(OSError):
+                child.proc.kill()
+
+
 class ChildProcess:
     """A ``python -m MODULE`` child with a lifeline; the parent must :meth:`stop` it.
 
     ``pass_fds`` are inherited by the child (the lifeline's fd is appended to ``args`` as
-    ``--lifeline N``). Nothing else is inherited.
+    ``--lifeline N``). Nothing else is inherited. With ``spawning``, the child is in that
+    scope's care until the starter calls ``spawning.discard(child)``.
     """
 
-    def __init__(self, module: str, args: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
+    def __init__(self, module: str, args: Sequence[str], pass_fds: Sequence[int] = (),
+                 spawning: Spawning | None = None) -> None:
         life_r, life_w = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -71,6 +110,8 @@ class ChildProcess:
             os.close(life_r)
         self._lifeline = life_w
         self.pid = self.proc.pid
+        if spawning is not None:
+            spawning.add(self)
 
     @property
     def returncode(self) -> int | None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import WorkerDiedError, WorkerStartError
-from ._proc import ChildProcess
+from ._proc import ChildProcess, Spawning
 from ._wire import (
     ERR,
     OK,
@@ -66,14 +66,16 @@ class ProcWorker:
     """
 
     def __init__(
-        self, fn_blob: bytes, stage: str, timeout: float = 60.0, *, background: bool = False
+        self, fn_blob: bytes, stage: str, timeout: float = 60.0, *, background: bool = False,
+        spawning: Spawning | None = None,
     ) -> None:
         self.stage = stage
         self._broken: str | None = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process = ChildProcess(
-                "conveyor._runtime._child", ["--fd", str(child.fileno())], [child.fileno()]
+                "conveyor._runtime._child", ["--fd", str(child.fileno())], [child.fileno()],
+                spawning,
             )
         except BaseException:
             parent.close()
@@ -81,6 +83,14 @@ class ProcWorker:
         finally:
             child.close()
         self.link = MsgSocket(parent)
+        try:
+            self._handshake(parent, fn_blob, stage, timeout, background)
+        finally:
+            if spawning is not None:  # started, or failed and reaped: not the scope's now
+                spawning.discard(self.process)
+
+    def _handshake(self, parent: socket.socket, fn_blob: bytes, stage: str, timeout: float,
+                   background: bool) -> None:
         try:
             prep = multiprocessing.spawn.get_preparation_data(f"conveyor-{stage}")
             prep.pop("authkey", None)
