@@ -951,13 +951,30 @@ class DeviceClient:
             awaitable: asyncio.Future[None] | Callable[[], asyncio.Future[None]], what: str
         ) -> None:
             wait = None if not deadline_ns else (deadline_ns - time.monotonic_ns()) / 1e9
+            if wait is not None and wait <= 0:  # before anything is made to wait on
+                raise DeadlineExceeded(f"{model}: {what} before the deadline")
+            fut = awaitable if isinstance(awaitable, asyncio.Future) else awaitable()
+            # Not asyncio.wait_for: before Python 3.12 it returned the result when the
+            # future was done as the cancel came, and the caller's cancel was lost (the
+            # request was then sent). A timer cancels the future at the deadline instead.
+            expired = False
+
+            def expire() -> None:
+                nonlocal expired
+                if not fut.done():
+                    expired = True
+                    fut.cancel()
+
+            timer = None if wait is None else loop.call_later(wait, expire)
             try:
-                if wait is not None and wait <= 0:
-                    raise TimeoutError  # before anything is made to wait on
-                await asyncio.wait_for(
-                    awaitable if isinstance(awaitable, asyncio.Future) else awaitable(), wait)
-            except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
+                await fut
+            except asyncio.CancelledError:
+                if not expired:
+                    raise  # the caller's cancel
                 raise DeadlineExceeded(f"{model}: {what} before the deadline") from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         while True:
             if self._link is None and not self._closed:
