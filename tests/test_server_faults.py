@@ -601,6 +601,11 @@ def test_an_idle_client_meets_a_restarted_server_with_other_models(
             big = np.zeros((1, 192, 192, 3), np.float32)
             for _ in range(3):  # its one slot is free
                 assert len(client.infer("face_detection_short_range", big, deadline=10)) == 2
+        with ServeProcess(path):  # the 128x128 model under the name again
+            assert wait_for(lambda: not client.connected, timeout=5.0)
+            # checked against the dead connection's 192x192 model, it was an InputError
+            # for good: nothing made the client connect again
+            assert len(client.infer("face_detection_short_range", small, deadline=10)) == 2
     finally:
         client.close()
 

@@ -789,7 +789,19 @@ class DeviceClient:
                 return [inputs]  # nothing to check or convert
             return prepare_inputs(specs, inputs, info.name)
 
-        arrays = fit(info)
+        try:
+            arrays = fit(info)
+        except InputError:
+            # Inputs that do not fit, on a connection the server has closed: with
+            # reconnect, the server there now may serve the model with other tensors
+            # (started again with another file under the name). Only on this error path
+            # is the connection looked at (a syscall).
+            if not (self.reconnect and link is self._link and not self.connected):
+                raise
+            self._lost(link, ServerGone("the device server closed the connection"))
+            link = self._current(deadline_ns)
+            info = self._lookup(model)
+            arrays = fit(info)
         priority = check_priority(priority)
         for attempt in (0, 1):
             with self._cv:
