@@ -616,3 +616,32 @@ def test_close_while_the_device_worker_is_replaced_ends_the_replacement(
         with pytest.raises(conveyor.PipelineClosedError):
             waiting.result(5)
     assert not psutil.pid_exists(new[0].pid) or new[0].status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("face", ["start", "map"])
+def test_close_from_another_thread_while_the_pipeline_starts(
+        monkeypatch: pytest.MonkeyPatch, face: str, no_leaks: None) -> None:
+    # start() holds the pipeline's lock while its workers start, and close() waited for
+    # that lock: for the whole start-up handshake of a slow import (up to a minute).
+    import slowstart
+
+    monkeypatch.setenv("CONVEYOR_TEST_PARENT", str(os.getpid()))
+    monkeypatch.setenv("CONVEYOR_TEST_SLOW_IMPORT_S", "120")
+    pipe = conveyor.Pipeline(conveyor.stage(slowstart.exit_on_1, workers=2, kind="process"))
+    ended: list[BaseException] = []
+
+    def begin() -> None:
+        try:
+            pipe.start() if face == "start" else list(pipe.map([0, 2]))
+        except BaseException as exc:
+            ended.append(exc)
+
+    starter = threading.Thread(target=begin)
+    starter.start()
+    assert wait_for(lambda: len(_workers_of_this_test()) == 2, timeout=10)
+    t0 = time.monotonic()
+    pipe.close()
+    starter.join(5)
+    assert time.monotonic() - t0 < 2.0 and not starter.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], conveyor.PipelineClosedError), ended
+    assert wait_for(lambda: not _workers_of_this_test(), timeout=1.0)

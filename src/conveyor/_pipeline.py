@@ -15,7 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from concurrent.futures import Future
 from typing import Any, Literal
 
-from ._errors import DeviceBusyError, PipelineClosedError, StageError
+from ._errors import ConveyorError, DeviceBusyError, PipelineClosedError, StageError
 from ._runtime._channel import Aborted
 from ._runtime._core import Core, StageDef
 from ._runtime._proc import worker_bootstrap
@@ -238,6 +238,11 @@ class Pipeline:
         self._lock = threading.Lock()
         self._closed = False
         self._close_done = threading.Event()  # set when the first close() has finished
+        # close() from another thread while start() runs (under the lock close() waits
+        # for): the core being started, whose workers still in their start-up close()
+        # ends at once, so that it never waits out a minute's handshake.
+        self._close_asked = False
+        self._starting: Core | None = None
         self._pid: int | None = None  # the process that started it
         self._closer: threading.Thread | None = None
         self._submit_run: Run | None = None
@@ -267,16 +272,22 @@ class Pipeline:
                 raise PipelineClosedError("the pipeline is closed")
             if self._core is None:
                 try:
-                    core = self._start_core()
-                except DeviceBusyError:
-                    # An unclosed pipeline of this program that only a reference cycle
-                    # keeps (an exception's traceback, asyncio's tasks) may still hold
-                    # the device: collecting it closes it (see __del__). Then once more.
-                    before = len(_OPEN)
-                    gc.collect()
-                    if len(_OPEN) == before:
-                        raise
-                    core = self._start_core()
+                    try:
+                        core = self._start_core()
+                    except DeviceBusyError:
+                        # An unclosed pipeline of this program that only a reference cycle
+                        # keeps (an exception's traceback, asyncio's tasks) may still hold
+                        # the device: collecting it closes it (see __del__). Then once more.
+                        before = len(_OPEN)
+                        gc.collect()
+                        if len(_OPEN) == before:
+                            raise
+                        core = self._start_core()
+                except ConveyorError as exc:
+                    if self._close_asked:  # close() cut the start short: say that
+                        raise PipelineClosedError(
+                            "the pipeline was closed while it started") from exc
+                    raise
                 self._core = core
                 self._pid = os.getpid()
                 _OPEN.add(self)
@@ -287,7 +298,13 @@ class Pipeline:
             self._tracer.check()  # an unwritable path found out before any work is done
         core = Core(self._defs, maxsize=self.maxsize, live=self.live, trace=self._tracer,
                     inflight=self._inflight)
-        core.start()
+        self._starting = core  # before the look below: a close() from now on sees it
+        try:
+            if self._close_asked:
+                core.abort_start()
+            core.start()
+        finally:
+            self._starting = None
         return core
 
     def close(self) -> None:
@@ -306,6 +323,10 @@ class Pipeline:
             _OPEN.discard(self)
             self._futures = {}
             return
+        self._close_asked = True
+        starting = self._starting
+        if starting is not None:  # another thread is starting it, under the lock
+            starting.abort_start()
         with self._lock:
             second = self._closed
             if not second:

@@ -461,6 +461,11 @@ class Core:
         for slot, (si, d) in enumerate(zip(group, defs)):
             self.links[si] = _DeviceLink(d, worker, slot)
 
+    def abort_start(self) -> None:
+        """From any thread, while :meth:`start` runs in another: end the worker processes
+        still in their start-up handshake, so that the start fails at once."""
+        self._spawning.abort()
+
     def close(self) -> None:
         """Stop everything: wake blocked threads, end child processes, join. Idempotent."""
         with self._lock:
