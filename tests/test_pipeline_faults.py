@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import wait
 
 import numpy as np
@@ -89,17 +91,26 @@ def test_killed_device_worker_is_restarted_and_request_retried(no_leaks: None) -
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
 
 
+@contextlib.contextmanager
+def _sim_worker_killed() -> Iterator[tuple[conveyor.Pipeline, int, np.ndarray]]:
+    """A pipeline on sim-edgetpu that ran one item and whose device worker was just
+    killed (SIGKILL): ``(pipeline, the dead worker's pid, an input)``."""
+    x = np.zeros((128, 128, 3), np.float32)
+    with conveyor.Pipeline(conveyor.infer("face_detection_short_range",
+                                          device="sim-edgetpu")) as pipe:
+        pipe.submit(x).result(30)
+        old = device_worker(pipe).worker.pid
+        os.kill(old, signal.SIGKILL)
+        yield pipe, old, x
+
+
 def test_a_device_taken_while_its_worker_restarts_fails_the_item_with_why(
         no_leaks: None) -> None:
     # The item failed with "ServerGone: the device server went away (connect with
     # reconnect=True ...)", advice for a client, not a pipeline; the DeviceBusyError that
     # said who holds the device was only logged.
-    x = np.zeros((128, 128, 3), np.float32)
-    with conveyor.Pipeline(conveyor.infer("face_detection_short_range",
-                                          device="sim-edgetpu")) as pipe:
-        pipe.submit(x).result(30)
+    with _sim_worker_killed() as (pipe, _, x):
         link = device_worker(pipe)
-        os.kill(link.worker.pid, signal.SIGKILL)
         assert wait_for(lambda: link.worker.worker.process.proc.poll() is not None)
         thief = conveyor.open_device("sim-edgetpu")  # another program takes the device
         try:
@@ -595,12 +606,7 @@ def test_close_while_the_device_worker_is_replaced_ends_the_replacement(
     # The replacement of a dead device worker that is slow to start (here: stopped)
     # outlived close() by the handshake's minute, holding the device, and the item that
     # waited for it was counted only then.
-    x = np.zeros((128, 128, 3), np.float32)
-    with conveyor.Pipeline(conveyor.infer("face_detection_short_range",
-                                          device="sim-edgetpu")) as pipe:
-        pipe.submit(x).result(30)
-        old = device_worker(pipe).worker.pid
-        os.kill(old, signal.SIGKILL)
+    with _sim_worker_killed() as (pipe, old, x):
         waiting = pipe.submit(x)  # fails on the dead worker: a replacement starts
         new: list[psutil.Process] = []
         assert wait_for(lambda: bool(new.extend(
