@@ -3,6 +3,7 @@ a full queue, a client that stops reading, a connection that never says HELLO.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -332,14 +333,12 @@ def test_a_forked_child_cannot_use_the_client_nor_end_it_for_the_parent(sdir: Pa
         assert len(client.status()["clients"]) == 1
 
 
-@pytest.mark.usefixtures("no_leaks")
-def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) -> None:
-    """An idle client whose server was replaced by one that does not answer yet: the
-    reconnection runs in a thread, bounded by the deadline, and the loop keeps running
-    (it was made on the loop thread: the loop stood still up to the 10 s handshake)."""
-    import asyncio
-    import signal
-
+@contextlib.contextmanager
+def _replaced_by_a_stopped_server(
+        sdir: Path) -> Iterator[tuple[DeviceClient, np.ndarray, ServeProcess]]:
+    """A ``reconnect=True`` client that ran a request on a server since killed, and a new
+    server on the socket that listens but does not answer (SIGSTOP, SIGCONT at the end):
+    ``(client, an input, the new server)``. The client is closed at the end."""
     path = sdir / "s.sock"
     img = np.zeros((1, 128, 128, 3), np.float32)
     first = ServeProcess(path)
@@ -350,28 +349,41 @@ def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) ->
         with ServeProcess(path) as second:
             second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
             try:
-                async def main() -> tuple[float, BaseException | None]:
-                    beat, gaps = watch_event_loop(0.01)
-                    try:
-                        await client.ainfer("face_detection_short_range", img, deadline=0.5)
-                        error = None
-                    except BaseException as exc:
-                        error = exc
-                    beat.cancel()
-                    return max(gaps), error
-
-                t0 = time.monotonic()
-                stall, error = asyncio.run(main())
-                assert isinstance(error, conveyor.DeadlineExceeded), error
-                assert time.monotonic() - t0 < 3.0
-                assert stall < 0.4, f"the event loop stood still {stall:.2f} s"
+                yield client, img, second
             finally:
                 second.proc.send_signal(signal.SIGCONT)
-            outs = asyncio.run(client.ainfer("face_detection_short_range", img, deadline=30))
-            assert len(outs) == 2
     finally:
         client.close()
         first.close()
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_ainfer_reconnects_off_the_event_loop_within_its_deadline(sdir: Path) -> None:
+    """An idle client whose server was replaced by one that does not answer yet: the
+    reconnection runs in a thread, bounded by the deadline, and the loop keeps running
+    (it was made on the loop thread: the loop stood still up to the 10 s handshake)."""
+    import asyncio
+
+    with _replaced_by_a_stopped_server(sdir) as (client, img, second):
+
+        async def main() -> tuple[float, BaseException | None]:
+            beat, gaps = watch_event_loop(0.01)
+            try:
+                await client.ainfer("face_detection_short_range", img, deadline=0.5)
+                error = None
+            except BaseException as exc:
+                error = exc
+            beat.cancel()
+            return max(gaps), error
+
+        t0 = time.monotonic()
+        stall, error = asyncio.run(main())
+        assert isinstance(error, conveyor.DeadlineExceeded), error
+        assert time.monotonic() - t0 < 3.0
+        assert stall < 0.4, f"the event loop stood still {stall:.2f} s"
+        second.proc.send_signal(signal.SIGCONT)
+        outs = asyncio.run(client.ainfer("face_detection_short_range", img, deadline=30))
+        assert len(outs) == 2
 
 
 def test_a_reconnect_to_a_server_that_does_not_answer(sdir: Path) -> None:
@@ -381,59 +393,45 @@ def test_a_reconnect_to_a_server_that_does_not_answer(sdir: Path) -> None:
     logged as never retrieved; close() during the handshake was undone when it ended
     (the client connected again, and its ainfer() callers waited for good)."""
     import asyncio
-    import signal
 
-    path = sdir / "s.sock"
-    img = np.zeros((1, 128, 128, 3), np.float32)
-    first = ServeProcess(path)
-    client = conveyor.connect(path, reconnect=True)
-    try:
-        client.infer("face_detection_short_range", img)
-        first.kill()
-        with ServeProcess(path) as second:
-            second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+    with _replaced_by_a_stopped_server(sdir) as (client, img, second):
+        t0 = time.monotonic()
+        with pytest.raises(conveyor.DeadlineExceeded):
+            client.infer("face_detection_short_range", img, deadline=0.3)
+        assert time.monotonic() - t0 < 2.0
+
+        async def many() -> list[BaseException | None]:
+            calls = [client.ainfer("face_detection_short_range", img, deadline=d)
+                     for d in [0.2] * 50 + [0.0] * 10]
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        threads = threading.active_count()
+        with LogLines().installed() as logs:
+            got = asyncio.run(many())
+        assert all(isinstance(e, conveyor.DeadlineExceeded) for e in got), got
+        assert threading.active_count() <= threads + 2  # one attempt, shared
+        assert not [li for li in logs.lines if "never retrieved" in li]
+
+        async def closed_meanwhile() -> BaseException | None:
+            task = asyncio.ensure_future(client.ainfer("face_detection_short_range",
+                                                       img))  # no deadline
+            await asyncio.sleep(0.3)  # it waits for the handshake
+            threading.Thread(target=client.close).start()
             try:
-                t0 = time.monotonic()
-                with pytest.raises(conveyor.DeadlineExceeded):
-                    client.infer("face_detection_short_range", img, deadline=0.3)
-                assert time.monotonic() - t0 < 2.0
+                await asyncio.wait_for(task, 3)
+            except BaseException as exc:
+                return exc
+            return None
 
-                async def many() -> list[BaseException | None]:
-                    calls = [client.ainfer("face_detection_short_range", img, deadline=d)
-                             for d in [0.2] * 50 + [0.0] * 10]
-                    return list(await asyncio.gather(*calls, return_exceptions=True))
-
-                threads = threading.active_count()
-                with LogLines().installed() as logs:
-                    got = asyncio.run(many())
-                assert all(isinstance(e, conveyor.DeadlineExceeded) for e in got), got
-                assert threading.active_count() <= threads + 2  # one attempt, shared
-                assert not [li for li in logs.lines if "never retrieved" in li]
-
-                async def closed_meanwhile() -> BaseException | None:
-                    task = asyncio.ensure_future(client.ainfer("face_detection_short_range",
-                                                               img))  # no deadline
-                    await asyncio.sleep(0.3)  # it waits for the handshake
-                    threading.Thread(target=client.close).start()
-                    try:
-                        await asyncio.wait_for(task, 3)
-                    except BaseException as exc:
-                        return exc
-                    return None
-
-                error = asyncio.run(closed_meanwhile())
-                assert isinstance(error, conveyor.ServerGone), error
-                # not "the connection was closed by the other side": close() did it
-                assert str(error) == "the client was closed", error
-            finally:
-                second.proc.send_signal(signal.SIGCONT)
-            time.sleep(0.5)  # the server answers now: the closed client must not connect
-            assert not client.connected
-            with pytest.raises(conveyor.ServerGone):
-                client.infer("face_detection_short_range", img)
-    finally:
-        client.close()
-        first.close()
+        error = asyncio.run(closed_meanwhile())
+        assert isinstance(error, conveyor.ServerGone), error
+        # not "the connection was closed by the other side": close() did it
+        assert str(error) == "the client was closed", error
+        second.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)  # the server answers now: the closed client must not connect
+        assert not client.connected
+        with pytest.raises(conveyor.ServerGone):
+            client.infer("face_detection_short_range", img)
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -613,32 +611,19 @@ def test_an_idle_client_meets_a_restarted_server_with_other_models(
 def test_close_during_a_reconnect_handshake_says_the_client_was_closed(sdir: Path) -> None:
     # A sync infer() reconnecting to a server that does not answer yet (SIGSTOP), ended
     # by close() from another thread, said "the connection was closed by the other side".
-    path = sdir / "s.sock"
-    img = np.zeros((1, 128, 128, 3), np.float32)
-    with ServeProcess(path) as first:
-        client = conveyor.connect(path, reconnect=True)
-        client.infer("face_detection_short_range", img)
-    try:
-        assert first.proc.returncode is not None
-        with ServeProcess(path) as second:
-            second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+    with _replaced_by_a_stopped_server(sdir) as (client, img, _):
+        ended: list[BaseException] = []
+
+        def call() -> None:
             try:
-                ended: list[BaseException] = []
+                client.infer("face_detection_short_range", img)
+            except BaseException as exc:
+                ended.append(exc)
 
-                def call() -> None:
-                    try:
-                        client.infer("face_detection_short_range", img)
-                    except BaseException as exc:
-                        ended.append(exc)
-
-                caller = threading.Thread(target=call)
-                caller.start()
-                time.sleep(0.5)  # it waits in the handshake
-                client.close()
-                caller.join(5)
-                assert not caller.is_alive()
-                assert [str(e) for e in ended] == ["the client was closed"], ended
-            finally:
-                second.proc.send_signal(signal.SIGCONT)
-    finally:
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)  # it waits in the handshake
         client.close()
+        caller.join(5)
+        assert not caller.is_alive()
+        assert [str(e) for e in ended] == ["the client was closed"], ended

@@ -305,14 +305,20 @@ def test_a_client_back_from_idle_rejoins_at_the_least_busy_virtual_time() -> Non
     assert a.vtime == b.vtime
 
 
-def test_a_request_an_idle_device_takes_at_once_does_not_count_as_waiting() -> None:
-    # max_queue 1 and an idle device: a burst of two (one runs, one waits) was answered
-    # Busy when both reached the queue before the device took the first.
-    sched = Scheduler(max_queue=1)
+def _one_device_one_client(max_queue: int) -> tuple[Scheduler, DeviceState, ClientState]:
+    """A scheduler with one device (model 0) and one client."""
+    sched = Scheduler(max_queue=max_queue)
     dev = DeviceState(0, frozenset({0}))
     sched.add_device(dev)
     c = ClientState(1)
     sched.add_client(c)
+    return sched, dev, c
+
+
+def test_a_request_an_idle_device_takes_at_once_does_not_count_as_waiting() -> None:
+    # max_queue 1 and an idle device: a burst of two (one runs, one waits) was answered
+    # Busy when both reached the queue before the device took the first.
+    sched, dev, c = _one_device_one_client(max_queue=1)
     assert sched.submit(_req(c, 1), now_ns=1) is None
     assert sched.submit(_req(c, 2), now_ns=1) is None  # the device has not picked yet
     assert sched.submit(_req(c, 3), now_ns=1) is Status.BUSY  # one runs, one waits: full
@@ -323,11 +329,7 @@ def test_a_request_an_idle_device_takes_at_once_does_not_count_as_waiting() -> N
 
 
 def test_admission_is_bounded_and_deadlines_expire() -> None:
-    sched = Scheduler(max_queue=3)
-    dev = DeviceState(0, frozenset({0}))
-    sched.add_device(dev)
-    c = ClientState(1)
-    sched.add_client(c)
+    sched, _, c = _one_device_one_client(max_queue=3)
     assert sched.submit(_req(c, 1, deadline=100), now_ns=10) is None
     assert sched.submit(_req(c, 2), now_ns=10) is None
     assert sched.submit(_req(c, 3), now_ns=10) is None
