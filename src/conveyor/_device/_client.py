@@ -149,6 +149,15 @@ def check_priority(priority: int) -> int:
 
 
 
+def _fit(info: ModelInfo, inputs: Inputs) -> list[npt.NDArray[Any]]:
+    """``inputs`` as the arrays ``info``'s model takes (InputError if they cannot be)."""
+    specs = info.inputs
+    if (type(inputs) is np.ndarray and len(specs) == 1 and inputs.shape == specs[0].shape
+            and inputs.dtype == specs[0].dtype):
+        return [inputs]  # nothing to check or convert
+    return prepare_inputs(specs, inputs, info.name)
+
+
 def _is_socket(path: Path) -> bool:
     try:
         return stat.S_ISSOCK(path.stat().st_mode)
@@ -425,11 +434,15 @@ class DeviceClient:
                 raise
             link = self._link
             if link is None:
-                raise ServerGone("the client was closed" if self._closed
-                                 else "the device server went away")
+                raise self._gone()
             return link
         finally:
             self._connect_lock.release()
+
+    def _gone(self) -> ServerGone:
+        """Why there is no connection to use: this client's close(), or the server's."""
+        return ServerGone("the client was closed" if self._closed
+                          else "the device server went away")
 
     def _lost(self, link: _Link, why: ConveyorError) -> None:
         """The connection ``link`` is finished: fail what waits on it."""
@@ -779,29 +792,19 @@ class DeviceClient:
             return None  # connecting may wait: not here (see ainfer)
         link = self._current(deadline_ns)
         info = self._lookup(model)
-
-        def fit(info: ModelInfo) -> list[npt.NDArray[Any]]:
-            # Checked again for a new connection: a server started again may serve a
-            # model of this name with other tensors.
-            specs = info.inputs
-            if (type(inputs) is np.ndarray and len(specs) == 1
-                    and inputs.shape == specs[0].shape and inputs.dtype == specs[0].dtype):
-                return [inputs]  # nothing to check or convert
-            return prepare_inputs(specs, inputs, info.name)
-
         try:
-            arrays = fit(info)
+            arrays = _fit(info, inputs)
         except InputError:
             # Inputs that do not fit, on a connection the server has closed: with
             # reconnect, the server there now may serve the model with other tensors
             # (started again with another file under the name). Only on this error path
             # is the connection looked at (a syscall).
-            if not (self.reconnect and link is self._link and not self.connected):
+            fresh = self._reconnected(link, deadline_ns)
+            if fresh is None:
                 raise
-            self._lost(link, ServerGone("the device server closed the connection"))
-            link = self._current(deadline_ns)
+            link = fresh
             info = self._lookup(model)
-            arrays = fit(info)
+            arrays = _fit(info, inputs)
         priority = check_priority(priority)
         for attempt in (0, 1):
             with self._cv:
@@ -827,13 +830,12 @@ class DeviceClient:
                 slot = link.free.pop() if self._link is link and link.free else -1
             if slot < 0:
                 if self._closed or attempt == 1:
-                    raise ServerGone("the client was closed" if self._closed
-                                     else "the device server went away")
+                    raise self._gone()
                 if not block:
                     return None  # the caller connects again where it may wait (ainfer)
                 link = self._current(deadline_ns)
                 info = self._lookup(model)
-                arrays = fit(info)
+                arrays = _fit(info, inputs)
                 continue
             try:
                 for dst, arr in zip(self._views(link, info, slot)[0], arrays):
@@ -881,7 +883,7 @@ class DeviceClient:
                     return None  # as above: not connecting here
                 link = self._current(deadline_ns)
                 info = self._lookup(model)
-                arrays = fit(info)
+                arrays = _fit(info, inputs)
                 continue
             return p
         raise ServerGone("the device server went away")
@@ -1087,8 +1089,7 @@ class DeviceClient:
         p = Pending(None, -1, False, True)
         with self._lock:
             if self._link is not link:
-                raise ServerGone("the client was closed" if self._closed
-                                 else "the device server went away")
+                raise self._gone()
             self._pending[req_id] = p
         try:
             with self._send_lock:
@@ -1118,10 +1119,15 @@ class DeviceClient:
         idle) is let go first, so that the call reaches the server there now. The
         request paths need no such look (a syscall): they retry once instead."""
         link = self._current()
-        if self.reconnect and not self.connected:
-            self._lost(link, ServerGone("the device server closed the connection"))
-            link = self._current()
-        return link
+        return self._reconnected(link) or link
+
+    def _reconnected(self, link: _Link, deadline_ns: int = 0) -> _Link | None:
+        """With ``reconnect``, a new connection if the server has closed ``link`` (looked
+        at now: a syscall); else None."""
+        if not self.reconnect or link is not self._link or self.connected:
+            return None
+        self._lost(link, ServerGone("the device server closed the connection"))
+        return self._current(deadline_ns)
 
     def model_info(self, model: str) -> ModelInfo:
         """The specs of a served model (a bundled name or a path's stem).

@@ -208,16 +208,16 @@ class DeviceServer:
                     continue
                 info = self.models.get(model_id)
                 if info is None:
-                    first = names.setdefault(runner.model, runner.path)
-                    if first != runner.path:
+                    first = names.get(runner.model)
+                    if first is not None:
                         runner.close()
+                        if first == runner.path:
+                            raise ValueError(f"model {runner.model!r} given twice")
                         raise ModelError(
                             f"two models are named {runner.model!r} ({first} and "
                             f"{runner.path}): clients choose a model by its name, the "
                             f"file's stem; rename one of the files")
-                    if any(i.name == runner.model for i in self.models.values()):
-                        runner.close()
-                        raise ValueError(f"model {runner.model!r} given twice")
+                    names[runner.model] = runner.path
                     info = ModelInfo(model_id, runner.model, runner.inputs, runner.outputs)
                     if info.slot_size > MAX_SEGMENT_BYTES:
                         runner.close()

@@ -474,7 +474,7 @@ class Core:
             self.closing = True
         # Workers still in their start-up handshake (up to a minute) are reachable by
         # nothing else yet: killed now, their starters go on at once.
-        self._spawning.abort()
+        self.abort_start()
         with self._credit_lock:
             for cv in self._credit_cvs:
                 cv.notify_all()
