@@ -629,3 +629,75 @@ def test_live_runs_sharing_a_pipeline_drop_only_their_own_frames() -> None:
         items = pipe.stats()["items"]
     assert got == {"a": ["a0", "a1"], "b": ["b0"]}
     assert items["dropped"] == 0
+
+
+@pytest.mark.parametrize("on_error", ["skip", "return"])
+def test_a_stage_named_source_is_not_taken_for_the_input(on_error: str) -> None:
+    # "source" names the input iterator in errors, and its errors always raise.
+    with conveyor.Pipeline(conveyor.stage(sf.fail_on_multiple_of_7, name="source"),
+                           on_error=on_error) as pipe:  # type: ignore[arg-type]
+        out = list(pipe.map([2, 3, 4]))  # 3 fails
+        names = list(pipe.stats()["stages"])
+    assert names == ["source#2"]
+    if on_error == "skip":
+        assert out == [102, 104]
+    else:
+        assert out[0] == 102 and out[2] == 104
+        assert isinstance(out[1], conveyor.StageError) and out[1].stage == "source#2"
+
+
+def test_stage_names_stay_unique_past_a_suffix_given_by_hand() -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.inc, name="a"), conveyor.stage(sf.inc, name="a"),
+                           conveyor.stage(sf.inc, name="a#2")) as pipe:
+        assert list(pipe.map([0])) == [3]
+        stages = pipe.stats()["stages"]
+    assert len(stages) == 3 and all(s["out"] == 1 for s in stages.values())
+
+
+class _Quit(BaseException):
+    pass
+
+
+def _source_that_exits(exc: BaseException) -> Iterator[int]:
+    yield 0
+    yield 1
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), _Quit()],
+                         ids=["SystemExit", "KeyboardInterrupt", "BaseException"])
+def test_an_input_cut_short_by_a_base_exception_is_not_an_end(exc: BaseException) -> None:
+    with conveyor.Pipeline(conveyor.stage(sf.inc)) as pipe:
+        got = []
+        with pytest.raises(conveyor.StageError) as info:
+            for x in pipe.map(_source_that_exits(exc)):
+                got.append(x)
+    assert got == [1, 2]
+    assert info.value.stage == "source" and info.value.index == 2
+    assert info.value.__cause__ is exc
+
+
+async def _twice(x: int) -> int:
+    return 2 * x
+
+
+class _AsyncCall:
+    async def __call__(self, x: int) -> int:
+        return x
+
+
+@pytest.mark.parametrize("fn", [_twice, _AsyncCall()], ids=["function", "callable"])
+def test_a_coroutine_function_is_refused_as_a_stage(fn: Any) -> None:
+    with pytest.raises(TypeError, match="coroutine function"):
+        conveyor.stage(fn)
+
+
+@pytest.mark.parametrize("make", [lambda: conveyor.stage(sf.inc, workers=2.5),  # type: ignore[arg-type]
+                                  lambda: conveyor.Pipeline(conveyor.stage(sf.inc),
+                                                            maxsize=True),
+                                  lambda: conveyor.Pipeline(conveyor.stage(sf.inc),
+                                                            inflight="3")],  # type: ignore[arg-type]
+                         ids=["workers", "maxsize", "inflight"])
+def test_counts_that_are_not_ints_are_refused_up_front(make: Any) -> None:
+    with pytest.raises(TypeError, match="must be an int"):
+        make()

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -58,6 +59,14 @@ def _call_if_alive(method: weakref.WeakMethod[Any], index: int, kind: str,
         fn(index, kind, value)
 
 
+def _check_count(what: str, value: object) -> None:
+    """Raise unless ``value`` is an int of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1, got {value}")
+
+
 def stage(
     fn: Callable[[Any], Any],
     *,
@@ -88,10 +97,13 @@ def stage(
     if background and kind != "process":
         raise ValueError("background=True needs kind='process' (a thread at idle priority "
                          "would hold the GIL while the others wait)")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+    _check_count("workers", workers)
     if not callable(fn):
         raise TypeError(f"stage() needs a callable, got {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            type(fn).__call__):  # a callable object's async __call__
+        raise TypeError(f"stage() needs a plain function, and {fn!r} is a coroutine "
+                        "function: its calls return coroutines that nothing would await")
     label = name or getattr(fn, "__name__", None) or type(fn).__name__
     return StageDef(kind=kind, name=label, workers=workers, fn=fn, background=background)
 
@@ -215,12 +227,10 @@ class Pipeline:
             raise ValueError(f"on_error must be 'raise', 'skip' or 'return', got {on_error!r}")
         if drop not in (None, "oldest"):
             raise ValueError(f"drop must be None or 'oldest', got {drop!r}")
-        if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        if inflight < 1:
-            raise ValueError(f"inflight must be at least 1, got {inflight}")
+        _check_count("maxsize", maxsize)
+        if max_in_flight is not None:
+            _check_count("max_in_flight", max_in_flight)
+        _check_count("inflight", inflight)
         self.maxsize = maxsize
         self.ordered = ordered
         self.on_error = on_error

@@ -317,12 +317,16 @@ class Core:
                     refill_at=maxsize // 2 if i == 0 and not live else None)
             for i in range(len(stages))
         ]
-        names: dict[str, int] = {}
+        # Every stage gets a name of its own: "source" is the input iterator's (errors
+        # name it), and a name given twice gets "#2", "#3"... past any name taken.
+        taken = {"source"}
         self.stats: list[StageStats] = []
         for d in stages:
-            n = names.get(d.name, 0)
-            names[d.name] = n + 1
-            label = d.name if n == 0 else f"{d.name}#{n + 1}"
+            label, n = d.name, 1
+            while label in taken:
+                n += 1
+                label = f"{d.name}#{n}"
+            taken.add(label)
             d.name = label
             workers = inflight if d.kind == "infer" else d.workers
             self.stats.append(StageStats(label, d.kind, workers))
@@ -614,7 +618,7 @@ class Core:
                         run.release_token()
                     held = self.live_retry(run, held, block=True)
                     break
-                except Exception as exc:
+                except BaseException as exc:  # SystemExit too: a cut-short input, not an end
                     self.live_let_go(run, held)
                     held = None
                     if self.live and not run.acquire(block=False):
@@ -629,7 +633,7 @@ class Core:
                 index += 1
         except Aborted:
             pass
-        except Exception as exc:  # iter(source) itself failed
+        except BaseException as exc:  # iter(source) itself failed
             run.force_admit()
             self._source_failed(run, index, exc)
             index += 1
