@@ -128,6 +128,7 @@ def test_onnx_alone_is_onnx_runtime_on_the_cpu() -> None:
     (None, r"got NoneType None$"),
     ("sim-edgetpu:-1", r"'-1' is not a device number"),  # "unknown simulation profile"
     ("sim-edgetpu:+2", r"'\+2' is not a device number"),
+    ("cpu:-1", r"'-1' is not a thread count"),  # cpu:N is a thread count, not a device
 ])
 def test_a_spec_that_is_no_string_or_a_negative_number_is_named_so(spec: object,
                                                                       why: str) -> None:

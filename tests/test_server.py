@@ -37,6 +37,7 @@ from test_server_support import (
 
 import conveyor
 from conveyor import DeviceClient, ServerError, ServerGone
+from conveyor._models import bundled_models
 from conveyor.backends import open_device
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -80,6 +81,7 @@ def test_serves_the_same_outputs_as_a_local_run(sdir: Path) -> None:
 
 CLIENT = """
 import sys, numpy as np, conveyor
+from conveyor._models import bundled_models
 from conveyor.backends import open_device
 path, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 runner = open_device("cpu:1").load("face_detection_short_range")
@@ -444,12 +446,26 @@ def test_pipeline_on_a_server_refuses_a_model_it_does_not_serve_at_start(sdir: P
                            match=r"does not serve 'face_landmark'; it serves \['face_det"), \
                 conveyor.Pipeline(stage):
             pytest.fail("the pipeline started")
-        # a path names the model it holds, as the server does
-        with conveyor.Pipeline(conveyor.infer(f"/elsewhere/{MODEL}.tflite", server=path)) as pipe:
-            assert len(list(pipe.map([np.zeros(SHAPE, np.float32)]))) == 1
+        # A path names the model it holds, as the server does: a name with no file
+        # here, or a copy of the served file, is the served model...
+        copy = sdir / "copy" / f"{MODEL}.tflite"
+        copy.parent.mkdir()
+        copy.write_bytes(bundled_models()[MODEL].read_bytes())
+        for model in (f"/elsewhere/{MODEL}.tflite", str(copy)):
+            with conveyor.Pipeline(conveyor.infer(model, server=path)) as pipe:
+                assert len(list(pipe.map([np.zeros(SHAPE, np.float32)]))) == 1
+        # ...but another file of that name is not: the server would run its own.
+        with copy.open("ab") as f:
+            f.write(b"\0")
+        with pytest.raises(conveyor.ModelNotFoundError,
+                           match=r"from another file than .*their bytes differ"), \
+                conveyor.Pipeline(conveyor.infer(str(copy), server=path)):
+            pytest.fail("the pipeline started")
         client = conveyor.connect(path)
         try:
-            assert client.status()["totals"]["requests"]["ok"] == 1
+            assert client.status()["totals"]["requests"]["ok"] == 2
+            with pytest.raises(conveyor.ModelNotFoundError, match="another file"):
+                client.infer(str(copy), np.zeros(SHAPE, np.float32))
         finally:
             client.close()
 

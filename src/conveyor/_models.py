@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ._errors import ModelNotFoundError
 
-__all__ = ["BUNDLED_DIR", "COMPILED_SUFFIX", "base_name", "bundled_models", "resolve_model"]
+__all__ = [
+    "BUNDLED_DIR",
+    "COMPILED_SUFFIX",
+    "base_name",
+    "bundled_models",
+    "file_digest",
+    "resolve_model",
+]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 COMPILED_SUFFIX = "_edgetpu"
@@ -16,6 +24,19 @@ def base_name(path: Path) -> str:
     """The model name of a plain or compiled file: ``name`` for ``name_edgetpu.tflite``."""
     stem = path.stem
     return stem[: -len(COMPILED_SUFFIX)] if stem.endswith(COMPILED_SUFFIX) else stem
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex: whether two paths hold the same model.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def bundled_models() -> dict[str, Path]:

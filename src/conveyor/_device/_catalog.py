@@ -17,13 +17,16 @@ class ModelInfo:
 
     A request's slot holds every input then every output, each at a 64-byte aligned offset;
     both sides compute the same layout from the specs, so requests carry only where the
-    slot starts.
+    slot starts. ``digests``: the SHA-256 (hex) of each file the server loaded the model
+    from or was given it as (an Edge TPU build and its plain model, say), by which a
+    client told a path tells the server's model of that name from another file.
     """
 
     id: int
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    digests: tuple[str, ...] = ()
     in_offsets: tuple[int, ...] = field(init=False)
     out_offsets: tuple[int, ...] = field(init=False)
     slot_size: int = field(init=False)
@@ -44,6 +47,7 @@ class ModelInfo:
             "name": self.name,
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
+            "digests": list(self.digests),
         }
 
     @classmethod
@@ -53,4 +57,5 @@ class ModelInfo:
             name=str(data["name"]),
             inputs=tuple(TensorSpec.from_json(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(s) for s in data["outputs"]),
+            digests=tuple(str(d) for d in data.get("digests", ())),
         )

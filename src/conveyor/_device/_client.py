@@ -49,7 +49,7 @@ from .._errors import (
     ServerError,
     ServerGone,
 )
-from .._models import base_name
+from .._models import base_name, file_digest
 from .._runtime._run import SIGNAL_CHECK_S, poll_ms
 from .._shm import Segment
 from .._tensors import Inputs, dequantize, prepare_inputs
@@ -259,6 +259,9 @@ class DeviceClient:
         self._bg: threading.Thread | None = None
         self._dedicated = reader
         self._models: dict[str, ModelInfo] = {}
+        # Paths already matched to a served model (see _lookup), with the catalogue
+        # they were matched in: a reconnection brings a new one.
+        self._by_path: dict[str, tuple[dict[str, ModelInfo], ModelInfo]] = {}
         self.welcome: dict[str, Any] = {}
         self._connect(sock)
         if reader:
@@ -730,18 +733,34 @@ class DeviceClient:
     # --- the API --------------------------------------------------------------------
 
     def _lookup(self, model: str) -> ModelInfo:
-        info = self._models.get(model)
+        models = self._models
+        info = models.get(model)
+        if info is not None:
+            return info
+        known = self._by_path.get(model)
+        if known is not None and known[0] is models:
+            return known[1]
+        # A path or file name names the model it holds: ``dir/name.tflite`` and an Edge
+        # TPU build ``name_edgetpu.tflite`` are both served as ``name``, if the file here
+        # is one the server has (else the server would run another model of that name).
+        path = Path(model)
+        info = models.get(path.stem) or models.get(base_name(path))
+        where = ("this pipeline's device worker" if self.path is None
+                 else f"the device server at {self.path}")
         if info is None:
-            # A path or file name names the model it holds: ``dir/name.tflite`` and an Edge
-            # TPU build ``name_edgetpu.tflite`` are both served as ``name``.
-            info = self._models.get(Path(model).stem) or self._models.get(
-                base_name(Path(model)))
-        if info is None:
-            where = ("this pipeline's device worker" if self.path is None
-                     else f"the device server at {self.path}")
             raise ModelNotFoundError(
-                f"{where} does not serve {model!r}; it serves {sorted(self._models)}"
-            )
+                f"{where} does not serve {model!r}; it serves {sorted(models)}")
+        if info.digests and path.is_file():
+            try:
+                same = file_digest(path) in info.digests
+            except OSError as exc:
+                raise ModelNotFoundError(f"cannot read {model!r}: {exc}") from exc
+            if not same:
+                raise ModelNotFoundError(
+                    f"{where} serves a model named {info.name!r} from another file than "
+                    f"{model!r} (their bytes differ): serve this file, or ask for "
+                    f"{info.name!r} to use the server's")
+        self._by_path[model] = (models, info)
         return info
 
     def submit(

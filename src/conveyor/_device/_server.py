@@ -15,6 +15,7 @@ devices never wait for a GIL held by user code. No socket write ever blocks (see
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ConveyorError, DeviceError, ModelError, ProtocolError
+from .._models import file_digest
 from .._runtime._sched import check_realtime, set_realtime
 from .._version import __version__
 from ..backends import Device, Runner
@@ -89,6 +91,17 @@ class _Dev:
         self.thread: threading.Thread | None = None
         self.scheduling = "normal"  # the device thread's CPU policy (see set_realtime)
         self.scheduled = threading.Event()  # set once the thread has set its policy
+
+
+def _digests(paths: set[Path]) -> tuple[str, ...]:
+    """The digests of the files a model came from that can still be read, sorted."""
+    out = set()
+    for path in paths:
+        try:
+            out.add(file_digest(path))
+        except OSError:
+            pass
+    return tuple(sorted(out))
 
 
 class DeviceServer:
@@ -195,6 +208,7 @@ class DeviceServer:
     def _load(self, devices: Sequence[Device], models: Sequence[str | Path]) -> None:
         errors: dict[int, ConveyorError] = {}
         names: dict[str, Path] = {}  # name -> the file it came from
+        files: dict[int, set[Path]] = {}  # model id -> the files behind it (see digests)
         for index, device in enumerate(devices):
             runners: dict[int, Runner] = {}
             self.devices.append(_Dev(index, device, runners))
@@ -232,11 +246,17 @@ class DeviceServer:
                     runner.close()
                     continue
                 runners[model_id] = runner
+                given = Path(model)
+                files.setdefault(model_id, set()).update(
+                    (runner.path, given) if given.is_file() else (runner.path,))
             self.devices[-1].state = DeviceState(index, frozenset(runners))
         for model_id in range(len(models)):
             if model_id not in self.models:
                 raise errors[model_id]
-        self.models = dict(sorted(self.models.items()))
+        self.models = {
+            model_id: dataclasses.replace(info, digests=_digests(files[model_id]))
+            for model_id, info in sorted(self.models.items())
+        }
 
     # --- set-up -------------------------------------------------------------------------
 

@@ -96,9 +96,9 @@ def _bad(spec: str, why: str) -> DeviceSpecError:
     )
 
 
-def _index(spec: str, text: str) -> int:
+def _index(spec: str, text: str, what: str = "a device number") -> int:
     if not (text.isascii() and text.isdigit()):
-        raise _bad(spec, f"{text!r} is not a device number")
+        raise _bad(spec, f"{text!r} is not {what}")
     return int(text)
 
 
@@ -121,7 +121,7 @@ def parse_device(spec: str | DeviceSpec) -> DeviceSpec:
         if not rest:
             return DeviceSpec("cpu")
         if len(rest) == 1:
-            threads = _index(spec, rest[0])
+            threads = _index(spec, rest[0], "a thread count")
             if threads < 1:
                 raise _bad(spec, "the thread count must be at least 1")
             return DeviceSpec("cpu", threads=threads)
