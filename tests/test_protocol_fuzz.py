@@ -369,3 +369,38 @@ def test_a_segment_after_the_first_request_is_refused_as_such(server: ThreadServ
         for seg in segs:
             seg.close()
     still_serves(server)
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["slow-reader", "never-reads"])
+def test_a_drain_waits_for_a_slow_reader_of_its_replies_for_a_while(
+        reads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The drain ran every request, then closed each connection after one try at sending:
+    # replies the client had not read yet (more than its socket buffers hold) were lost,
+    # one cut in the middle, though the log said "stopped after draining".
+    import conveyor._device._server as server_mod
+    from conveyor._device._protocol import RESULT, Status
+
+    monkeypatch.setattr(server_mod, "DRAIN_FLUSH_S", 1.0)
+    n = 600
+    with socket_dir() as d, ThreadServer(d / "s", [FakeDevice()], ["m"], max_inflight=n,
+                                         max_queue=n) as srv:
+        seg = Segment.create(1 << 16)
+        s, reader = _welcomed(srv.path, seg)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), 1) * n)
+            time.sleep(0.1)
+            started = time.monotonic()
+            srv.server.shutdown(drain=True)
+            if reads:
+                time.sleep(0.3)  # busy elsewhere, then reads everything
+                statuses = [Status(RESULT.unpack_from(reader.read_frame().body)[0])
+                            for _ in range(n)]
+                assert statuses == [Status.OK] * n
+            srv.thread.join(10)
+            assert not srv.thread.is_alive()
+            # A client that never reads holds the exit back by DRAIN_FLUSH_S at most.
+            assert time.monotonic() - started < 4.0
+        finally:
+            s.close()
+            seg.close()

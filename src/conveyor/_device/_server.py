@@ -74,6 +74,9 @@ IO_GRACE_S = 0.02
 #: turn: a client that floods the socket (requests over its credit, each answered Busy)
 #: must not hold the I/O thread while the others' requests wait to be read.
 FRAMES_PER_TURN = 64
+#: Draining for SIGTERM: how long, once every request has run, replies may wait for
+#: clients that read them slowly before the server exits anyway.
+DRAIN_FLUSH_S = 5.0
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
@@ -193,6 +196,7 @@ class DeviceServer:
         self._next_client = 1
         self._stop_level = 0  # 0 running, 1 draining, 2 stopping at once (set by signals)
         self._stop_seen = 0
+        self._flush_until = 0.0  # draining: when replies not read by then are given up
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the
@@ -344,6 +348,8 @@ class DeviceServer:
             ends.append(min(c.opened for c in self._handshakes.values()) + HANDSHAKE_TIMEOUT)
         if self._accept_paused_until:
             ends.append(self._accept_paused_until)
+        if self._flush_until:
+            ends.append(self._flush_until)
         if not ends:
             return None
         return max(0.0, min(ends) - time.monotonic())
@@ -394,7 +400,15 @@ class DeviceServer:
         if self._stop_seen == 2:
             return True
         if self._stop_seen == 1:
-            return self.scheduler.queued == 0 and self.scheduler.running == 0
+            if self.scheduler.queued or self.scheduler.running:
+                return False
+            # The replies still waiting for their clients to read them leave first, for a
+            # while: a client that reads slowly gets every result it was promised.
+            if not any(c.has_outbox and c.alive for c in self._conns.values()):
+                return True
+            if not self._flush_until:
+                self._flush_until = time.monotonic() + DRAIN_FLUSH_S
+            return time.monotonic() >= self._flush_until
         return self._exit_when_no_clients and not self._conns and not self._listeners
 
     def request_stop(self, *, drain: bool = True) -> None:
@@ -467,8 +481,8 @@ class DeviceServer:
             os.close(self._spare_fd)
             self._spare_fd = -1
         for conn in list(self._conns.values()):
-            if conn.has_outbox:
-                conn.flush()
+            if conn.has_outbox and not conn.flush():
+                self._close_conn(conn, "replies it had not read by the end were dropped")
             self._close_conn(conn, None)
         for dev in self.devices:
             if dev.thread is not None:
