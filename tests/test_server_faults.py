@@ -604,6 +604,16 @@ def test_an_idle_client_meets_a_restarted_server_with_other_models(
             # checked against the dead connection's 192x192 model, it was an InputError
             # for good: nothing made the client connect again
             assert len(client.infer("face_detection_short_range", small, deadline=10)) == 2
+        with ServeProcess(path, "--model", "face_landmark"):
+            assert wait_for(lambda: not client.connected, timeout=5.0)
+            # looked up in the dead connection's models, it was ModelNotFoundError for
+            # good, naming the old server's models
+            landmark = np.zeros((1, 192, 192, 3), np.float32)
+            assert len(client.infer("face_landmark", landmark, deadline=10)) == 2
+        with ServeProcess(path):
+            assert wait_for(lambda: not client.connected, timeout=5.0)
+            assert client.model_info("face_detection_short_range").inputs[0].shape == \
+                (1, 128, 128, 3)
     finally:
         client.close()
 

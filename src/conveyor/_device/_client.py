@@ -124,13 +124,11 @@ def deadline_to_ns(deadline: float | None) -> int:
     value = check_deadline(deadline)
     if value is None:
         return 0
-    if value == -math.inf:
-        return 1
     now = time.monotonic_ns()
     ns = value * 1e9  # a float: 1e300 s is no overflow here, as int() of it would be
     if ns >= _NS_MAX - now:
         return _NS_MAX
-    if ns <= 0:  # -1e300 s is -inf ns here: due now too
+    if ns <= 0:  # -inf, and -1e300 s (-inf ns here): due now too
         return now or 1
     return now + int(ns) or 1
 
@@ -810,14 +808,14 @@ class DeviceClient:
         if not block and self._link is None and not self._closed:
             return None  # connecting may wait: not here (see ainfer)
         link = self._current(deadline_ns)
-        info = self._lookup(model)
         try:
+            info = self._lookup(model)
             arrays = _fit(info, inputs)
-        except InputError:
-            # Inputs that do not fit, on a connection the server has closed: with
-            # reconnect, the server there now may serve the model with other tensors
-            # (started again with another file under the name). Only on this error path
-            # is the connection looked at (a syscall).
+        except (ModelNotFoundError, InputError):
+            # A model not served, or inputs that do not fit, on a connection the server
+            # has closed: with reconnect, the server there now may serve the model, or
+            # serve it with other tensors (started again with other files). Only on this
+            # error path is the connection looked at (a syscall).
             fresh = self._reconnected(link, deadline_ns)
             if fresh is None:
                 raise
@@ -1153,6 +1151,7 @@ class DeviceClient:
 
         Raises ModelNotFoundError.
         """
+        self._fresh()
         return self._lookup(model)
 
     @property
