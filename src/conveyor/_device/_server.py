@@ -620,6 +620,8 @@ class DeviceServer:
                 if frame is None:
                     break
                 self._handle(conn, frame)
+                if frame.type is MsgType.STATUS:
+                    budget = 0  # one a turn: a snapshot costs what dozens of requests do
             if reader.eof and conn.fileno not in self._backlog:
                 self._close_conn(conn, None)
                 return False
