@@ -327,9 +327,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _start_script(tmp_path, src_env):  # type: ignore[no-untyped-def]
+def _start_script(tmp_path, src_env, text=SCRIPT, count=3):  # type: ignore[no-untyped-def]
     script = tmp_path / "app.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
     env = dict(src_env)
     env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
@@ -337,7 +337,7 @@ def _start_script(tmp_path, src_env):  # type: ignore[no-untyped-def]
     assert proc.stdout is not None
     line = proc.stdout.readline()
     pids = [int(p) for p in line.split()]
-    assert len(pids) == 3, (line, proc.stderr.read() if proc.stderr else "")
+    assert len(pids) == count, (line, proc.stderr.read() if proc.stderr else "")
     return proc, pids
 
 
@@ -362,6 +362,38 @@ def test_parent_killed_with_sigkill_leaves_no_orphans(tmp_path, src_env) -> None
     proc.kill()
     proc.communicate(timeout=5)
     assert wait_for(lambda: _gone(pids), timeout=3.0), "workers outlived their parent"
+
+
+FORKING = textwrap.dedent("""
+    import os, time, conveyor, psutil, stagefns as sf
+    if __name__ == "__main__":
+        with conveyor.Pipeline(conveyor.stage(sf.slow, kind="process", workers=2),
+                               conveyor.infer("face_detection_short_range")) as pipe:
+            workers = [p.pid for p in psutil.Process().children()]
+            helper = os.fork()  # a helper the program keeps (a fork-started pool, say)
+            if helper == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(*workers, helper, flush=True)
+            for _ in pipe.map(sf.image_for(i % 7) for i in iter(int, 1)):
+                pass
+""")
+
+
+def test_a_forked_helper_of_the_killed_parent_keeps_no_worker_alive(tmp_path, src_env) -> None:  # type: ignore[no-untyped-def]
+    # The helper held copies of the parent's lifelines: the workers (the device's too)
+    # lived as long as it did.
+    proc, pids = _start_script(tmp_path, src_env, FORKING, count=4)
+    *workers, helper = pids
+    try:
+        proc.kill()
+        proc.wait(timeout=5)  # the helper holds the output pipes open
+        assert wait_for(lambda: _gone(workers), timeout=3.0), "workers outlived their parent"
+        assert psutil.pid_exists(helper)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+        proc.communicate(timeout=5)
 
 
 UNCLOSED_AT_EXIT = textwrap.dedent("""

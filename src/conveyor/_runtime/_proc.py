@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 __all__ = ["ChildProcess", "Spawning", "describe_exit", "on_eof", "watch_lifeline",
@@ -109,6 +110,7 @@ class ChildProcess:
         finally:
             os.close(life_r)
         self._lifeline = life_w
+        _holding.add(self)
         self.pid = self.proc.pid
         if spawning is not None:
             spawning.add(self)
@@ -139,6 +141,25 @@ class ChildProcess:
         if self._lifeline >= 0:
             os.close(self._lifeline)
             self._lifeline = -1
+
+
+#: The children whose lifelines this process holds (see _let_go_after_fork).
+_holding: weakref.WeakSet[ChildProcess] = weakref.WeakSet()
+
+
+def _let_go_after_fork() -> None:
+    """In a child made by ``os.fork()``: close the copies of the parent's lifelines. While
+    this child lived (a fork-started pool: for ever) the parent's workers did not notice
+    the parent's death, each lifeline still held open here."""
+    for child in list(_holding):
+        fd, child._lifeline = child._lifeline, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _holding.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_after_fork)
 
 
 def watch_lifeline(fd: int) -> None:
