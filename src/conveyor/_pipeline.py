@@ -383,8 +383,11 @@ class Pipeline:
         try:
             await asyncio.shield(starting)
         except asyncio.CancelledError:
-            # The start goes on in its thread; close() waits for it (the lock), then
-            # ends what it started. Nothing is left running when the cancel goes on.
+            # The start goes on in its thread; close() ends it (start() raises
+            # PipelineClosedError, close()'s doing: taken here, or asyncio reports it as
+            # never retrieved) and what it started. Nothing is left running when the
+            # cancel goes on.
+            starting.add_done_callback(lambda t: t.cancelled() or t.exception())
             closing = asyncio.ensure_future(asyncio.to_thread(self.close))
             while not closing.done():
                 with contextlib.suppress(asyncio.CancelledError):
