@@ -708,3 +708,16 @@ def test_a_coroutine_function_is_refused_as_a_stage(fn: Any) -> None:
 def test_counts_that_are_not_ints_are_refused_up_front(make: Any) -> None:
     with pytest.raises(TypeError, match="must be an int"):
         make()
+
+
+def test_a_removed_current_directory_is_named_when_process_workers_start(
+        monkeypatch: pytest.MonkeyPatch, no_leaks: None) -> None:
+    # It said "worker pid N did not start: [Errno 2] No such file or directory (killed by
+    # signal SIGKILL)": the parent's own os.getcwd() had failed, and it killed the worker.
+    def gone() -> str:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"))
+    monkeypatch.setattr(os, "getcwd", gone)
+    with pytest.raises(conveyor.WorkerStartError, match="current directory, and it is gone"):
+        pipe.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing.spawn
+import os
 import pickle
 import socket
 from collections.abc import Callable
@@ -92,6 +93,13 @@ class ProcWorker:
     def _handshake(self, parent: socket.socket, fn_blob: bytes, stage: str, timeout: float,
                    background: bool) -> None:
         try:
+            try:
+                os.getcwd()  # the worker starts there, as multiprocessing's do
+            except OSError as gone:
+                raise WorkerStartError(
+                    f"stage {stage!r}: a process stage's workers start in this program's "
+                    f"current directory, and it is gone ({gone.strerror}): os.chdir() to "
+                    f"one that exists") from gone
             prep = multiprocessing.spawn.get_preparation_data(f"conveyor-{stage}")
             prep.pop("authkey", None)
             parent.settimeout(timeout)
