@@ -721,3 +721,15 @@ def test_a_removed_current_directory_is_named_when_process_workers_start(
     monkeypatch.setattr(os, "getcwd", gone)
     with pytest.raises(conveyor.WorkerStartError, match="current directory, and it is gone"):
         pipe.start()
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_sys_exit_in_a_stage_fails_its_item_alike_in_threads_and_processes(kind: str) -> None:
+    # In a process stage the worker died of it: "WorkerDiedError ... exited with code 5",
+    # "killed by signal SIGINT" for a KeyboardInterrupt nobody sent, and a respawn.
+    with conveyor.Pipeline(conveyor.stage(sf.exit_on_2, kind=kind),  # type: ignore[arg-type]
+                           on_error="return") as pipe:
+        out = list(pipe.map(range(5)))
+    assert [out[i] for i in (0, 1, 4)] == [0, 1, 4]
+    assert isinstance(out[2].__cause__, SystemExit) and out[2].__cause__.code == 5
+    assert isinstance(out[3].__cause__, KeyboardInterrupt)

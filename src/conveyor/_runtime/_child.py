@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.monotonic_ns()
         try:
             result = fn(value)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() too: the item fails, as in a thread stage
             end = time.monotonic_ns()
             payload = _error_payload(exc)
             del exc
