@@ -4,6 +4,7 @@ a full queue, a client that stops reading, a connection that never says HELLO.""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -637,3 +639,34 @@ def test_close_during_a_reconnect_handshake_says_the_client_was_closed(sdir: Pat
         caller.join(5)
         assert not caller.is_alive()
         assert [str(e) for e in ended] == ["the client was closed"], ended
+
+
+def test_a_client_dropped_after_submit_is_collected_and_lets_go_of_the_server(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its background reader held it for good: a thread, a socket and a memfd each, and
+    # a connection of the server's --max-clients, for the life of the program.
+    import asyncio
+
+    import conveyor._device._client as client_mod
+
+    monkeypatch.setattr(client_mod, "IDLE_LET_GO_S", 0.05)
+
+    def readers() -> int:
+        return sum(t.name == "conveyor-client-reader" for t in threading.enumerate())
+
+    with ThreadServer(sdir / "s", [FakeDevice()], ["m"], max_clients=3) as srv:
+        before = readers()
+
+        def submitted() -> Any:
+            return DeviceClient(path=srv.path).submit("m", x(1.0)).result(10)
+
+        async def awaited() -> Any:
+            return await DeviceClient(path=srv.path).ainfer("m", x(1.0))
+
+        for use in [submitted] * 4 + [lambda: asyncio.run(awaited())]:  # 5 > max_clients
+            with pytest.warns(ResourceWarning, match=r"unclosed <DeviceClient of .*/s>"):
+                assert use()[1].tolist() == [4.0]
+                gc.collect()
+                assert wait_for(lambda: readers() == before, timeout=5.0)
+            assert wait_for(lambda: readers() == before, timeout=5.0)
+            assert wait_for(lambda: not srv.server.status()["clients"], timeout=5.0)

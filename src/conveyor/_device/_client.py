@@ -26,8 +26,11 @@ import os
 import select
 import socket
 import stat
+import sys
 import threading
 import time
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -261,7 +264,11 @@ class DeviceClient:
         # they were matched in: a reconnection brings a new one.
         self._by_path: dict[str, tuple[dict[str, ModelInfo], ModelInfo]] = {}
         self.welcome: dict[str, Any] = {}
-        self._connect(sock)
+        try:
+            self._connect(sock)
+        except BaseException:
+            self._closed = True  # nothing to close, and nothing to warn of when collected
+            raise
         if reader:
             with self._lock:
                 self._start_background()
@@ -627,9 +634,11 @@ class DeviceClient:
                     self._cv.notify_all()
                 raise
 
-    def _background(self) -> None:
+    def _background(self) -> bool:
         """Read replies nobody waits for yet (futures, asyncio); idle otherwise, unless
-        the client was made with ``reader=True``: then it reads at all times."""
+        the client was made with ``reader=True``: then it reads at all times. Returns
+        False once the client is closed, True after :data:`IDLE_LET_GO_S` idle (see
+        :func:`_read_in_background`)."""
         read = False
         while True:
             with self._cv:
@@ -643,11 +652,12 @@ class DeviceClient:
                 ):
                     self._sleepers += 1
                     try:
-                        self._cv.wait()
+                        if not self._cv.wait(IDLE_LET_GO_S):
+                            return True
                     finally:
                         self._sleepers -= 1
                 if self._closed:
-                    return
+                    return False
                 link = self._link
                 assert link is not None
                 self._reading = read = True
@@ -928,8 +938,8 @@ class DeviceClient:
     def _start_background(self) -> None:
         # Under self._lock.
         if self._bg is None:
-            self._bg = threading.Thread(target=self._background, name="conveyor-client-reader",
-                                        daemon=True)
+            self._bg = threading.Thread(target=_read_in_background, args=(weakref.ref(self),),
+                                        name="conveyor-client-reader", daemon=True)
             self._bg.start()
         elif self._sleepers:
             self._cv.notify_all()
@@ -1220,11 +1230,45 @@ class DeviceClient:
         if bg is not None and bg is not threading.current_thread():
             bg.join(timeout=2.0)
 
+    def __repr__(self) -> str:
+        where = "a private device worker" if self.path is None else str(self.path)
+        return f"<DeviceClient of {where}{' (closed)' if self._closed else ''}>"
+
+    def __del__(self) -> None:
+        # A client its program dropped unclosed (collected where the last reference
+        # went: the background reader's thread, say): said goodbye to, like one closed.
+        if getattr(self, "_closed", True) or sys.is_finalizing():
+            return
+        try:
+            if not self._forked():
+                warnings.warn(f"unclosed {self!r}: use it in a with block or call close()",
+                              ResourceWarning, stacklevel=2)
+        finally:  # closed even where warnings are errors
+            self.close()
+
     def __enter__(self) -> DeviceClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: How long the background reader of an idle client waits before it lets go of the
+#: client for a moment: a program that drops a client without close() has it collected
+#: then (its socket closes, and the server frees its connection).
+IDLE_LET_GO_S = 1.0
+
+
+def _read_in_background(ref: weakref.ref[DeviceClient]) -> None:
+    """The background reader thread: :meth:`DeviceClient._background`, holding the
+    client only while it reads or waits for work, so that a client its program dropped
+    is collected (a thread holding it for good kept its connection open, and enough of
+    them locked every other program out of a server's ``--max-clients``)."""
+    while True:
+        client = ref()
+        if client is None or not client._background():
+            return
+        del client
 
 
 def connect(
