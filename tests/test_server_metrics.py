@@ -146,3 +146,28 @@ def test_half_sent_scrapes_are_bounded_and_timed_out(server: ThreadServer,
         for s in held:
             s.close()
         metrics.close()
+
+
+def test_a_request_sent_a_byte_at_a_time_is_cut_off_at_the_scrape_timeout(
+        server: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The timeout started again at every byte: eight connections sending a byte every
+    # half second held every scrape slot for as long as they liked.
+    import socket
+    import time
+
+    from conveyor._device import _metrics
+
+    monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT_S", 0.5)
+    metrics = MetricsServer(server.server.status, 0)
+    s = socket.create_connection((metrics.host, metrics.port))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # a broken pipe or a reset, once the server closed it
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"x" * 100:
+                s.send(bytes([byte]))
+                time.sleep(0.05)
+            pytest.fail("the server read a trickled request for 6 s")
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        s.close()
+        metrics.close()

@@ -35,7 +35,10 @@ owned by :class:`MetricsServer`, which :meth:`MetricsServer.close` stops and joi
 
 from __future__ import annotations
 
+import io
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -233,6 +236,27 @@ SCRAPE_TIMEOUT_S = 5.0
 MAX_SCRAPERS = 8
 
 
+class _Within(io.RawIOBase):
+    """A scrape's request stream, to be read whole within ``seconds``: each read waits only
+    for what is left (a socket timeout alone starts again at every byte, and a request
+    sent a byte at a time held its connection, and so one of the few, for good)."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._end = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not in within its time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class MetricsServer:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread (owned: see :meth:`close`).
 
@@ -250,7 +274,12 @@ class MetricsServer:
             # connection: a half-sent request held a thread and a descriptor for good.
             timeout = SCRAPE_TIMEOUT_S
 
+            def setup(self) -> None:
+                super().setup()
+                self.rfile = io.BufferedReader(_Within(self.connection, SCRAPE_TIMEOUT_S))
+
             def do_GET(self) -> None:
+                self.connection.settimeout(SCRAPE_TIMEOUT_S)  # the reply's own time
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics is here")
                     return
