@@ -9,12 +9,13 @@ Policy, in order:
    request is charged its model's usual time when a device takes it and set right when
    it ends, so that with several devices a client already being served does not also
    look owed the next free one, and a client with a request running on another device
-   gets this one only when every other client with work has one running too. A client
-   that was idle rejoins at the smallest virtual time of the active clients, so idling
-   banks no credit; with none active, it (and a new client) starts at the scheduler's
-   virtual clock, the least virtual time of the clients last served, so that time used
-   while nobody else wanted the device is not held against anyone. Equal busy clients
-   therefore get equal device time.
+   gets this one only when every other client with work has one running too. Virtual
+   time is kept per priority, and only while the client has work at that priority: one
+   that comes to a priority (new, back from idle, or moving its work from another
+   priority) starts at the smallest virtual time of the clients with work there, so
+   idling banks no credit, and time used at another priority, or while nobody else
+   wanted the device, is not held against it. Equal busy clients therefore get equal
+   device time.
 3. **Model grouping.** Switching models on an Edge TPU reloads its parameter cache, so a
    request for the model the device already holds may jump ahead of the fair choice, but
    only from a client whose virtual time is within ``group_slack_ns`` of the least (so
@@ -103,10 +104,12 @@ class ClientState:
     name: str = ""
     pid: int = 0
     uid: int = -1
-    vtime: int = 0
+    #: Virtual time (see the module's policy) at each priority it has work at.
+    vtimes: dict[int, int] = field(default_factory=dict)
     queues: dict[int, deque[Request]] = field(default_factory=dict)
     queued: int = 0
     running: int = 0
+    running_at: dict[int, int] = field(default_factory=dict)  # requests running, by priority
     completed: int = 0
     failed: int = 0
     busy: int = 0
@@ -123,6 +126,15 @@ class ClientState:
     @property
     def outstanding(self) -> int:
         return self.queued + self.running
+
+    def busy_at(self, priority: int) -> bool:
+        """Whether it has a request queued or running at ``priority``."""
+        return priority in self.queues or priority in self.running_at
+
+    def _settle(self, priority: int) -> None:
+        """Forget its virtual time at ``priority`` once it has no work there."""
+        if not self.busy_at(priority):
+            self.vtimes.pop(priority, None)
 
 
 @dataclass(eq=False)
@@ -164,7 +176,6 @@ class Scheduler:
         self._running = 0
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
-        self._vclock = 0  # see _pick_locked
         self._cost: dict[int, int] = {}  # a model's usual compute ns (see _pick_locked)
         self._closed = False
         self._idle_waiters = 0
@@ -265,16 +276,17 @@ class Scheduler:
             if self._queued >= self.max_queue + idle:
                 client.busy += 1
                 return Status.BUSY
-            if client.queued == 0 and client.running == 0:
-                # Rejoining (or new): at the least virtual time of the busy clients, or
-                # with none busy, at the clock as the last busy ones left it. A newcomer
-                # at 0 (or an old client's stale time) would have had the device to
-                # itself until it caught up with the others' whole history.
-                busy = [c.vtime for c in self._clients.values()
-                        if c.outstanding and c is not client]
-                # At the least of the busy ones, up or down: no credit banked, and no debt
-                # kept either (time used at a higher priority held it back ~5 s later).
-                client.vtime = min(busy) if busy else max(client.vtime, self._vclock)
+            prio = req.priority
+            if not client.busy_at(prio):
+                # Coming to this priority (new, back from idle, or from another one): at
+                # the least virtual time of the clients with work here, up or down. A
+                # newcomer at 0, or a time of its own kept, had the device to itself until
+                # it caught up with the others' whole history, or waited for them to
+                # catch up with its own (time used at a higher priority held a client
+                # that lowered its priority back for as long, ~2 s, even with no idle).
+                busy = [c.vtimes[prio] for c in self._clients.values()
+                        if c is not client and c.busy_at(prio)]
+                client.vtimes[prio] = min(busy) if busy else 0
             req.enqueued_ns = now
             req.seq = next(self._seq)
             req.state = QUEUED
@@ -303,13 +315,15 @@ class Scheduler:
             req.state = QUEUED
             req.retried = True
             client = req.client
-            client.vtime -= req.charged
+            client.vtimes[req.priority] -= req.charged
             req.charged = 0
             self._forget(req)
             client.running -= 1
             self._running -= 1
+            self._not_running(client, req.priority)
             if client.id not in self._clients:
                 req.state = DONE
+                client._settle(req.priority)
                 return
             client.queues.setdefault(req.priority, deque()).appendleft(req)
             client.queued += 1
@@ -330,10 +344,19 @@ class Scheduler:
             q.remove(req)
         if not q:
             del client.queues[req.priority]
+            client._settle(req.priority)
             if not client.queues:
                 self._active.pop(client.id, None)
         client.queued -= 1
         self._queued -= 1
+
+    @staticmethod
+    def _not_running(client: ClientState, priority: int) -> None:
+        left = client.running_at[priority] - 1
+        if left:
+            client.running_at[priority] = left
+        else:
+            del client.running_at[priority]
 
     def _prune_deadlines(self) -> None:
         self._deadlines = [e for e in self._deadlines if e[2].state == QUEUED]
@@ -398,7 +421,6 @@ class Scheduler:
         elsewhere: set[int] = set()  # clients with a request running on another device
         if len(cands) == 1:
             fair = cands[0]
-            least = fair.vtime
         else:
             for other in self._devices:
                 r = other.last
@@ -407,10 +429,7 @@ class Scheduler:
             # A client already running on another device waits for the others: with
             # several devices both went to whoever was behind, each switching models
             # in step, instead of one device each.
-            fair = min(cands, key=lambda c: (c.id in elsewhere, c.vtime, c.id))
-            least = min(c.vtime for c in cands)
-        if least > self._vclock:
-            self._vclock = least  # the least virtual time with work: the clock
+            fair = min(cands, key=lambda c: (c.id in elsewhere, c.vtimes[prio], c.id))
         head = fair.queues[prio][0]
         chosen = head if head.model_id in models else next(
             r for r in fair.queues[prio] if r.model_id in models
@@ -421,12 +440,13 @@ class Scheduler:
             and chosen.model_id != current
             and (dev.grouped < self.group_limit or self._held_elsewhere(dev, chosen.model_id))
         ):
-            limit = fair.vtime + self.group_slack_ns
+            limit = fair.vtimes[prio] + self.group_slack_ns
             # Not from a client running on another device while the fair one is not:
             # that kept both devices on one client's model, switching in step.
             busy = fair.id in elsewhere
-            for c in sorted((c for c in cands if c.vtime <= limit
-                             and (busy or c.id not in elsewhere)), key=lambda c: c.vtime):
+            for c in sorted((c for c in cands if c.vtimes[prio] <= limit
+                             and (busy or c.id not in elsewhere)),
+                            key=lambda c: c.vtimes[prio]):
                 alt = next((r for r in c.queues[prio] if r.model_id == current), None)
                 if alt is not None:
                     chosen = alt
@@ -434,12 +454,14 @@ class Scheduler:
                     break
         if chosen.model_id != current or chosen is head:
             dev.grouped = 0
+        client = chosen.client
+        client.running_at[prio] = client.running_at.get(prio, 0) + 1  # before: see _unlink
         self._unlink(chosen)
         # Charged now, at its usual cost, and set right when it is done: with several
         # devices, a client whose request is running does not look owed the next device
         # too (both devices then went to whoever was behind, and switched models in step).
         chosen.charged = self._cost.get(chosen.model_id, 0)
-        chosen.client.vtime += chosen.charged
+        client.vtimes[prio] += chosen.charged
         chosen.switched = current is not None and current != chosen.model_id
         chosen.state = RUNNING
         dev.last = chosen
@@ -495,7 +517,9 @@ class Scheduler:
             c.running -= 1
             self._running -= 1
             self._forget(req)
-            c.vtime += compute_ns - req.charged
+            c.vtimes[req.priority] += compute_ns - req.charged
+            self._not_running(c, req.priority)
+            c._settle(req.priority)
             c.device_ns += compute_ns
             usual = self._cost.get(req.model_id)
             if ok and (usual is None or not req.switched):  # a reload is not its usual
