@@ -74,7 +74,12 @@ def test_a_runner_is_typed_to_take_what_it_accepts() -> None:
 def test_a_malformed_tensor_spec_is_a_value_error() -> None:
     import pytest
 
-    for data in ({}, {"name": "a", "shape": 5, "dtype": "float32"},
-                 {"name": "a", "shape": [1], "dtype": "no-such-dtype"}, [1]):
+    good = {"name": "a", "shape": [1, 3], "dtype": "float32"}
+    assert conveyor.TensorSpec.from_json(good).shape == (1, 3)
+    # a shape of 1.5 was taken as 1, an object dtype (no place in shared memory) and a
+    # name of 5 were taken as they came
+    for data in ({}, {**good, "shape": 5}, {**good, "dtype": "no-such-dtype"}, [1],
+                 {**good, "shape": [1.5]}, {**good, "shape": [True]}, {**good, "shape": [-1]},
+                 {**good, "dtype": "object"}, {**good, "name": 5}):
         with pytest.raises(ValueError, match="not a tensor spec"):  # KeyError, TypeError
             conveyor.TensorSpec.from_json(data)  # type: ignore[arg-type]

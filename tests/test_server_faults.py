@@ -670,3 +670,20 @@ def test_a_client_dropped_after_submit_is_collected_and_lets_go_of_the_server(
                 assert wait_for(lambda: readers() == before, timeout=5.0)
             assert wait_for(lambda: readers() == before, timeout=5.0)
             assert wait_for(lambda: not srv.server.status()["clients"], timeout=5.0)
+
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, float("nan"), float("inf"), True])
+def test_a_connect_timeout_that_is_no_time_is_refused_as_such(sdir: Path,
+                                                              timeout: float) -> None:
+    # 0 made the socket non-blocking (ServerGone "the connection broke" from a healthy
+    # server), -1 a bare ValueError from the socket module.
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+        DeviceClient(path=sdir / "nothing-here", timeout=timeout)
+
+
+def test_a_long_client_name_is_cut_to_what_the_server_keeps(sdir: Path) -> None:
+    # 70,000 characters made the HELLO too long: ProtocolError, not naming the name.
+    with ThreadServer(sdir / "s", [FakeDevice()], ["m"]) as srv, \
+            DeviceClient(path=srv.path, name="n" * 70_000) as c:
+        assert c.infer("m", x(1.0))[1].tolist() == [4.0]
+        assert [k["name"] for k in srv.server.status()["clients"]] == ["n" * 64]

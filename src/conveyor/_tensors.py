@@ -62,18 +62,22 @@ class TensorSpec:
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
         """The inverse of :meth:`to_json`; raises ValueError on a malformed dict."""
         try:
-            shape = tuple(int(d) for d in data["shape"])
-            if any(d < 0 for d in shape) or len(shape) > 8:
-                raise ValueError(f"bad shape {shape}")
+            dims, name = data["shape"], data["name"]
+            if not isinstance(name, str) or not isinstance(dims, list) or not all(
+                    type(d) is int and d >= 0 for d in dims) or len(dims) > 8:
+                raise TypeError("a name of text and a shape of at most 8 whole numbers")
+            dtype = np.dtype(str(data["dtype"]))
+            if dtype.kind not in "biufc":  # what shared memory can carry as it is
+                raise TypeError(f"a numeric dtype, not {dtype}")
             return cls(
-                name=str(data["name"]),
-                shape=shape,
-                dtype=np.dtype(str(data["dtype"])),
+                name=name,
+                shape=tuple(dims),
+                dtype=dtype,
                 scale=float(data.get("scale", 0.0)),
                 zero_point=int(data.get("zero_point", 0)),
             )
         except (KeyError, TypeError, AttributeError) as exc:  # a missing key, a wrong type
-            raise ValueError(f"not a tensor spec: {data!r:.200} ({exc!r})") from exc
+            raise ValueError(f"not a tensor spec: {data!r:.200} ({exc})") from exc
 
 
 def quantize(values: npt.NDArray[Any], spec: TensorSpec) -> npt.NDArray[Any]:

@@ -225,10 +225,14 @@ class DeviceClient:
         monitor: bool = False,
         reader: bool = False,
     ) -> None:
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a number of seconds above 0, got {timeout!r}")
         self.path = None if path is None else Path(path)
         self.reconnect = reconnect
         self.timeout = timeout
-        self.name = name or f"pid{os.getpid()}"
+        # The server keeps 64 characters of it: a long one no longer fits a HELLO.
+        self.name = str(name or f"pid{os.getpid()}")[:64]
         self.monitor = monitor
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
