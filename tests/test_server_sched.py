@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_for
 from test_server_support import FakeDevice, LogLines, ThreadServer, socket_dir, x
 
+import conveyor
 from conveyor import Busy, DeadlineExceeded, DeviceClient, DeviceError, InputError
 from conveyor._device._protocol import Status
 from conveyor._device._scheduler import ClientState, DeviceState, Request, Scheduler
@@ -191,6 +192,9 @@ def test_failing_device_is_taken_out_and_its_request_retried(sdir: Path) -> None
     assert [d["state"] for d in st["devices"]] == ["failed", "ok"]
     assert "fell off the bus" in st["devices"][0]["failure"]
     assert any("taken out of service" in line for line in logs.lines)
+    # Its failure counted as its error (it showed 0), and the model no longer on it.
+    assert [d["errors"] for d in st["devices"]] == [1, 0]
+    assert [m["devices"] for m in st["models"]] == [[1]]
 
 
 def test_the_only_device_failing_answers_device_error(sdir: Path) -> None:
@@ -200,6 +204,53 @@ def test_the_only_device_failing_answers_device_error(sdir: Path) -> None:
         with pytest.raises(DeviceError, match="fell off the bus"):
             c.infer("m", x(2))
         assert c.status()["devices"][0]["state"] == "ok"  # nowhere else to go: kept
+
+
+def test_a_client_whose_request_hangs_on_one_device_is_served_on_the_others() -> None:
+    # A request that never ends kept its client "running elsewhere", ranked behind every
+    # client with work: it got nothing of the healthy device for as long as it hung.
+    sched = Scheduler()
+    hung, healthy = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
+    sched.add_device(hung)
+    sched.add_device(healthy)
+    a, b = ClientState(1), ClientState(2)
+    sched.add_client(a)
+    sched.add_client(b)
+    sched.submit(_req(a, 1), now_ns=1)
+    stuck, _ = sched.pick(hung)
+    assert stuck is not None and stuck.client is a
+    for rid in range(10, 14):
+        sched.submit(_req(b, rid), now_ns=1)
+    sched.submit(_req(a, 2), now_ns=1)
+    got, _ = sched.pick(healthy)
+    assert got is not None and got.client is b  # a's run elsewhere is young: b's turn
+    sched.done(got, 1000, ok=True)
+    stuck.started_ns -= 2_000_000_000  # two seconds into a run of (so far) no cost
+    got, _ = sched.pick(healthy)
+    assert got is not None and got.client is a and got.req_id == 2
+
+
+def test_a_hung_run_does_not_hold_a_draining_server_for_ever(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import conveyor._device._server as server_mod
+
+    monkeypatch.setattr(server_mod, "DRAIN_RUN_S", 0.5)
+    gate = threading.Event()  # the run hangs until the end of the test
+    srv = ThreadServer(sdir / "s", [FakeDevice(gate=gate)], ["m"])
+    try:
+        with DeviceClient(path=srv.path) as c:
+            fut = c.submit("m", x(1))
+            assert wait_for(lambda: srv.server.scheduler.running == 1, timeout=5)
+            t0 = time.monotonic()
+            srv.server.shutdown(drain=True)  # SIGTERM, or --exit-with-stdin's end
+            srv.thread.join(10)
+            assert not srv.thread.is_alive(), "the server waited for the hung run"
+            assert time.monotonic() - t0 < 3
+            with pytest.raises(conveyor.ServerGone):
+                fut.result(10)
+    finally:
+        gate.set()
+        srv.stop()
 
 
 def test_model_no_device_can_load_is_an_error(sdir: Path) -> None:

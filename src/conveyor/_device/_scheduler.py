@@ -56,6 +56,10 @@ from ._protocol import Status
 __all__ = ["ClientState", "DeviceState", "Request", "Scheduler"]
 
 QUEUED, RUNNING, DONE = 0, 1, 2
+#: A run this much past its model's usual time, and at least STUCK_MIN_NS, is taken as
+#: stuck (a hung device): see _pick_locked.
+STUCK_FACTOR = 10
+STUCK_MIN_NS = 1_000_000_000
 
 
 class Request:
@@ -66,7 +70,7 @@ class Request:
 
     __slots__ = (
         "charged", "client", "conn", "deadline_ns", "enqueued_ns", "inputs", "model_id",
-        "outputs", "priority", "req_id", "retried", "seq", "state", "switched",
+        "outputs", "priority", "req_id", "retried", "seq", "started_ns", "state", "switched",
     )
 
     def __init__(
@@ -93,6 +97,7 @@ class Request:
         self.retried = False
         self.charged = 0  # virtual time charged when a device took it (see _pick_locked)
         self.switched = False  # its device switched models for it
+        self.started_ns = 0  # when a device took it
         self.state = QUEUED
 
 
@@ -422,9 +427,13 @@ class Scheduler:
         if len(cands) == 1:
             fair = cands[0]
         else:
+            now = time.monotonic_ns()
             for other in self._devices:
                 r = other.last
-                if other is not dev and r is not None:
+                # A run far past its usual time (a hung device) no longer counts: its
+                # client was last behind every client with work, for as long as it hung.
+                if other is not dev and r is not None and now - r.started_ns < max(
+                        STUCK_FACTOR * self._cost.get(r.model_id, 0), STUCK_MIN_NS):
                     elsewhere.add(r.client.id)
             # A client already running on another device waits for the others: with
             # several devices both went to whoever was behind, each switching models
@@ -463,6 +472,7 @@ class Scheduler:
         chosen.charged = self._cost.get(chosen.model_id, 0)
         client.vtimes[prio] += chosen.charged
         chosen.switched = current is not None and current != chosen.model_id
+        chosen.started_ns = time.monotonic_ns()
         chosen.state = RUNNING
         dev.last = chosen
         chosen.client.running += 1

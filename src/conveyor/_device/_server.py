@@ -77,6 +77,9 @@ FRAMES_PER_TURN = 64
 #: Draining for SIGTERM: how long, once every request has run, replies may wait for
 #: clients that read them slowly before the server exits anyway.
 DRAIN_FLUSH_S = 5.0
+#: Draining: how long, once the queue is empty, runs may go on before the server exits
+#: without them (a hung device's run never ends).
+DRAIN_RUN_S = 10.0
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
@@ -197,6 +200,7 @@ class DeviceServer:
         self._stop_level = 0  # 0 running, 1 draining, 2 stopping at once (set by signals)
         self._stop_seen = 0
         self._flush_until = 0.0  # draining: when replies not read by then are given up
+        self._runs_until = 0.0  # draining: when runs not done by then are given up
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the
@@ -348,8 +352,9 @@ class DeviceServer:
             ends.append(min(c.opened for c in self._handshakes.values()) + HANDSHAKE_TIMEOUT)
         if self._accept_paused_until:
             ends.append(self._accept_paused_until)
-        if self._flush_until:
-            ends.append(self._flush_until)
+        for end in (self._flush_until, self._runs_until):
+            if end:
+                ends.append(end)
         if not ends:
             return None
         return max(0.0, min(ends) - time.monotonic())
@@ -400,8 +405,19 @@ class DeviceServer:
         if self._stop_seen == 2:
             return True
         if self._stop_seen == 1:
-            if self.scheduler.queued or self.scheduler.running:
+            if self.scheduler.queued:
                 return False
+            if self.scheduler.running:
+                # A run that never ends (a hung device) must not hold the stop for ever.
+                now = time.monotonic()
+                if not self._runs_until:
+                    self._runs_until = now + DRAIN_RUN_S
+                if now < self._runs_until:
+                    return False
+                log.warning("stopping with %d request(s) still running %g s after the "
+                            "queue emptied (a hung device?)", self.scheduler.running,
+                            DRAIN_RUN_S)
+                return True
             # The replies still waiting for their clients to read them leave first, for a
             # while: a client that reads slowly gets every result it was promised.
             if not any(c.has_outbox and c.alive for c in self._conns.values()):
@@ -466,7 +482,9 @@ class DeviceServer:
         self._wake()
 
     def _finish(self) -> None:
-        drained = self._stop_seen < 2
+        # Drained: every run ended (not stopped at once, nor given up on a hung one).
+        drained = self._stop_seen < 2 and not (
+            self._runs_until and time.monotonic() >= self._runs_until)
         self._finish_handed_over()  # their clients get the results before the close
         sched = self.scheduler
         for req in sched.abort():
@@ -901,12 +919,15 @@ class DeviceServer:
             if not req.retried and self.scheduler.serves(req.model_id):
                 log.info("retrying request %d of client %d on another device", req.req_id,
                          req.client.id)
+                self.stats.device_error(dev.index)  # the device's error, not the request's
                 self.scheduler.requeue(req)
                 self._wake()  # a device holding the I/O role waits in poll, not for work
                 return
         else:
-            log.error("device %d (%s) failed a request (it is the only device): %s",
-                      dev.index, dev.device.spec, why)
+            # Kept in service: taken out, it would fail every later request too, where
+            # its failure may pass (counted in its errors meanwhile).
+            log.error("device %d (%s) failed a request (no other device is in service, so "
+                      "it stays in): %s", dev.index, dev.device.spec, why)
         self.scheduler.done(req, 0, ok=False)
         self.stats.failed(req.model_id, Status.DEVICE_ERROR, dev.index)
         req.conn.send(encode_result(req.req_id, Status.DEVICE_ERROR, dev.index, 0, 0, 0, why))
@@ -948,7 +969,8 @@ class DeviceServer:
         for info, counts in zip(self.models.values(), counted["models"], strict=True):
             models.append({
                 **info.to_json(),
-                "devices": [d.index for d in self.devices if info.id in d.runners],
+                "devices": [d.index for d in self.devices
+                            if info.id in d.runners and d.state.failed is None],
                 **counts,
             })
         now = time.monotonic()

@@ -140,6 +140,11 @@ class ServerStats:
                 d.errors += 1
                 d.busy_ns += busy_ns
 
+    def device_error(self, device: int) -> None:
+        """Count a device's failed run whose request goes on elsewhere (a retry)."""
+        with self._lock:
+            self._devices[device].errors += 1
+
     def count(self, what: str) -> None:
         """Count a rejected connection or a protocol error."""
         with self._lock:
