@@ -33,8 +33,10 @@ Policy, in order:
    request is refused with ``BUSY`` at once. (Each client is further limited to its
    in-flight credit by the server.)
 6. **Several devices.** Devices pull work when free, so a request goes to a free device
-   that has its model. A device taken out of service no longer pulls; requests for models
-   no remaining device has are failed.
+   that has its model. A request retried after its run failed goes to another device
+   than the one it failed on, while one in service has its model (the server decides
+   from the retry's outcome which of the two was at fault). A device taken out of
+   service no longer pulls; requests for models no remaining device has are failed.
 
 All state changes happen under one lock (a Condition, on which idle devices wait); no I/O
 is done under it.
@@ -69,8 +71,9 @@ class Request:
     """
 
     __slots__ = (
-        "charged", "client", "conn", "deadline_ns", "enqueued_ns", "inputs", "model_id",
-        "outputs", "priority", "req_id", "retried", "seq", "started_ns", "state", "switched",
+        "avoid", "charged", "client", "conn", "deadline_ns", "enqueued_ns", "inputs",
+        "model_id", "outputs", "priority", "req_id", "retried", "seq", "started_ns", "state",
+        "switched",
     )
 
     def __init__(
@@ -95,6 +98,7 @@ class Request:
         self.enqueued_ns = 0
         self.seq = 0
         self.retried = False
+        self.avoid: DeviceState | None = None  # retried: the device it failed on
         self.charged = 0  # virtual time charged when a device took it (see _pick_locked)
         self.switched = False  # its device switched models for it
         self.started_ns = 0  # when a device took it
@@ -181,6 +185,7 @@ class Scheduler:
         self._running = 0
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
+        self._avoiding: set[Request] = set()  # queued retries with a device to avoid
         self._cost: dict[int, int] = {}  # a model's usual compute ns (see _pick_locked)
         self._closed = False
         self._idle_waiters = 0
@@ -215,6 +220,11 @@ class Scheduler:
                 self._unlink(r)
                 r.state = DONE
                 r.client.failed += 1
+            for r in list(self._avoiding):  # only the device it failed on is left for it
+                if not any(d.failed is None and d is not r.avoid and r.model_id in d.models
+                           for d in self._devices):
+                    self._avoiding.discard(r)
+                    r.avoid = None
             self._cv.notify_all()
             return orphans
 
@@ -234,6 +244,7 @@ class Scheduler:
             dropped = [r for q in client.queues.values() for r in q]
             for r in dropped:
                 r.state = DONE
+                self._avoiding.discard(r)
             self._queued -= len(dropped)
             client.queues.clear()
             client.queued = 0
@@ -314,11 +325,15 @@ class Scheduler:
             if dev.last is req:
                 dev.last = None
 
-    def requeue(self, req: Request) -> None:
-        """Put a running request back at the head of its client's queue (a retry elsewhere)."""
+    def requeue(self, req: Request, avoid: DeviceState | None = None) -> None:
+        """Put a running request back at the head of its client's queue (a retry elsewhere):
+        a device other than ``avoid`` (the one it failed on) runs it."""
         with self._cv:
             req.state = QUEUED
             req.retried = True
+            req.avoid = avoid
+            if avoid is not None:
+                self._avoiding.add(req)
             client = req.client
             client.vtimes[req.priority] -= req.charged
             req.charged = 0
@@ -341,6 +356,8 @@ class Scheduler:
     # --- dispatch --------------------------------------------------------------------
 
     def _unlink(self, req: Request) -> None:
+        if req.avoid is not None:
+            self._avoiding.discard(req)
         client = req.client
         q = client.queues[req.priority]
         if q[0] is req:
@@ -396,7 +413,7 @@ class Scheduler:
 
     def _candidates(self, dev: DeviceState) -> tuple[int, list[ClientState]] | None:
         """The highest priority with work ``dev`` can run, and the clients that have it."""
-        if len(self._served) == len(dev.models):  # the device has every model: no filter
+        if not self._avoiding and len(self._served) == len(dev.models):  # no filter
             if len(self._active) == 1:  # the common case, in short
                 for c in self._active.values():
                     queues = c.queues
@@ -408,7 +425,7 @@ class Scheduler:
         for c in self._active.values():
             for prio, q in c.queues.items():
                 if (found is None or prio >= found) and any(
-                    r.model_id in dev.models for r in q
+                    r.model_id in dev.models and r.avoid is not dev for r in q
                 ):
                     if found is None or prio > found:
                         found, cands = prio, []
@@ -440,8 +457,8 @@ class Scheduler:
             # in step, instead of one device each.
             fair = min(cands, key=lambda c: (c.id in elsewhere, c.vtimes[prio], c.id))
         head = fair.queues[prio][0]
-        chosen = head if head.model_id in models else next(
-            r for r in fair.queues[prio] if r.model_id in models
+        chosen = head if head.model_id in models and head.avoid is not dev else next(
+            r for r in fair.queues[prio] if r.model_id in models and r.avoid is not dev
         )
         current = dev.current_model
         if (
@@ -456,7 +473,8 @@ class Scheduler:
             for c in sorted((c for c in cands if c.vtimes[prio] <= limit
                              and (busy or c.id not in elsewhere)),
                             key=lambda c: c.vtimes[prio]):
-                alt = next((r for r in c.queues[prio] if r.model_id == current), None)
+                alt = next((r for r in c.queues[prio]
+                            if r.model_id == current and r.avoid is not dev), None)
                 if alt is not None:
                     chosen = alt
                     dev.grouped += 1

@@ -201,6 +201,7 @@ class DeviceServer:
         self._stop_seen = 0
         self._flush_until = 0.0  # draining: when replies not read by then are given up
         self._runs_until = 0.0  # draining: when runs not done by then are given up
+        self._failures: dict[int, str] = {}  # device index -> why its last failed run did
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the
@@ -902,6 +903,8 @@ class DeviceServer:
         # Accounted before the reply, so a client that asks for the status next sees it.
         self.scheduler.done(req, compute, ok=True)
         self.stats.ok(device, req.model_id, queue, compute, end, end - req.enqueued_ns)
+        if req.avoid is not None:  # run here after failing there: that device failed
+            self._take_out(self.devices[req.avoid.index])
         conn = req.conn
         conn.send(encode_result(req.req_id, Status.OK, device, queue, compute, start))
         if not conn.alive and conn.client.running == 0:
@@ -909,30 +912,44 @@ class DeviceServer:
 
     def _device_failed(self, dev: _Dev, req: Request, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
-        others = [d for d in self.devices if d is not dev and d.state.failed is None]
-        if others:
-            log.error("device %d (%s) failed and was taken out of service: %s", dev.index,
-                      dev.device.spec, why)
-            for r in self.scheduler.take_out(dev.state, why):
-                self._reply_request(r, Status.DEVICE_ERROR, dev.index,
-                                    f"no device left that has model {self.models[r.model_id].name}")
-            if not req.retried and self.scheduler.serves(req.model_id):
-                log.info("retrying request %d of client %d on another device", req.req_id,
-                         req.client.id)
-                self.stats.device_error(dev.index)  # the device's error, not the request's
-                self.scheduler.requeue(req)
-                self._wake()  # a device holding the I/O role waits in poll, not for work
-                return
-        else:
+        others = [d for d in self.devices
+                  if d is not dev and d.state.failed is None and req.model_id in d.runners]
+        if others and not req.retried:
+            # Tried once on another device before this one is blamed: failing there too,
+            # the request itself is at fault (its data: one bad request took a device out
+            # for each try); running there, it shows this device failed (see _finish_ok).
+            log.warning("device %d (%s) failed request %d of client %d (%s); trying it on "
+                        "another device", dev.index, dev.device.spec, req.req_id,
+                        req.client.id, why)
+            self._failures[dev.index] = why
+            self.stats.device_error(dev.index)  # the device's error, not the request's
+            self.scheduler.requeue(req, avoid=dev.state)
+            self._wake()  # a device holding the I/O role waits in poll, not for work
+            return
+        if req.avoid is not None:
+            log.warning("request %d of client %d failed on two devices, taken as its own "
+                        "fault (both stay in service): %s", req.req_id, req.client.id, why)
+        elif not others:
             # Kept in service: taken out, it would fail every later request too, where
             # its failure may pass (counted in its errors meanwhile).
-            log.error("device %d (%s) failed a request (no other device is in service, so "
-                      "it stays in): %s", dev.index, dev.device.spec, why)
+            log.error("device %d (%s) failed a request (no other device in service has its "
+                      "model, so it stays in): %s", dev.index, dev.device.spec, why)
         self.scheduler.done(req, 0, ok=False)
         self.stats.failed(req.model_id, Status.DEVICE_ERROR, dev.index)
         req.conn.send(encode_result(req.req_id, Status.DEVICE_ERROR, dev.index, 0, 0, 0, why))
         if not req.conn.alive and req.client.running == 0:
             req.conn.release()
+
+    def _take_out(self, dev: _Dev) -> None:
+        """Take ``dev`` out of service: a request it failed ran on another device."""
+        why = self._failures.get(dev.index, "failed")
+        if dev.state.failed is not None:
+            return
+        log.error("device %d (%s) failed a request that another device then ran: taken out "
+                  "of service: %s", dev.index, dev.device.spec, why)
+        for r in self.scheduler.take_out(dev.state, why):
+            self._reply_request(r, Status.DEVICE_ERROR, dev.index,
+                                f"no device left that has model {self.models[r.model_id].name}")
 
     # --- status -------------------------------------------------------------------------
 
