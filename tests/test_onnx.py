@@ -219,18 +219,21 @@ def _field(number: int, value: int | bytes | str) -> bytes:
     return varint(number << 3 | 2) + varint(len(data)) + data
 
 
-def _identity_model(elem_type: int, shape: list[int | str]) -> bytes:
+def _identity_model(elem_type: int, shape: list[int | str],
+                    declared: list[int | str] | None = None) -> bytes:
     """An ONNX ModelProto (opset 17) of one Identity node, y = x; ``elem_type`` is ONNX's
-    TensorProto.DataType (1 float, 8 string), a str in ``shape`` a symbolic dimension."""
+    TensorProto.DataType (1 float, 8 string), a str in ``shape`` a symbolic dimension;
+    ``declared``: the shape the model claims for y (else ``shape``)."""
 
-    def value_info(name: str) -> bytes:
-        dims = b"".join(_field(1, _field(1 if isinstance(d, int) else 2, d)) for d in shape)
+    def value_info(name: str, dims_of: list[int | str]) -> bytes:
+        dims = b"".join(_field(1, _field(1 if isinstance(d, int) else 2, d))
+                        for d in dims_of)
         tensor_type = _field(1, elem_type) + _field(2, dims)
         return _field(1, name) + _field(2, _field(1, tensor_type))
 
     node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
-    graph = (_field(1, node) + _field(2, "identity") + _field(11, value_info("x"))
-             + _field(12, value_info("y")))
+    graph = (_field(1, node) + _field(2, "identity") + _field(11, value_info("x", shape))
+             + _field(12, value_info("y", shape if declared is None else declared)))
     return _field(1, 8) + _field(8, _field(2, 17)) + _field(7, graph)
 
 
@@ -256,3 +259,51 @@ def test_a_model_conveyor_cannot_feed_is_refused_at_load(
     ort.InferenceSession(str(path))  # a model ONNX Runtime itself loads
     with pytest.raises(InvalidModelError, match=rf"^{path}: {why}"):
         OnnxDevice().load(path)
+
+
+def test_an_output_of_another_shape_than_declared_fails_its_run(tmp_path: Path) -> None:
+    # A run's output of another shape than declared was broadcast into it where it
+    # could be (a NonZero's one row into three: other values than the runner's own run,
+    # and no error), else failed as "could not broadcast input array".
+    import conveyor
+
+    def value_info(name: str, elem_type: int, shape: list[int]) -> bytes:
+        dims = b"".join(_field(1, _field(1, d)) for d in shape)
+        return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, dims)))
+
+    # y = transpose(nonzero(x)): one row per non-zero value of x, declared as three
+    perm = _field(1, "perm") + _field(8, 1) + _field(8, 0) + _field(20, 7)
+    graph = (_field(1, _field(1, "x") + _field(2, "nz") + _field(4, "NonZero"))
+             + _field(1, _field(1, "nz") + _field(2, "y") + _field(4, "Transpose")
+                      + _field(5, perm))
+             + _field(2, "nonzero") + _field(11, value_info("x", 1, [5]))
+             + _field(12, value_info("y", 7, [3, 1])))
+    path = tmp_path / "lying.onnx"
+    path.write_bytes(_field(1, 8) + _field(8, _field(2, 17)) + _field(7, graph))
+    x = np.array([0, 0, 7, 0, 0], np.float32)
+    assert OnnxDevice().load(path).run([x])[0].tolist() == [[2]]  # one row, not three
+    with conveyor.Pipeline(conveyor.infer(str(path), device="onnx"),
+                           on_error="return") as pipe:
+        (err,) = pipe.map([x])
+    assert isinstance(err, conveyor.StageError)
+    assert "output 'y' came out with shape [1, 1], but the model declares [3, 1]" in str(err)
+
+
+def test_a_tensor_of_more_dimensions_than_the_wire_carries_is_refused_at_start(
+        tmp_path: Path) -> None:
+    # It loaded, then every client's handshake failed ("bad handshake"), for the server's
+    # other models too.
+    import conveyor
+
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(_identity_model(1, [1] * 9))
+    with pytest.raises(InvalidModelError, match="'x' has 9 dimensions, more than the 8"), \
+            conveyor.Pipeline(conveyor.infer(str(path), device="onnx")):
+        pytest.fail("the pipeline started")
+
+
+def test_an_upper_case_suffix_is_an_onnx_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.ONNX"  # auto took it as ONNX, and onnx then found no model
+    path.write_bytes(_identity_model(1, [1, 3]))
+    assert resolve_onnx_model(path) == path
+    assert open_device("auto").load(path).inputs[0].shape == (1, 3)

@@ -16,10 +16,13 @@ import numpy.typing as npt
 
 from ._errors import InputError
 
-__all__ = ["Inputs", "TensorSpec", "dequantize", "prepare_inputs", "quantize"]
+__all__ = ["MAX_RANK", "Inputs", "TensorSpec", "dequantize", "prepare_inputs", "quantize"]
 
 Inputs = npt.ArrayLike | Sequence[npt.ArrayLike] | Mapping[str, npt.ArrayLike]
 
+
+#: The most dimensions a tensor may have to travel between a client and a device worker.
+MAX_RANK = 8
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -64,8 +67,9 @@ class TensorSpec:
         try:
             dims, name = data["shape"], data["name"]
             if not isinstance(name, str) or not isinstance(dims, list) or not all(
-                    type(d) is int and d >= 0 for d in dims) or len(dims) > 8:
-                raise TypeError("a name of text and a shape of at most 8 whole numbers")
+                    type(d) is int and d >= 0 for d in dims) or len(dims) > MAX_RANK:
+                raise TypeError(f"a name of text and a shape of at most {MAX_RANK} whole "
+                                f"numbers")
             dtype = np.dtype(str(data["dtype"]))
             if dtype.kind not in "biufc":  # what shared memory can carry as it is
                 raise TypeError(f"a numeric dtype, not {dtype}")

@@ -29,9 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._errors import ConveyorError, DeviceError, ModelError, ProtocolError
+from .._errors import ConveyorError, DeviceError, InvalidModelError, ModelError, ProtocolError
 from .._models import file_digest
 from .._runtime._sched import check_realtime, set_realtime
+from .._tensors import MAX_RANK
 from .._version import __version__
 from ..backends import Device, Runner
 from ._catalog import ModelInfo
@@ -242,6 +243,13 @@ class DeviceServer:
                             f"file's stem; rename one of the files")
                     names[runner.model] = runner.path
                     info = ModelInfo(model_id, runner.model, runner.inputs, runner.outputs)
+                    deep = [t for t in (*info.inputs, *info.outputs) if len(t.shape) > MAX_RANK]
+                    if deep:
+                        runner.close()
+                        raise InvalidModelError(
+                            f"{runner.path}: tensor {deep[0].name!r} has {len(deep[0].shape)} "
+                            f"dimensions, more than the {MAX_RANK} a client and a device "
+                            f"worker or server can exchange")
                     if info.slot_size > MAX_SEGMENT_BYTES:
                         runner.close()
                         raise ModelError(

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._errors import InvalidModelError
 from .._tensors import Inputs, TensorSpec, prepare_inputs
 from ._spec import DeviceSpec
 
-__all__ = ["Device", "Runner"]
+__all__ = ["Device", "Runner", "copy_output"]
 
 
 class Runner(abc.ABC):
@@ -71,8 +72,8 @@ class Runner(abc.ABC):
         pages and one copy: about 20 us a run measured here). Blocks and raises as
         :meth:`run` does.
         """
-        for dst, src in zip(outputs, self.run(arrays)):
-            np.copyto(dst, src)
+        for spec, dst, src in zip(self.outputs, outputs, self.run(arrays)):
+            copy_output(self.model, spec, dst, src)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model's resources."""
@@ -99,6 +100,22 @@ class Device(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device."""
+
+
+def copy_output(model: str, spec: TensorSpec, dst: npt.NDArray[Any],
+                src: npt.NDArray[Any]) -> None:
+    """Copy one output of a run into ``dst`` (of the shape the model declares).
+
+    Raises:
+        InvalidModelError: the run gave another shape (np.copyto would have broadcast
+            it, and a pipeline quietly gave other values than the runner's own run).
+    """
+    if src.shape != dst.shape:
+        raise InvalidModelError(
+            f"{model}: output {spec.name!r} came out with shape {list(src.shape)}, but "
+            f"the model declares {list(dst.shape)} (a dimension that depends on the data, "
+            f"or a symbolic one taken as 1): conveyor needs outputs of fixed shapes")
+    np.copyto(dst, src)
 
 
 def zeros_like_specs(specs: Sequence[TensorSpec]) -> list[npt.NDArray[Any]]:

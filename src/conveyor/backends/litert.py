@@ -17,7 +17,7 @@ import numpy.typing as npt
 from .._errors import DeviceError, EdgeTPUModelError, InvalidModelError, ModelError
 from .._models import resolve_model
 from .._tensors import Inputs, TensorSpec
-from ._base import Device, Runner
+from ._base import Device, Runner, copy_output
 from ._spec import DeviceSpec
 
 __all__ = ["EDGETPU_CUSTOM_OP", "LiteRTDevice", "LiteRTRunner", "check_tflite_file"]
@@ -146,10 +146,10 @@ class LiteRTRunner(Runner):
             self._invoke(arrays)
         except (ValueError, RuntimeError) as exc:
             raise self._failed(exc) from exc
-        for idx, dst in zip(self._out_idx, outputs):
+        for idx, spec, dst in zip(self._out_idx, self.outputs, outputs):
             # A view of the interpreter's buffer, dropped at once: LiteRT refuses to
             # invoke again while one is alive.
-            np.copyto(dst, self._interp.tensor(idx)())
+            copy_output(self.model, spec, dst, self._interp.tensor(idx)())
 
     def _invoke(self, arrays: Sequence[npt.NDArray[Any]]) -> None:
         if self._interp is None:

@@ -94,12 +94,13 @@ def resolve_onnx_model(model: str | Path) -> Path:
         ModelNotFoundError: no such ``.onnx`` file (the message lists the bundled ones).
     """
     path = Path(model)
-    if path.suffix == ".onnx" and path.is_file():
+    suffix = path.suffix.lower()
+    if suffix == ".onnx" and path.is_file():
         return path
     candidates = []
-    if path.suffix == ".tflite":
+    if suffix == ".tflite":
         candidates.append(path.with_suffix(".onnx"))
-    stem = path.stem if path.suffix in (".tflite", ".onnx") else path.name
+    stem = path.stem if suffix in (".tflite", ".onnx") else path.name
     bundled = bundled_onnx_models()
     bare = len(path.parts) == 1 and not path.exists()
     if stem in bundled and (bare or path.parent.resolve() == BUNDLED_DIR.resolve()):
