@@ -655,10 +655,15 @@ def test_a_stage_named_source_is_not_taken_for_the_input(on_error: str) -> None:
 
 def test_stage_names_stay_unique_past_a_suffix_given_by_hand() -> None:
     with conveyor.Pipeline(conveyor.stage(sf.inc, name="a"), conveyor.stage(sf.inc, name="a"),
-                           conveyor.stage(sf.inc, name="a#2")) as pipe:
-        assert list(pipe.map([0])) == [3]
+                           conveyor.stage(sf.double, name="a#2")) as pipe:
+        assert list(pipe.map([0])) == [4]
         stages = pipe.stats()["stages"]
     assert len(stages) == 3 and all(s["out"] == 1 for s in stages.values())
+    # A name given by hand, unique, stays that stage's: the second "a" steps past it.
+    assert list(stages) == ["a", "a#3", "a#2"]
+    with conveyor.Pipeline(conveyor.stage(sf.inc, name="source"),
+                           conveyor.stage(sf.inc, name="source#2")) as pipe:
+        assert list(pipe.stats()["stages"]) == ["source#3", "source#2"]
 
 
 class _Quit(BaseException):

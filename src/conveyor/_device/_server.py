@@ -650,7 +650,10 @@ class DeviceServer:
                 if frame.type is MsgType.STATUS:
                     budget = 0  # one a turn: a snapshot costs what dozens of requests do
             if reader.eof and conn.fileno not in self._backlog:
-                self._close_conn(conn, None)
+                # A peer that only closed its writing end cannot be waited for: what it
+                # has not read yet is dropped, and said so.
+                self._close_conn(conn, "it closed its end with replies unread, dropped"
+                                 if conn.has_outbox and not conn.flush() else None)
                 return False
             return self._conns.get(conn.fileno) is conn
         except (BlockingIOError, InterruptedError):

@@ -318,15 +318,20 @@ class Core:
             for i in range(len(stages))
         ]
         # Every stage gets a name of its own: "source" is the input iterator's (errors
-        # name it), and a name given twice gets "#2", "#3"... past any name taken.
-        taken = {"source"}
+        # name it), and a name given twice keeps it the first time, then gets "#2",
+        # "#3"... past every name of the pipeline (a later stage named "a#2" keeps it).
+        taken = {"source", *(d.name for d in stages)}
+        kept: set[str] = set()
         self.stats: list[StageStats] = []
         for d in stages:
             label, n = d.name, 1
-            while label in taken:
-                n += 1
-                label = f"{d.name}#{n}"
-            taken.add(label)
+            if label in kept or label == "source":
+                while label in taken:
+                    n += 1
+                    label = f"{d.name}#{n}"
+                taken.add(label)
+            else:
+                kept.add(label)
             d.name = label
             workers = inflight if d.kind == "infer" else d.workers
             self.stats.append(StageStats(label, d.kind, workers))
