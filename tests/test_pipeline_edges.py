@@ -6,12 +6,13 @@ latency a process stage reports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import CancelledError, wait
 from typing import Any
 
@@ -738,3 +739,86 @@ def test_sys_exit_in_a_stage_fails_its_item_alike_in_threads_and_processes(kind:
     assert [out[i] for i in (0, 1, 4)] == [0, 1, 4]
     assert isinstance(out[2].__cause__, SystemExit) and out[2].__cause__.code == 5
     assert isinstance(out[3].__cause__, KeyboardInterrupt)
+
+
+async def _async_source_that_exits(exc: BaseException) -> AsyncIterator[int]:
+    yield 0
+    yield 1
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), _Quit()], ids=["SystemExit", "BaseException"])
+def test_an_async_input_cut_short_by_a_base_exception_is_the_sources_error(
+        exc: BaseException) -> None:
+    # The raw exception came out of the async for (SystemExit stopped the event loop,
+    # and asyncio reported the feeder task's exception as never retrieved).
+    async def main() -> tuple[list[int], BaseException]:
+        got = []
+        async with conveyor.Pipeline(conveyor.stage(sf.inc)) as pipe:
+            try:
+                async for x in pipe.amap(_async_source_that_exits(exc)):
+                    got.append(x)
+            except conveyor.StageError as err:
+                return got, err
+        pytest.fail("the run ended with no error")
+
+    got, err = asyncio.run(main())
+    assert got == [1, 2]
+    assert isinstance(err, conveyor.StageError) and err.stage == "source"
+    assert err.__cause__ is exc
+
+
+def test_amap_streams_waiting_for_room_hold_none_of_the_loops_executor() -> None:
+    # Each stream whose consumer lagged held a thread of the loop's default executor
+    # while it waited for room: with as many streams as threads, aclose() (and the
+    # program's own to_thread calls) waited behind them for good.
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def frames() -> AsyncIterator[int]:
+        for i in range(100):
+            yield i
+
+    async def main() -> tuple[float, float]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
+        pipe = conveyor.Pipeline(conveyor.stage(sf.inc), maxsize=1)
+        await pipe.__aenter__()
+        streams = [pipe.amap(frames()) for _ in range(4)]
+        for s in streams:
+            await s.__anext__()  # then the consumers stop reading
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        unrelated = time.monotonic() - t0
+        t0 = time.monotonic()
+        await asyncio.wait_for(pipe.aclose(), 10)
+        closing = time.monotonic() - t0
+        for s in streams:
+            await s.aclose()
+        return unrelated, closing
+
+    unrelated, closing = asyncio.run(main())
+    assert unrelated < 1.0 and closing < 3.0
+
+
+def test_live_amap_of_an_async_source_counts_a_held_frame_dropped_once() -> None:
+    # The last frame, held for room, was dropped by the feeder's wait and again by the
+    # cancelled feeder task: two drops of two frames, one of which was delivered.
+    async def two() -> AsyncIterator[float]:
+        yield 0.5
+        await asyncio.sleep(0.1)
+        yield 0.0
+
+    async def main() -> dict[str, Any]:
+        async with conveyor.Pipeline(conveyor.stage(sf.sleep_for), drop="oldest",
+                                     max_in_flight=1) as pipe:
+            async def consume() -> None:
+                async for _ in pipe.amap(two()):
+                    pass
+
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(consume(), 0.3)  # while frame 0 is in the stage
+            await asyncio.sleep(0.6)
+            return pipe.stats()
+
+    st = asyncio.run(main())
+    assert st["items"]["admitted"] == 2 and st["items"]["dropped"] == 1

@@ -13,14 +13,15 @@ import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal
 
 from ._errors import ConveyorError, DeviceBusyError, PipelineClosedError, StageError
 from ._runtime._channel import Aborted
 from ._runtime._core import Core, StageDef
 from ._runtime._proc import worker_bootstrap
-from ._runtime._run import CANCEL, DROP, ERR, OK, Run
+from ._runtime._run import CANCEL, DROP, ERR, OK, SIGNAL_CHECK_S, Run
 from ._runtime._sched import check_realtime
 from ._runtime._stats import Tracer
 
@@ -177,6 +178,73 @@ def infer(
         deadline=deadline, priority=priority, dequantize=dequantize,
         with_context=with_context, realtime=level,
     )
+
+
+_END = object()
+
+
+class _Raised:
+    """An exception an async source raised that asyncio must not see (it would stop the
+    event loop with it), carried to the feeder thread, which raises it as the source's."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _FromAsync:
+    """An async iterable read from another thread as an iterator: each ``next()`` awaits
+    the source's next item on ``loop`` (where it must run) and waits for it.
+    :meth:`cancel` (the run is over) ends a wait and the iteration."""
+
+    def __init__(self, source: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._source = source
+        self._it: AsyncIterator[Any] | None = None
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: Future[Any] | None = None
+        self._cancelled = False
+
+    def __iter__(self) -> _FromAsync:
+        return self
+
+    async def _step(self) -> Any:
+        if self._it is None:  # here, so that its error is the source's too
+            self._it = self._source.__aiter__()
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            return _END
+        except (KeyboardInterrupt, SystemExit) as exc:  # asyncio would stop the loop
+            return _Raised(exc)
+
+    def __next__(self) -> Any:
+        with self._lock:
+            if self._cancelled:
+                raise StopIteration
+            self._pending = pending = asyncio.run_coroutine_threadsafe(self._step(), self._loop)
+        while True:
+            try:
+                value = pending.result(timeout=SIGNAL_CHECK_S)
+                break
+            except FutureTimeout:
+                if self._loop.is_closed():  # closed with the step pending: nobody reads
+                    raise StopIteration from None
+            except CancelledError:
+                if self._cancelled:
+                    raise StopIteration from None
+                raise
+        if value is _END:
+            raise StopIteration
+        if type(value) is _Raised:
+            raise value.exc
+        return value
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            pending = self._pending
+        if pending is not None:
+            pending.cancel()
 
 
 class Pipeline:
@@ -550,12 +618,13 @@ class Pipeline:
                 pass
 
         run = self._new_run(self.ordered, notify)
-        feeder_task: asyncio.Task[None] | None = None
-        if isinstance(inputs, AsyncIterable):
-            feeder_task = asyncio.ensure_future(self._afeed(core, run, inputs))
-        else:
-            threading.Thread(target=core.feed, args=(run, inputs), name="conveyor-feeder",
-                             daemon=True).start()
+        # One feeder thread, whatever the source: an async one is read from it, each item
+        # awaited on this loop. Feeding from a task took a thread of the loop's default
+        # executor for each wait for room, held while the consumer lagged: with a few
+        # streams, aclose() and the program's own to_thread calls queued behind them.
+        source = _FromAsync(inputs, loop) if isinstance(inputs, AsyncIterable) else inputs
+        threading.Thread(target=core.feed, args=(run, source), name="conveyor-feeder",
+                         daemon=True).start()
         try:
             while True:
                 got = run.take(block=False)
@@ -563,8 +632,6 @@ class Pipeline:
                     if run.cancelled:
                         raise PipelineClosedError("the pipeline was closed during amap()")
                     if run.complete:
-                        if feeder_task is not None and feeder_task.done():
-                            feeder_task.result()
                         return
                     ready.clear()
                     got = run.take(block=False)
@@ -581,41 +648,8 @@ class Pipeline:
                     yield value
         finally:
             self._cancel(run, core)
-            if feeder_task is not None and not feeder_task.done():
-                feeder_task.cancel()
-
-    async def _afeed(self, core: Core, run: Run, inputs: AsyncIterable[Any]) -> None:
-        index = 0
-        held: tuple[int, Any] | None = None  # live mode: see Core._admit_live_full
-        try:
-            async for value in inputs:
-                if run.cancelled or core.closing:
-                    break
-                if core.live:
-                    held = core.live_next(run, index, value, held)  # never waits
-                else:
-                    if not run.acquire(block=False):
-                        ok = await asyncio.to_thread(run.acquire)
-                        if not ok:
-                            break
-                    await asyncio.to_thread(core.admit, run, index, value)
-                index += 1
-                held = core.live_retry(run, held)
-            else:
-                held = core.live_retry(run, held)
-                if held is not None:  # the input's last item: it waits for room
-                    held = await asyncio.to_thread(core.live_retry, run, held, True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            core.live_let_go(run, held)
-            held = None
-            run.force_admit()
-            core._source_failed(run, index, exc)
-            index += 1
-        finally:
-            core.live_let_go(run, held)
-            run.finish(index)
+            if isinstance(source, _FromAsync):
+                source.cancel()
 
     def submit(self, item: Any) -> Future[Any]:
         """Put one item in and return a concurrent.futures.Future of its result.
