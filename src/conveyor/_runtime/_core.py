@@ -138,6 +138,7 @@ class _Worker:
         self.gen = 0
         self.closing = False
         self.track = f"device {device}"  # its trace track (see Core.start)
+        self._replacing = 0  # the pid of the dead worker being replaced (see restart)
         self.worker = self._spawn()
 
     @property
@@ -170,8 +171,12 @@ class _Worker:
                 old.process.proc.wait(timeout=0.2)
             except Exception:
                 pass
-            log.warning("device worker pid %d for %s %s; restarting it", old.pid,
-                        self.device, old.process.describe_exit())
+            if self._replacing != old.pid:
+                log.warning("device worker pid %d for %s %s; restarting it", old.pid,
+                            self.device, old.process.describe_exit())
+                self._replacing = old.pid
+            else:  # its replacement failed to start (the error named it): once more
+                log.warning("starting a device worker for %s again", self.device)
             old.process.kill()
             self.worker = self._spawn()
             self.gen += 1
