@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 import conveyor
+from conveyor._models import resolve_model
 from conveyor._tensors import TensorSpec, dequantize, prepare_inputs, quantize
+from conveyor.backends import open_device
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +211,12 @@ def test_an_unreadable_model_file_is_invalid_on_every_device(
     with pytest.raises(conveyor.InvalidModelError,
                        match=rf"cannot read model {path}: \[Errno 13\] Permission denied"):
         conveyor.open_device(device).load(path)
+
+
+def test_an_edgetpu_named_file_is_served_by_its_plain_name_on_the_cpu_too(
+        tmp_path: Path) -> None:
+    # The CPU named it x_edgetpu and the Edge TPU x: which one a server with both
+    # devices served depended on the order of its --device options.
+    path = tmp_path / "x_edgetpu.tflite"
+    shutil.copy(resolve_model("face_detection_short_range"), path)
+    assert open_device("cpu").load(path).model == "x"

@@ -687,3 +687,33 @@ def test_a_long_client_name_is_cut_to_what_the_server_keeps(sdir: Path) -> None:
             DeviceClient(path=srv.path, name="n" * 70_000) as c:
         assert c.infer("m", x(1.0))[1].tolist() == [4.0]
         assert [k["name"] for k in srv.server.status()["clients"]] == ["n" * 64]
+
+
+def test_a_full_queue_of_new_connections_is_waited_out_not_taken_for_no_server(
+        sdir: Path) -> None:
+    # A Unix socket refuses a connect at once (EAGAIN) while its queue of connections
+    # not yet accepted is full: after a burst, connect() said "no conveyor server".
+    path = sdir / "s"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    held = []
+    try:
+        while True:  # fill the queue (nobody accepts)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                s.close()
+                break
+            held.append(s)
+        t0 = time.monotonic()
+        with pytest.raises(ServerGone, match=r"took no new connection within 0\.3 s"):
+            DeviceClient(path=path, timeout=0.3)
+        assert time.monotonic() - t0 >= 0.25
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+        path.unlink()

@@ -31,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+from .._device._protocol import MAX_INFLIGHT
 from .._errors import ConveyorError
 from ..backends import parse_device
 
@@ -48,6 +49,13 @@ def _positive(text: str) -> int:
     value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _inflight(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_INFLIGHT:  # clients refuse a larger credit
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INFLIGHT}, got {value}")
     return value
 
 
@@ -83,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", metavar="N", type=_positive, default=256,
                         help="requests waiting in total before new ones are refused "
                         "with Busy (default 256)")
-    parser.add_argument("--max-inflight", metavar="N", type=_positive, default=32,
-                        help="requests one client may have in flight (default 32)")
+    parser.add_argument("--max-inflight", metavar="N", type=_inflight, default=32,
+                        help=f"requests one client may have in flight (default 32, at most "
+                        f"{MAX_INFLIGHT})")
     parser.add_argument("--max-clients", metavar="N", type=_positive, default=256,
                         help="connections served at once, monitors included; more are "
                         "refused with a message saying so (default 256)")

@@ -59,6 +59,7 @@ from .._tensors import Inputs, dequantize, prepare_inputs
 from ._catalog import ModelInfo
 from ._conn import MAX_SEGMENT_BYTES
 from ._protocol import (
+    MAX_INFLIGHT,
     PROTOCOL_VERSION,
     RESULT,
     SEGMENT,
@@ -283,11 +284,27 @@ class DeviceClient:
         if self.path is None:
             raise ServerGone("no socket and no path to connect to")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        end = time.monotonic() + timeout
+        pause = 0.002
         try:
             sock.settimeout(timeout)
-            sock.connect(str(self.path))
+            while True:
+                try:
+                    sock.connect(str(self.path))
+                    break
+                except BlockingIOError:
+                    # Its queue of connections not yet accepted is full (a burst of them):
+                    # a Unix socket does not wait for room, so wait here, within timeout.
+                    if time.monotonic() + pause > end:
+                        raise
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.05)
         except OSError as exc:
             sock.close()
+            if isinstance(exc, BlockingIOError):
+                raise ServerGone(
+                    f"the conveyor server at {self.path} took no new connection within "
+                    f"{timeout:g} s (its queue of them stayed full)") from exc
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise PermissionDenied(
                     f"permission denied: this user (uid {os.getuid()}) may not open the "
@@ -356,7 +373,7 @@ class DeviceClient:
             inflight = int(welcome["max_inflight"])
             slot = max(m.slot_size for m in models.values())
             if not self.monitor:
-                if not 0 < inflight <= 4096:
+                if not 0 < inflight <= MAX_INFLIGHT:
                     raise ValueError(f"max_inflight {inflight}")
                 # The server maps at most MAX_SEGMENT_BYTES of a client's: with large
                 # tensors, fewer requests in flight than the server's credit.

@@ -60,6 +60,7 @@ __all__ = [
     "INFER",
     "INFER_MSG",
     "MAX_BODY",
+    "MAX_INFLIGHT",
     "PROTOCOL_VERSION",
     "RESULT",
     "RESULT_MSG",
@@ -79,6 +80,8 @@ __all__ = [
 
 MAGIC = b"CVYR"
 PROTOCOL_VERSION = 2  # 2: monitors, JSON errors, segments before the first INFER
+#: The most requests a server may let one client have in flight (a client refuses more).
+MAX_INFLIGHT = 4096
 HEADER = struct.Struct("<4sBBHIQ")
 #: The largest body a reader accepts unless told otherwise (STATUS_REPLY can be large).
 MAX_BODY = 1 << 20

@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -40,10 +41,21 @@ __all__ = ["bind_socket", "check_socket_path", "resolve_group", "resolve_user", 
 log = logging.getLogger("conveyor.server")
 
 
+#: The largest uid or gid (2**32 - 2: -1 means "none" to chown).
+_MAX_ID = 2**32 - 2
+
+
+def _numeric_id(text: str, what: str) -> int:
+    value = int(text)
+    if value > _MAX_ID:
+        raise ValueError(f"{what} {text} is out of range (at most {_MAX_ID})")
+    return value
+
+
 def resolve_user(user: str) -> int:
     """A user name or numeric uid as a uid. Raises ValueError for an unknown name."""
     if user.isascii() and user.isdigit():
-        return int(user)
+        return _numeric_id(user, "uid")
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
@@ -53,7 +65,7 @@ def resolve_user(user: str) -> int:
 def resolve_group(group: str) -> int:
     """A group name or numeric gid as a gid. Raises ValueError for an unknown name."""
     if group.isascii() and group.isdigit():
-        return int(group)
+        return _numeric_id(group, "gid")
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -153,7 +165,9 @@ def bind_socket(path: Path, gid: int | None = None, backlog: int = 128,
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        why = f"cannot listen on {path}: {exc.strerror or exc}"
+        # (no errno for "AF_UNIX path too long": "[Errno None]" otherwise)
+        raise (OSError(exc.errno, why) if exc.errno else OSError(why)) from exc
     except BaseException:
         sock.close()
         raise
@@ -177,6 +191,7 @@ class _Signals:
     def __init__(self, server: DeviceServer) -> None:
         self.server = server
         self.count = 0
+        self._first = (0, 0.0)  # the first signal and when it came
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -186,6 +201,13 @@ class _Signals:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.count == 1 and self._first[0] == signum and now - self._first[1] < 0.2:
+            # The same signal again at once is one request sent twice: timeout(1) sends
+            # one to the process and one to its group (it stopped at once 2-3 runs in 5).
+            return
+        if not self.count:
+            self._first = (signum, now)
         self.count += 1
         # Only flags and a pipe write here: the handler may run in the middle of anything.
         self.server.request_stop(drain=self.count == 1)
@@ -269,6 +291,7 @@ def serve(
     listener = None
     signals = _Signals(server)
     ino = None
+    served = False
     try:
         check_socket_path(path)  # loading took a while: check again just before binding
         listener = bind_socket(path, gid, others=bool(uids))
@@ -293,6 +316,7 @@ def serve(
                            for d in opened), os.getpid())
         if ready is not None:
             ready(path)
+        served = True
         server.serve_forever()
     finally:
         if metrics is not None:
@@ -306,6 +330,8 @@ def serve(
                 pass
         server.close()  # only does something if serve_forever never ran
         signals.restore()  # only now: a second signal until here is ours, not fatal
+        if not served:  # a server that never started leaves no folder behind
+            _remove_dirs(made)
     forced = signals.count > 1 or server._stop_seen == 2
     if not server.devices_idle():
         # A device is stuck in a request: nothing left to wait for, and joining it

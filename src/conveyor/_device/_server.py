@@ -40,6 +40,7 @@ from ._conn import MAX_SEGMENT_BYTES, Conn
 from ._iorole import MAIN, READABLE, IORole, Poller
 from ._protocol import (
     INFER,
+    MAX_INFLIGHT,
     PROTOCOL_VERSION,
     SEGMENT,
     Frame,
@@ -161,6 +162,8 @@ class DeviceServer:
             raise ValueError("a device server needs at least one model")
         if max_queue < 1 or max_inflight < 1 or max_clients < 1:
             raise ValueError("max_queue, max_inflight and max_clients must be at least 1")
+        if max_inflight > MAX_INFLIGHT:
+            raise ValueError(f"max_inflight must be at most {MAX_INFLIGHT}, got {max_inflight}")
         self.scheduler = Scheduler(max_queue, group_slack_ns, group_limit)
         self.max_inflight = max_inflight
         self.max_clients = max_clients

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._errors import DeviceError, EdgeTPUModelError, InvalidModelError, ModelError
-from .._models import resolve_model
+from .._models import base_name, resolve_model
 from .._tensors import Inputs, TensorSpec
 from ._base import Device, Runner, copy_output
 from ._spec import DeviceSpec
@@ -86,7 +86,7 @@ class LiteRTRunner(Runner):
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = resolve_model(model)
-        self.model = self.path.stem
+        self.model = base_name(self.path)  # name_edgetpu.tflite serves as name
         data = check_tflite_file(self.path)
         if is_edgetpu_model(data) and not allow_edgetpu_ops:
             raise EdgeTPUModelError(

@@ -21,7 +21,7 @@ from .._errors import (
     InvalidModelError,
     ModelNotFoundError,
 )
-from .._models import BUNDLED_DIR
+from .._models import BUNDLED_DIR, base_name
 from .._tensors import Inputs, TensorSpec
 from ._base import Device, Runner
 from ._spec import DeviceSpec
@@ -143,7 +143,7 @@ class OnnxRunner(Runner):
         self._session = session
         self._errors = errors
         self.path = path
-        self.model = path.stem
+        self.model = base_name(path)
         self.inputs = tuple(_spec(a, path) for a in session.get_inputs())
         self.outputs = tuple(_spec(a, path) for a in session.get_outputs())
         self._names = [s.name for s in self.inputs]
