@@ -167,3 +167,9 @@ def exit_on_2(x: int) -> int:
     if x == 3:
         raise KeyboardInterrupt
     return x
+
+
+def nap_then_return(x: float) -> float:
+    """Sleep 0.1 s (a slow stage), then give ``x`` back."""
+    time.sleep(0.1)
+    return x

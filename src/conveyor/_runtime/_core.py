@@ -550,18 +550,21 @@ class Core:
         the next item comes (then it is dropped) or the input ends (then it waits for
         room), so that the input's last item is never the one dropped."""
         run.force_admit()
-        victim = self.channels[0].pop_oldest_if(lambda it: it.run is run)
-        if victim is None:
-            if run.drop_oldest_result():
+        # Waiting anywhere: before a slow later stage too, where the oldest frames wait
+        # (looked for in the first channel only, results came out ~4 stage times old).
+        for si in range(len(self.channels) - 1, -1, -1):
+            victim = self.channels[si].pop_oldest_if(lambda it: it.run is run)
+            if victim is not None:
+                self._drop(run, victim.index, si)
                 self.admit(run, index, value)
                 return True
-            if hold:
-                run.release_token()  # not admitted after all
-                return False
-            self._drop(run, index)
+        if run.drop_oldest_result():
+            self.admit(run, index, value)
             return True
-        self._drop(run, victim.index)
-        self.admit(run, index, value)
+        if hold:
+            run.release_token()  # not admitted after all
+            return False
+        self._drop(run, index)
         return True
 
     def live_next(self, run: Run, index: int, value: Any,
@@ -598,9 +601,10 @@ class Core:
         run.force_admit()
         self._drop(run, index)
 
-    def _drop(self, run: Run, index: int) -> None:
-        with self.stats[0].lock:
-            self.stats[0].dropped += 1
+    def _drop(self, run: Run, index: int, stage: int = 0) -> None:
+        """Count item ``index`` dropped before ``stage`` took it, and deliver the drop."""
+        with self.stats[stage].lock:
+            self.stats[stage].dropped += 1
         run.deliver(index, DROP)
 
     def feed(self, run: Run, source: Iterable[Any] | Iterator[Any]) -> None:
