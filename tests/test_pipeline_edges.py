@@ -843,3 +843,30 @@ def test_live_mode_drops_the_frames_waiting_before_a_slow_later_stage() -> None:
         st = pipe.stats()
     assert st["stages"]["slow"]["dropped"] > 0 and st["stages"]["fast"]["dropped"] == 0
     assert sorted(ages)[len(ages) // 2] < 0.3, ages
+
+
+def test_an_async_source_runs_in_one_task_in_the_consumers_context() -> None:
+    # Read one step at a time from a thread, each step ran in a task of its own with an
+    # empty context: the consumer's contextvars were gone, what the generator set was
+    # lost at each yield, and an asyncio.timeout around its loop never fired.
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen = []
+
+    async def source() -> AsyncIterator[int]:
+        tasks = set()
+        for i in range(4):
+            tasks.add(asyncio.current_task())
+            seen.append(var.get())
+            await asyncio.sleep(0.01)
+            yield i
+        assert len(tasks) == 1
+
+    async def main() -> list[int]:
+        var.set("consumer's")
+        async with conveyor.Pipeline(conveyor.stage(sf.inc)) as pipe:
+            return [x async for x in pipe.amap(source())]
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+    assert seen == ["consumer's"] * 4

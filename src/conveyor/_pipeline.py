@@ -12,9 +12,9 @@ import sys
 import threading
 import warnings
 import weakref
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ._errors import ConveyorError, DeviceBusyError, PipelineClosedError, StageError
@@ -180,71 +180,82 @@ def infer(
     )
 
 
-_END = object()
-
-
-class _Raised:
-    """An exception an async source raised that asyncio must not see (it would stop the
-    event loop with it), carried to the feeder thread, which raises it as the source's."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+_ITEM, _END, _ERR = 0, 1, 2
 
 
 class _FromAsync:
-    """An async iterable read from another thread as an iterator: each ``next()`` awaits
-    the source's next item on ``loop`` (where it must run) and waits for it.
-    :meth:`cancel` (the run is over) ends a wait and the iteration."""
+    """An async iterable read from the feeder thread as an iterator.
+
+    One task on ``loop`` iterates the source (in the context of the task that made this:
+    its contextvars, and one task for a source's ``asyncio.timeout``) and hands each item
+    over one at a time, awaiting room; the feeder thread takes them with ``next()``. No
+    executor thread waits for anything. :meth:`cancel` (the run is over) ends both sides.
+    """
 
     def __init__(self, source: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
-        self._source = source
-        self._it: AsyncIterator[Any] | None = None
         self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: Future[Any] | None = None
+        self._cond = threading.Condition()
+        self._handed: deque[tuple[int, Any]] = deque()
+        self._room: asyncio.Future[None] | None = None  # the pump's wait for the taker
         self._cancelled = False
+        self._task = loop.create_task(self._pump(source))
+
+    async def _pump(self, source: AsyncIterable[Any]) -> None:
+        try:
+            async for value in source:
+                while True:
+                    with self._cond:
+                        if not self._handed:
+                            self._handed.append((_ITEM, value))
+                            self._cond.notify()
+                            break
+                        self._room = room = self._loop.create_future()
+                    await room
+            end: tuple[int, Any] = (_END, None)
+        except asyncio.CancelledError:
+            with self._cond:
+                self._handed.append((_END, None))
+                self._cond.notify()
+            raise
+        except BaseException as exc:  # SystemExit too: the source's, not the loop's
+            end = (_ERR, exc)
+        with self._cond:
+            self._handed.append(end)
+            self._cond.notify()
 
     def __iter__(self) -> _FromAsync:
         return self
 
-    async def _step(self) -> Any:
-        if self._it is None:  # here, so that its error is the source's too
-            self._it = self._source.__aiter__()
-        try:
-            return await self._it.__anext__()
-        except StopAsyncIteration:
-            return _END
-        except (KeyboardInterrupt, SystemExit) as exc:  # asyncio would stop the loop
-            return _Raised(exc)
-
     def __next__(self) -> Any:
-        with self._lock:
-            if self._cancelled:
-                raise StopIteration
-            self._pending = pending = asyncio.run_coroutine_threadsafe(self._step(), self._loop)
-        while True:
-            try:
-                value = pending.result(timeout=SIGNAL_CHECK_S)
-                break
-            except FutureTimeout:
-                if self._loop.is_closed():  # closed with the step pending: nobody reads
-                    raise StopIteration from None
-            except CancelledError:
-                if self._cancelled:
-                    raise StopIteration from None
-                raise
-        if value is _END:
+        with self._cond:
+            while not self._handed:
+                if self._cancelled or self._loop.is_closed():
+                    raise StopIteration
+                self._cond.wait(SIGNAL_CHECK_S)
+            kind, value = self._handed[0]
+            if kind == _ITEM:
+                self._handed.popleft()
+            room, self._room = self._room, None
+        if room is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(_wake, room)
+        if kind == _END:
             raise StopIteration
-        if type(value) is _Raised:
-            raise value.exc
+        if kind == _ERR:
+            raise value
         return value
 
     def cancel(self) -> None:
-        with self._lock:
+        """From the loop: stop the source's task and the taker."""
+        with self._cond:
             self._cancelled = True
-            pending = self._pending
-        if pending is not None:
-            pending.cancel()
+            self._cond.notify_all()
+        self._task.cancel()
+
+
+def _wake(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
 
 
 class Pipeline:
