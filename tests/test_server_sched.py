@@ -228,8 +228,8 @@ def test_a_request_that_fails_on_every_device_takes_none_out(sdir: Path) -> None
             [[4.0 * i] for i in range(6)]
         st = c.status()
     assert [d["state"] for d in st["devices"]] == ["ok"] * 3
-    assert sum(d["errors"] for d in st["devices"]) == 4  # two tries of each bad one
-    assert any("failed on two devices" in line for line in logs.lines)
+    assert sum(d["errors"] for d in st["devices"]) == 6  # a try of each on each device
+    assert any("failed on every device" in line for line in logs.lines)
 
 
 def test_the_only_device_failing_answers_device_error(sdir: Path) -> None:
@@ -239,6 +239,23 @@ def test_the_only_device_failing_answers_device_error(sdir: Path) -> None:
         with pytest.raises(DeviceError, match="fell off the bus"):
             c.infer("m", x(2))
         assert c.status()["devices"][0]["state"] == "ok"  # nowhere else to go: kept
+
+
+def test_a_device_that_alone_has_a_model_is_not_taken_out_for_another(sdir: Path) -> None:
+    # It failed one run of model a that the other device then ran: it was taken out, and
+    # model b, which only it has, was served by nothing from then on.
+    flaky = FakeDevice("flaky", fail_from=1, delay=0.01)
+    other = FakeDevice("other", models=["a"], delay=0.01)
+    with ThreadServer(sdir / "s", [flaky, other], ["a", "b"]) as srv, \
+            DeviceClient(path=srv.path) as c:
+        futs = [c.submit("a", x(i)) for i in range(4)]  # both devices take some
+        assert [f.result(10)[1].tolist() for f in futs] == [[4.0 * i] for i in range(4)]
+        assert flaky.runs  # it failed (each of its runs fails), and others ran them
+        flaky.fail_from = None
+        assert c.infer("b", x(1))[1].tolist() == [4.0]
+        st = c.status()
+    assert [d["state"] for d in st["devices"]] == ["ok", "ok"]
+    assert [m["devices"] for m in st["models"]] == [[0, 1], [0]]
 
 
 def test_a_client_whose_request_hangs_on_one_device_is_served_on_the_others() -> None:
@@ -275,7 +292,7 @@ def test_a_retry_goes_to_another_device_while_there_is_one() -> None:
     sched.submit(_req(a, 1), now_ns=1)
     failed, _ = sched.pick(d0)
     assert failed is not None
-    sched.requeue(failed, avoid=d0)
+    assert sched.requeue(failed, (d0,))
     assert sched.pick(d0)[0] is None  # not where it failed
     sched.submit(_req(a, 2), now_ns=1)
     other, _ = sched.pick(d0)
@@ -283,6 +300,43 @@ def test_a_retry_goes_to_another_device_while_there_is_one() -> None:
     sched.take_out(d1, "gone")  # the one device it could go to: back to d0, then
     again, _ = sched.pick(d0)
     assert again is failed
+
+
+def test_a_retry_goes_back_to_its_device_after_a_while() -> None:
+    # The only other device hung: the retry waited for it for ever, with no deadline.
+    from conveyor._device._scheduler import SHUN_NS
+
+    sched = Scheduler()
+    d0, d1 = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
+    sched.add_device(d0)
+    sched.add_device(d1)
+    a = ClientState(1)
+    sched.add_client(a)
+    sched.submit(_req(a, 1), now_ns=1)
+    failed, _ = sched.pick(d0)
+    assert failed is not None
+    sched.requeue(failed, (d0,))
+    assert sched.pick(d0)[0] is None
+    due = sched.next_deadline_ns()
+    assert due is not None and due > time.monotonic_ns()  # the I/O loop wakes then
+    sched.expire(due + SHUN_NS)
+    assert sched.pick(d0)[0] is failed
+
+
+def test_a_retry_of_a_client_gone_is_not_queued() -> None:
+    sched = Scheduler()
+    d0, d1 = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
+    sched.add_device(d0)
+    sched.add_device(d1)
+    a = ClientState(1)
+    sched.add_client(a)
+    sched.submit(_req(a, 1), now_ns=1)
+    failed, _ = sched.pick(d0)
+    assert failed is not None
+    sched.remove_client(a)
+    assert not sched.requeue(failed, (d0,))  # its memory may go: nothing holds it
+    assert sched.queued == 0 and sched.running == 0 and sched.next_deadline_ns() is None
+    assert not sched._shunning  # kept there, it turned off the unfiltered pick for good
 
 
 def test_a_hung_run_does_not_hold_a_draining_server_for_ever(

@@ -33,9 +33,10 @@ Policy, in order:
    request is refused with ``BUSY`` at once. (Each client is further limited to its
    in-flight credit by the server.)
 6. **Several devices.** Devices pull work when free, so a request goes to a free device
-   that has its model. A request retried after its run failed goes to another device
-   than the one it failed on, while one in service has its model (the server decides
-   from the retry's outcome which of the two was at fault). A device taken out of
+   that has its model. A request retried after its run failed goes to a device other
+   than those it failed on, for ``SHUN_NS`` (then to any: the others may hang) or while
+   one in service has its model; the server decides from the retry's outcome which was
+   at fault. A device taken out of
    service no longer pulls; requests for models no remaining device has are failed.
 
 All state changes happen under one lock (a Condition, on which idle devices wait); no I/O
@@ -62,6 +63,8 @@ QUEUED, RUNNING, DONE = 0, 1, 2
 #: stuck (a hung device): see _pick_locked.
 STUCK_FACTOR = 10
 STUCK_MIN_NS = 1_000_000_000
+#: How long a retried request is kept from the devices it failed on (see requeue).
+SHUN_NS = 1_000_000_000
 
 
 class Request:
@@ -71,8 +74,8 @@ class Request:
     """
 
     __slots__ = (
-        "avoid", "charged", "client", "conn", "deadline_ns", "enqueued_ns", "inputs",
-        "model_id", "outputs", "priority", "req_id", "retried", "seq", "started_ns", "state",
+        "charged", "client", "conn", "deadline_ns", "enqueued_ns", "failed_on", "inputs",
+        "model_id", "outputs", "priority", "req_id", "seq", "shun", "started_ns", "state",
         "switched",
     )
 
@@ -97,8 +100,8 @@ class Request:
         self.conn = conn
         self.enqueued_ns = 0
         self.seq = 0
-        self.retried = False
-        self.avoid: DeviceState | None = None  # retried: the device it failed on
+        self.failed_on: tuple[DeviceState, ...] = ()  # the devices whose run of it failed
+        self.shun: tuple[DeviceState, ...] = ()  # queued again: devices not to take it
         self.charged = 0  # virtual time charged when a device took it (see _pick_locked)
         self.switched = False  # its device switched models for it
         self.started_ns = 0  # when a device took it
@@ -185,7 +188,8 @@ class Scheduler:
         self._running = 0
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
-        self._avoiding: set[Request] = set()  # queued retries with a device to avoid
+        self._shunning: set[Request] = set()  # queued retries with devices to shun
+        self._shun_ends: list[tuple[int, int, Request]] = []  # (until, seq, request) heap
         self._cost: dict[int, int] = {}  # a model's usual compute ns (see _pick_locked)
         self._closed = False
         self._idle_waiters = 0
@@ -220,11 +224,10 @@ class Scheduler:
                 self._unlink(r)
                 r.state = DONE
                 r.client.failed += 1
-            for r in list(self._avoiding):  # only the device it failed on is left for it
-                if not any(d.failed is None and d is not r.avoid and r.model_id in d.models
+            for r in list(self._shunning):  # only devices it failed on are left for it
+                if not any(d.failed is None and d not in r.shun and r.model_id in d.models
                            for d in self._devices):
-                    self._avoiding.discard(r)
-                    r.avoid = None
+                    self._unshun(r)
             self._cv.notify_all()
             return orphans
 
@@ -244,7 +247,7 @@ class Scheduler:
             dropped = [r for q in client.queues.values() for r in q]
             for r in dropped:
                 r.state = DONE
-                self._avoiding.discard(r)
+                self._shunning.discard(r)
             self._queued -= len(dropped)
             client.queues.clear()
             client.queued = 0
@@ -325,15 +328,14 @@ class Scheduler:
             if dev.last is req:
                 dev.last = None
 
-    def requeue(self, req: Request, avoid: DeviceState | None = None) -> None:
-        """Put a running request back at the head of its client's queue (a retry elsewhere):
-        a device other than ``avoid`` (the one it failed on) runs it."""
+    def requeue(self, req: Request, failed_on: tuple[DeviceState, ...] = ()) -> bool:
+        """Put a running request back at the head of its client's queue (a retry
+        elsewhere): for :data:`SHUN_NS` no device of ``failed_on`` (those whose run of it
+        failed) takes it, then any may (the others may hang). False if its client is gone:
+        nothing is queued."""
         with self._cv:
             req.state = QUEUED
-            req.retried = True
-            req.avoid = avoid
-            if avoid is not None:
-                self._avoiding.add(req)
+            req.failed_on = failed_on
             client = req.client
             client.vtimes[req.priority] -= req.charged
             req.charged = 0
@@ -344,7 +346,11 @@ class Scheduler:
             if client.id not in self._clients:
                 req.state = DONE
                 client._settle(req.priority)
-                return
+                return False
+            if failed_on:
+                req.shun = failed_on
+                self._shunning.add(req)
+                heapq.heappush(self._shun_ends, (time.monotonic_ns() + SHUN_NS, req.seq, req))
             client.queues.setdefault(req.priority, deque()).appendleft(req)
             client.queued += 1
             self._active[client.id] = client
@@ -352,12 +358,17 @@ class Scheduler:
             if req.deadline_ns:
                 heapq.heappush(self._deadlines, (req.deadline_ns, req.seq, req))
             self._cv.notify_all()
+            return True
 
     # --- dispatch --------------------------------------------------------------------
 
+    def _unshun(self, req: Request) -> None:
+        self._shunning.discard(req)
+        req.shun = ()
+
     def _unlink(self, req: Request) -> None:
-        if req.avoid is not None:
-            self._avoiding.discard(req)
+        if req.shun:
+            self._unshun(req)
         client = req.client
         q = client.queues[req.priority]
         if q[0] is req:
@@ -385,6 +396,11 @@ class Scheduler:
         heapq.heapify(self._deadlines)
 
     def _expire_locked(self, now: int) -> list[Request]:
+        while self._shun_ends and self._shun_ends[0][0] <= now:
+            req = heapq.heappop(self._shun_ends)[2]
+            if req in self._shunning:  # still queued: any device may take it now
+                self._unshun(req)
+                self._cv.notify_all()
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, req = heapq.heappop(self._deadlines)
@@ -396,24 +412,29 @@ class Scheduler:
         return out
 
     def expire(self, now_ns: int | None = None) -> list[Request]:
-        """Remove and return the queued requests whose deadline has passed."""
-        if not self._deadlines:
+        """Remove and return the queued requests whose deadline has passed (and let the
+        retries that shunned devices long enough go to them)."""
+        if not self._deadlines and not self._shun_ends:
             return []
         with self._cv:
             return self._expire_locked(time.monotonic_ns() if now_ns is None else now_ns)
 
     def next_deadline_ns(self) -> int | None:
-        """The earliest deadline among queued requests, if any."""
-        if not self._deadlines:
+        """The earliest deadline among queued requests (or end of a retry's shunning), if
+        any: when :meth:`expire` has something to do."""
+        if not self._deadlines and not self._shun_ends:
             return None
         with self._cv:
             while self._deadlines and self._deadlines[0][2].state != QUEUED:
                 heapq.heappop(self._deadlines)
-            return self._deadlines[0][0] if self._deadlines else None
+            while self._shun_ends and self._shun_ends[0][2] not in self._shunning:
+                heapq.heappop(self._shun_ends)
+            ends = [h[0][0] for h in (self._deadlines, self._shun_ends) if h]
+            return min(ends) if ends else None
 
     def _candidates(self, dev: DeviceState) -> tuple[int, list[ClientState]] | None:
         """The highest priority with work ``dev`` can run, and the clients that have it."""
-        if not self._avoiding and len(self._served) == len(dev.models):  # no filter
+        if not self._shunning and len(self._served) == len(dev.models):  # no filter
             if len(self._active) == 1:  # the common case, in short
                 for c in self._active.values():
                     queues = c.queues
@@ -425,7 +446,7 @@ class Scheduler:
         for c in self._active.values():
             for prio, q in c.queues.items():
                 if (found is None or prio >= found) and any(
-                    r.model_id in dev.models and r.avoid is not dev for r in q
+                    r.model_id in dev.models and dev not in r.shun for r in q
                 ):
                     if found is None or prio > found:
                         found, cands = prio, []
@@ -457,8 +478,8 @@ class Scheduler:
             # in step, instead of one device each.
             fair = min(cands, key=lambda c: (c.id in elsewhere, c.vtimes[prio], c.id))
         head = fair.queues[prio][0]
-        chosen = head if head.model_id in models and head.avoid is not dev else next(
-            r for r in fair.queues[prio] if r.model_id in models and r.avoid is not dev
+        chosen = head if head.model_id in models and dev not in head.shun else next(
+            r for r in fair.queues[prio] if r.model_id in models and dev not in r.shun
         )
         current = dev.current_model
         if (
@@ -474,7 +495,7 @@ class Scheduler:
                              and (busy or c.id not in elsewhere)),
                             key=lambda c: c.vtimes[prio]):
                 alt = next((r for r in c.queues[prio]
-                            if r.model_id == current and r.avoid is not dev), None)
+                            if r.model_id == current and dev not in r.shun), None)
                 if alt is not None:
                     chosen = alt
                     dev.grouped += 1
@@ -512,7 +533,8 @@ class Scheduler:
 
         The caller holds :attr:`cv` (so it can wait on it for other reasons too).
         """
-        expired = self._expire_locked(time.monotonic_ns()) if self._deadlines else []
+        expired = (self._expire_locked(time.monotonic_ns())
+                   if self._deadlines or self._shun_ends else [])
         return self._pick_locked(dev), expired
 
     def pick(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:

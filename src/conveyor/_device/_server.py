@@ -917,8 +917,9 @@ class DeviceServer:
         # Accounted before the reply, so a client that asks for the status next sees it.
         self.scheduler.done(req, compute, ok=True)
         self.stats.ok(device, req.model_id, queue, compute, end, end - req.enqueued_ns)
-        if req.avoid is not None:  # run here after failing there: that device failed
-            self._take_out(self.devices[req.avoid.index])
+        for state in req.failed_on:  # run here after failing there: those devices failed
+            if state.index != device:
+                self._take_out(self.devices[state.index])
         conn = req.conn
         conn.send(encode_result(req.req_id, Status.OK, device, queue, compute, start))
         if not conn.alive and conn.client.running == 0:
@@ -926,24 +927,27 @@ class DeviceServer:
 
     def _device_failed(self, dev: _Dev, req: Request, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
-        others = [d for d in self.devices
-                  if d is not dev and d.state.failed is None and req.model_id in d.runners]
-        if others and not req.retried:
-            # Tried once on another device before this one is blamed: failing there too,
-            # the request itself is at fault (its data: one bad request took a device out
-            # for each try); running there, it shows this device failed (see _finish_ok).
+        failed = req.failed_on if dev.state in req.failed_on else (*req.failed_on, dev.state)
+        others = [d for d in self.devices if d.state not in failed
+                  and d.state.failed is None and req.model_id in d.runners]
+        self._failures[dev.index] = why
+        if others:
+            # Tried on another device before this one is blamed: failing on every one,
+            # the request itself is at fault (its data: one bad request took a device
+            # out for each try); running on one, it shows the others failed (_finish_ok).
             log.warning("device %d (%s) failed request %d of client %d (%s); trying it on "
                         "another device", dev.index, dev.device.spec, req.req_id,
                         req.client.id, why)
-            self._failures[dev.index] = why
             self.stats.device_error(dev.index)  # the device's error, not the request's
-            self.scheduler.requeue(req, avoid=dev.state)
+            if not self.scheduler.requeue(req, failed) and req.client.running == 0:
+                req.conn.release()  # its client has gone: nothing of it runs any more
             self._wake()  # a device holding the I/O role waits in poll, not for work
             return
-        if req.avoid is not None:
-            log.warning("request %d of client %d failed on two devices, taken as its own "
-                        "fault (both stay in service): %s", req.req_id, req.client.id, why)
-        elif not others:
+        if len(failed) > 1:
+            log.warning("request %d of client %d failed on every device that has its model "
+                        "(%d), taken as its own fault (they stay in service): %s",
+                        req.req_id, req.client.id, len(failed), why)
+        else:
             # Kept in service: taken out, it would fail every later request too, where
             # its failure may pass (counted in its errors meanwhile).
             log.error("device %d (%s) failed a request (no other device in service has its "
@@ -955,9 +959,18 @@ class DeviceServer:
             req.conn.release()
 
     def _take_out(self, dev: _Dev) -> None:
-        """Take ``dev`` out of service: a request it failed ran on another device."""
-        why = self._failures.get(dev.index, "failed")
+        """Take ``dev`` out of service: a request it failed ran on another device. Not the
+        last device in service for one of its models: that would fail all of them."""
         if dev.state.failed is not None:
+            return
+        why = self._failures.get(dev.index, "failed")
+        alone = [self.models[m].name for m in dev.runners
+                 if not any(d is not dev and d.state.failed is None and m in d.runners
+                            for d in self.devices)]
+        if alone:
+            log.warning("device %d (%s) failed a request that another device then ran, but "
+                        "it stays in service: no other device has %s (%s)", dev.index,
+                        dev.device.spec, ", ".join(alone), why)
             return
         log.error("device %d (%s) failed a request that another device then ran: taken out "
                   "of service: %s", dev.index, dev.device.spec, why)
