@@ -870,3 +870,29 @@ def test_an_async_source_runs_in_one_task_in_the_consumers_context() -> None:
 
     assert asyncio.run(main()) == [1, 2, 3, 4]
     assert seen == ["consumer's"] * 4
+
+
+def test_an_async_sources_own_cancelled_error_is_the_sources_error() -> None:
+    # A CancelledError the source raised (a future of its own cancelled) ended the run
+    # as if the input had ended: only a cancel of the run may end it quietly.
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        waiting = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, waiting.cancel)
+        await waiting
+
+    async def main() -> tuple[list[int], BaseException | None]:
+        got = []
+        async with conveyor.Pipeline(conveyor.stage(sf.inc)) as pipe:
+            try:
+                async for x in pipe.amap(source()):
+                    got.append(x)
+            except conveyor.StageError as err:
+                return got, err
+        return got, None
+
+    got, err = asyncio.run(main())
+    assert got == [2, 3]
+    assert isinstance(err, conveyor.StageError) and err.stage == "source"
+    assert isinstance(err.__cause__, asyncio.CancelledError)

@@ -906,3 +906,49 @@ def test_a_cancelled_ainfer_with_a_deadline_stays_cancelled(sdir: Path) -> None:
 
         lost, asked = asyncio.run(trials())
     assert asked > 200 and lost == 0, (lost, asked)
+
+
+def test_a_retry_that_failed_twice_shuns_from_its_latest_failure() -> None:
+    # Each failure pushed an end of shunning: the first one's, coming due, let the
+    # request back to the device it had failed on milliseconds before.
+    sched = Scheduler()
+    d0, d1, d2 = (DeviceState(i, frozenset({0})) for i in range(3))  # d2: hung, never picks
+    for d in (d0, d1, d2):
+        sched.add_device(d)
+    a = ClientState(1)
+    sched.add_client(a)
+    sched.submit(_req(a, 1), now_ns=1)
+    req, _ = sched.pick(d0)
+    assert req is not None
+    sched.requeue(req, (d0,))
+    first = req.shun_until
+    assert sched.pick(d1)[0] is req
+    time.sleep(0.01)
+    sched.requeue(req, (d0, d1))
+    assert req.shun_until > first
+    sched.expire(first)  # the first failure's end
+    assert sched.pick(d0)[0] is None and sched.pick(d1)[0] is None
+    sched.expire(req.shun_until)
+    assert sched.pick(d0)[0] is req
+
+
+def test_a_finished_request_lets_go_of_the_clients_memory() -> None:
+    # Kept in the deadline heap with its views of the client's segment, a request that
+    # had run held a client that had gone mapped until the deadlines ahead of it passed.
+    sched, dev, c = _one_device_one_client(max_queue=4)
+    req = Request(c, 1, 0, ["input view"], ["output view"], time.monotonic_ns() + 10**10)
+    sched.submit(req)
+    assert sched.pick(dev)[0] is req
+    sched.done(req, 1000, ok=True)
+    assert req.inputs is None and req.outputs is None
+
+
+def test_the_last_device_of_a_model_is_kept_by_a_take_out_that_keeps_it() -> None:
+    sched = Scheduler()
+    a, b = DeviceState(0, frozenset({0, 1})), DeviceState(1, frozenset({0}))
+    sched.add_device(a)
+    sched.add_device(b)
+    assert sched.take_out(a, "failed", keep_last=True) is None  # model 1: only a has it
+    assert a.failed is None
+    assert sched.take_out(b, "failed", keep_last=True) == []
+    assert sched.take_out(a, "failed", keep_last=True) is None  # now the last of both

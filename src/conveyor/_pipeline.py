@@ -212,11 +212,16 @@ class _FromAsync:
                         self._room = room = self._loop.create_future()
                     await room
             end: tuple[int, Any] = (_END, None)
-        except asyncio.CancelledError:
-            with self._cond:
-                self._handed.append((_END, None))
-                self._cond.notify()
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+            if not (self._cancelled or cancelling is None or cancelling()):
+                end = (_ERR, exc)  # the source's own, not a cancel of this task
+            else:
+                with self._cond:
+                    self._handed.append((_END, None))
+                    self._cond.notify()
+                raise
         except BaseException as exc:  # SystemExit too: the source's, not the loop's
             end = (_ERR, exc)
         with self._cond:

@@ -75,8 +75,8 @@ class Request:
 
     __slots__ = (
         "charged", "client", "conn", "deadline_ns", "enqueued_ns", "failed_on", "inputs",
-        "model_id", "outputs", "priority", "req_id", "seq", "shun", "started_ns", "state",
-        "switched",
+        "model_id", "outputs", "priority", "req_id", "seq", "shun", "shun_until",
+        "started_ns", "state", "switched",
     )
 
     def __init__(
@@ -102,10 +102,18 @@ class Request:
         self.seq = 0
         self.failed_on: tuple[DeviceState, ...] = ()  # the devices whose run of it failed
         self.shun: tuple[DeviceState, ...] = ()  # queued again: devices not to take it
+        self.shun_until = 0  # ...until then (an older entry of _shun_ends is stale)
         self.charged = 0  # virtual time charged when a device took it (see _pick_locked)
         self.switched = False  # its device switched models for it
         self.started_ns = 0  # when a device took it
         self.state = QUEUED
+
+    def finish(self) -> None:
+        """Done with: let go of its views of the client's memory. The deadline heap may
+        keep it a while, and with the views it kept a client that had gone mapped (a
+        wait as long as the deadlines of the requests ahead of it)."""
+        self.state = DONE
+        self.inputs = self.outputs = None
 
 
 @dataclass(eq=False)
@@ -207,12 +215,17 @@ class Scheduler:
             for m in dev.models:
                 self._served[m] = self._served.get(m, 0) + 1
 
-    def take_out(self, dev: DeviceState, why: str) -> list[Request]:
+    def take_out(self, dev: DeviceState, why: str,
+                 keep_last: bool = False) -> list[Request] | None:
         """Mark a device failed; returns queued requests that no device can run any more
-        (removed from their queues: the caller answers them)."""
+        (removed from their queues: the caller answers them). With ``keep_last``, None
+        instead if it is the last device in service for one of its models (looked at
+        under the lock: two take-outs at once both saw the other device in service)."""
         with self._cv:
             if dev.failed is not None:
                 return []
+            if keep_last and any(self._served.get(m, 0) <= 1 for m in dev.models):
+                return None
             dev.failed = why
             for m in dev.models:
                 self._served[m] -= 1
@@ -222,7 +235,7 @@ class Scheduler:
             ]
             for r in orphans:
                 self._unlink(r)
-                r.state = DONE
+                r.finish()
                 r.client.failed += 1
             for r in list(self._shunning):  # only devices it failed on are left for it
                 if not any(d.failed is None and d not in r.shun and r.model_id in d.models
@@ -246,7 +259,7 @@ class Scheduler:
             self._active.pop(client.id, None)
             dropped = [r for q in client.queues.values() for r in q]
             for r in dropped:
-                r.state = DONE
+                r.finish()
                 self._shunning.discard(r)
             self._queued -= len(dropped)
             client.queues.clear()
@@ -344,13 +357,14 @@ class Scheduler:
             self._running -= 1
             self._not_running(client, req.priority)
             if client.id not in self._clients:
-                req.state = DONE
+                req.finish()
                 client._settle(req.priority)
                 return False
             if failed_on:
                 req.shun = failed_on
+                req.shun_until = time.monotonic_ns() + SHUN_NS
                 self._shunning.add(req)
-                heapq.heappush(self._shun_ends, (time.monotonic_ns() + SHUN_NS, req.seq, req))
+                heapq.heappush(self._shun_ends, (req.shun_until, req.seq, req))
             client.queues.setdefault(req.priority, deque()).appendleft(req)
             client.queued += 1
             self._active[client.id] = client
@@ -397,8 +411,10 @@ class Scheduler:
 
     def _expire_locked(self, now: int) -> list[Request]:
         while self._shun_ends and self._shun_ends[0][0] <= now:
-            req = heapq.heappop(self._shun_ends)[2]
-            if req in self._shunning:  # still queued: any device may take it now
+            until, _, req = heapq.heappop(self._shun_ends)
+            # Still queued, and this entry its latest (one of an earlier failure let it
+            # go back within milliseconds to the device it had just failed on).
+            if req in self._shunning and until == req.shun_until:
                 self._unshun(req)
                 self._cv.notify_all()
         out = []
@@ -406,7 +422,7 @@ class Scheduler:
             _, _, req = heapq.heappop(self._deadlines)
             if req.state == QUEUED:
                 self._unlink(req)
-                req.state = DONE
+                req.finish()
                 req.client.expired += 1
                 out.append(req)
         return out
@@ -427,7 +443,9 @@ class Scheduler:
         with self._cv:
             while self._deadlines and self._deadlines[0][2].state != QUEUED:
                 heapq.heappop(self._deadlines)
-            while self._shun_ends and self._shun_ends[0][2] not in self._shunning:
+            while self._shun_ends and (
+                    self._shun_ends[0][2] not in self._shunning
+                    or self._shun_ends[0][0] != self._shun_ends[0][2].shun_until):
                 heapq.heappop(self._shun_ends)
             ends = [h[0][0] for h in (self._deadlines, self._shun_ends) if h]
             return min(ends) if ends else None
@@ -562,7 +580,7 @@ class Scheduler:
     def done(self, req: Request, compute_ns: int, ok: bool) -> None:
         """Account for a finished request."""
         with self._cv:
-            req.state = DONE
+            req.finish()
             c = req.client
             c.running -= 1
             self._running -= 1
@@ -599,7 +617,7 @@ class Scheduler:
                        for r in q]
             for r in dropped:
                 self._unlink(r)
-                r.state = DONE
+                r.finish()
             self._deadlines.clear()
             self._cv.notify_all()
             return dropped

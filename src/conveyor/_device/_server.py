@@ -964,17 +964,15 @@ class DeviceServer:
         if dev.state.failed is not None:
             return
         why = self._failures.get(dev.index, "failed")
-        alone = [self.models[m].name for m in dev.runners
-                 if not any(d is not dev and d.state.failed is None and m in d.runners
-                            for d in self.devices)]
-        if alone:
+        orphans = self.scheduler.take_out(dev.state, why, keep_last=True)
+        if orphans is None:
             log.warning("device %d (%s) failed a request that another device then ran, but "
-                        "it stays in service: no other device has %s (%s)", dev.index,
-                        dev.device.spec, ", ".join(alone), why)
+                        "it stays in service: it is the last one for one of its models "
+                        "(%s)", dev.index, dev.device.spec, why)
             return
         log.error("device %d (%s) failed a request that another device then ran: taken out "
                   "of service: %s", dev.index, dev.device.spec, why)
-        for r in self.scheduler.take_out(dev.state, why):
+        for r in orphans:
             self._reply_request(r, Status.DEVICE_ERROR, dev.index,
                                 f"no device left that has model {self.models[r.model_id].name}")
 
