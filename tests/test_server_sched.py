@@ -282,16 +282,24 @@ def test_a_client_whose_request_hangs_on_one_device_is_served_on_the_others() ->
     assert got is not None and got.client is a and got.req_id == 2
 
 
-def test_a_retry_goes_to_another_device_while_there_is_one() -> None:
+def _running_on_the_first(
+        devices: int) -> tuple[Scheduler, tuple[DeviceState, ...], ClientState, Request]:
+    """A scheduler with ``devices`` devices of model 0 and one client, whose request the
+    first device has taken: ``(scheduler, devices, client, request)``."""
     sched = Scheduler()
-    d0, d1 = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
-    sched.add_device(d0)
-    sched.add_device(d1)
-    a = ClientState(1)
-    sched.add_client(a)
-    sched.submit(_req(a, 1), now_ns=1)
-    failed, _ = sched.pick(d0)
-    assert failed is not None
+    devs = tuple(DeviceState(i, frozenset({0})) for i in range(devices))
+    for d in devs:
+        sched.add_device(d)
+    client = ClientState(1)
+    sched.add_client(client)
+    sched.submit(_req(client, 1), now_ns=1)
+    req, _ = sched.pick(devs[0])
+    assert req is not None
+    return sched, devs, client, req
+
+
+def test_a_retry_goes_to_another_device_while_there_is_one() -> None:
+    sched, (d0, d1), a, failed = _running_on_the_first(2)
     assert sched.requeue(failed, (d0,))
     assert sched.pick(d0)[0] is None  # not where it failed
     sched.submit(_req(a, 2), now_ns=1)
@@ -306,15 +314,7 @@ def test_a_retry_goes_back_to_its_device_after_a_while() -> None:
     # The only other device hung: the retry waited for it for ever, with no deadline.
     from conveyor._device._scheduler import SHUN_NS
 
-    sched = Scheduler()
-    d0, d1 = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
-    sched.add_device(d0)
-    sched.add_device(d1)
-    a = ClientState(1)
-    sched.add_client(a)
-    sched.submit(_req(a, 1), now_ns=1)
-    failed, _ = sched.pick(d0)
-    assert failed is not None
+    sched, (d0, _), _, failed = _running_on_the_first(2)
     sched.requeue(failed, (d0,))
     assert sched.pick(d0)[0] is None
     due = sched.next_deadline_ns()
@@ -324,15 +324,7 @@ def test_a_retry_goes_back_to_its_device_after_a_while() -> None:
 
 
 def test_a_retry_of_a_client_gone_is_not_queued() -> None:
-    sched = Scheduler()
-    d0, d1 = DeviceState(0, frozenset({0})), DeviceState(1, frozenset({0}))
-    sched.add_device(d0)
-    sched.add_device(d1)
-    a = ClientState(1)
-    sched.add_client(a)
-    sched.submit(_req(a, 1), now_ns=1)
-    failed, _ = sched.pick(d0)
-    assert failed is not None
+    sched, (d0, _), a, failed = _running_on_the_first(2)
     sched.remove_client(a)
     assert not sched.requeue(failed, (d0,))  # its memory may go: nothing holds it
     assert sched.queued == 0 and sched.running == 0 and sched.next_deadline_ns() is None
@@ -911,15 +903,7 @@ def test_a_cancelled_ainfer_with_a_deadline_stays_cancelled(sdir: Path) -> None:
 def test_a_retry_that_failed_twice_shuns_from_its_latest_failure() -> None:
     # Each failure pushed an end of shunning: the first one's, coming due, let the
     # request back to the device it had failed on milliseconds before.
-    sched = Scheduler()
-    d0, d1, d2 = (DeviceState(i, frozenset({0})) for i in range(3))  # d2: hung, never picks
-    for d in (d0, d1, d2):
-        sched.add_device(d)
-    a = ClientState(1)
-    sched.add_client(a)
-    sched.submit(_req(a, 1), now_ns=1)
-    req, _ = sched.pick(d0)
-    assert req is not None
+    sched, (d0, d1, _), _, req = _running_on_the_first(3)  # the third: hung, never picks
     sched.requeue(req, (d0,))
     first = req.shun_until
     assert sched.pick(d1)[0] is req
