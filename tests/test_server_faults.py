@@ -350,6 +350,7 @@ def _replaced_by_a_stopped_server(
         first.kill()
         with ServeProcess(path) as second:
             second.proc.send_signal(signal.SIGSTOP)  # listening, but not answering
+            assert wait_for(lambda: _stopped(second.pid), timeout=5.0)
             try:
                 yield client, img, second
             finally:
@@ -437,6 +438,16 @@ def test_a_reconnect_to_a_server_that_does_not_answer(sdir: Path) -> None:
 
 
 @pytest.mark.usefixtures("no_leaks")
+def _stopped(pid: int) -> bool:
+    """Every thread of process ``pid`` is stopped (state T in /proc)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            stat = (task / "stat").read_text()
+            states.append(stat[stat.rindex(")") + 2])
+    return bool(states) and all(st in "tT" for st in states)
+
+
 def test_a_deadline_holds_when_the_server_hangs(sdir: Path) -> None:
     # Only the server checked deadlines: with it stopped (SIGSTOP), a request with a
     # 0.3 s deadline waited for as long as the server did.
@@ -451,6 +462,8 @@ def test_a_deadline_holds_when_the_server_hangs(sdir: Path) -> None:
         client.infer(model, img)
         os.kill(srv.pid, signal.SIGSTOP)
         try:
+            # Stopped for sure first: a request sent just after kill() was once answered.
+            assert wait_for(lambda: _stopped(srv.pid), timeout=5.0)
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="no answer"):
                 client.infer(model, img, deadline=0.3)
