@@ -360,6 +360,9 @@ def test_a_server_that_cannot_start_leaves_no_folder_and_names_its_path(sdir: Pa
     assert huge.returncode == 2 and "out of range" in huge.stderr
     assert "Traceback" not in huge.stderr
     assert "at most 4096" in cli("serve", "--max-inflight", "4097").stderr
+    for command in ("serve", "status", "top"):  # "" was taken as the current folder
+        empty = cli(command, "--socket", "")
+        assert empty.returncode == 2 and "an empty path names no socket" in empty.stderr
 
 
 # --- who may connect ---------------------------------------------------------------------

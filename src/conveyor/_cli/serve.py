@@ -34,6 +34,7 @@ from pathlib import Path
 from .._device._protocol import MAX_INFLIGHT
 from .._errors import ConveyorError
 from ..backends import parse_device
+from .status import socket_path
 
 __all__ = ["add_arguments", "run"]
 
@@ -75,7 +76,8 @@ def _port(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``conveyor serve``'s arguments on ``parser``."""
-    parser.add_argument("--socket", metavar="PATH", help="the Unix socket to listen on "
+    parser.add_argument("--socket", metavar="PATH", type=socket_path,
+                        help="the Unix socket to listen on "
                         "(default: $XDG_RUNTIME_DIR/conveyor.sock or /tmp/conveyor-UID/...)")
     parser.add_argument("--device", metavar="SPEC", action="append", dest="devices",
                         help="a device to own: cpu, cpu:N, edgetpu, edgetpu:usb:N, "

@@ -24,11 +24,18 @@ __all__ = ["add_arguments", "fetch", "render", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``conveyor status``' arguments on ``parser``."""
-    parser.add_argument("--socket", metavar="PATH",
+    parser.add_argument("--socket", metavar="PATH", type=socket_path,
                         help="the server's socket (default: as for conveyor serve)")
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
     parser.add_argument("--timeout", metavar="S", type=positive_seconds, default=5.0,
                         help="seconds to wait for the server (default 5)")
+
+
+def socket_path(text: str) -> str:
+    """An argparse type: a socket path, not empty (that was taken as the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no socket")
+    return text
 
 
 def positive_seconds(text: str) -> float:

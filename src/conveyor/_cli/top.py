@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import ConveyorError
-from .status import positive_seconds, render
+from .status import positive_seconds, render, socket_path
 
 __all__ = ["add_arguments", "frame", "run"]
 
@@ -32,7 +32,7 @@ _CLEAR = "\x1b[H\x1b[2J"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``conveyor top``'s arguments on ``parser``."""
-    parser.add_argument("--socket", metavar="PATH",
+    parser.add_argument("--socket", metavar="PATH", type=socket_path,
                         help="the server's socket (default: as for conveyor serve)")
     parser.add_argument("--interval", metavar="S", type=positive_seconds, default=1.0,
                         help="seconds between refreshes (default 1)")
