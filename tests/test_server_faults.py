@@ -730,3 +730,18 @@ def test_a_full_queue_of_new_connections_is_waited_out_not_taken_for_no_server(
             s.close()
         listener.close()
         path.unlink()
+
+
+def test_connection_churn_does_not_flood_the_log(sdir: Path) -> None:
+    # One line per connect and one per disconnect, with no bound: 10,000 connections
+    # made 20,000 lines.
+    with LogLines().installed() as logs, ThreadServer(sdir / "s", [FakeDevice()], ["m"]) as srv:
+        t0 = time.monotonic()
+        for _ in range(150):
+            DeviceClient(path=srv.path).close()
+        seconds = time.monotonic() - t0
+        time.sleep(1.1)
+        DeviceClient(path=srv.path).close()  # in a new second: says what was held back
+    plain = [line for line in logs.lines if "connected:" in line or line.endswith("disconnected")]
+    assert len(plain) <= 20 * (int(seconds) + 3), len(plain)
+    assert any("were not logged" in line for line in logs.lines)

@@ -101,6 +101,30 @@ class _Dev:
         self.scheduled = threading.Event()  # set once the thread has set its policy
 
 
+class _Churn:
+    """At most ``per_s`` plain connect and disconnect log lines a second (10,000 connections
+    made 20,000 lines); the rest are counted, and the count said with the next one."""
+
+    def __init__(self, per_s: int = 20) -> None:
+        self.per_s = per_s
+        self._second = 0
+        self._lines = 0
+        self._held = 0
+
+    def allow(self) -> bool:
+        now = int(time.monotonic())
+        if now != self._second:
+            if self._held:
+                log.info("%d connect and disconnect lines were not logged (more than %d a "
+                         "second)", self._held, self.per_s)
+            self._second, self._lines, self._held = now, 0, 0
+        if self._lines < self.per_s:
+            self._lines += 1
+            return True
+        self._held += 1
+        return False
+
+
 def _digests(paths: set[Path]) -> tuple[str, ...]:
     """The digests of the files a model came from that can still be read, sorted."""
     out = set()
@@ -206,6 +230,7 @@ class DeviceServer:
         self._flush_until = 0.0  # draining: when replies not read by then are given up
         self._runs_until = 0.0  # draining: when runs not done by then are given up
         self._failures: dict[int, str] = {}  # device index -> why its last failed run did
+        self._churn = _Churn()
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the
@@ -741,8 +766,9 @@ class DeviceServer:
         del self._handshakes[conn.fileno]
         if not conn.monitor:
             self.scheduler.add_client(conn.client)
-            log.info("client %d connected: pid %d uid %d %s", conn.client.id, conn.client.pid,
-                     conn.client.uid, conn.client.name)
+            if self._churn.allow():
+                log.info("client %d connected: pid %d uid %d %s", conn.client.id,
+                         conn.client.pid, conn.client.uid, conn.client.name)
         welcome = {
             "client_id": conn.client.id,
             "server_pid": os.getpid(),
@@ -792,8 +818,9 @@ class DeviceServer:
         conn.reader.close()
         if conn.welcomed and not conn.monitor:
             self.scheduler.remove_client(conn.client)
-            log.info("client %d (pid %d) disconnected%s", conn.client.id, conn.client.pid,
-                     f": {why}" if why else "")
+            if why or self._churn.allow():
+                log.info("client %d (pid %d) disconnected%s", conn.client.id,
+                         conn.client.pid, f": {why}" if why else "")
         elif why:
             log.info("connection of pid %d closed: %s", conn.client.pid, why)
         if conn.client.running == 0:
