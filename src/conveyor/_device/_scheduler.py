@@ -36,8 +36,8 @@ Policy, in order:
    that has its model. A request retried after its run failed goes to a device other
    than those it failed on, for ``SHUN_NS`` (then to any: the others may hang) or while
    one in service has its model; the server decides from the retry's outcome which was
-   at fault. A device taken out of
-   service no longer pulls; requests for models no remaining device has are failed.
+   at fault. A device taken out of service no longer pulls; requests for models no
+   remaining device has are failed.
 
 All state changes happen under one lock (a Condition, on which idle devices wait); no I/O
 is done under it.
@@ -151,10 +151,18 @@ class ClientState:
         """Whether it has a request queued or running at ``priority``."""
         return priority in self.queues or priority in self.running_at
 
-    def _settle(self, priority: int) -> None:
+    def settle(self, priority: int) -> None:
         """Forget its virtual time at ``priority`` once it has no work there."""
         if not self.busy_at(priority):
             self.vtimes.pop(priority, None)
+
+    def not_running(self, priority: int) -> None:
+        """One of its requests at ``priority`` no longer runs."""
+        left = self.running_at[priority] - 1
+        if left:
+            self.running_at[priority] = left
+        else:
+            del self.running_at[priority]
 
 
 @dataclass(eq=False)
@@ -260,7 +268,7 @@ class Scheduler:
             dropped = [r for q in client.queues.values() for r in q]
             for r in dropped:
                 r.finish()
-                self._shunning.discard(r)
+                self._unshun(r)
             self._queued -= len(dropped)
             client.queues.clear()
             client.queued = 0
@@ -355,10 +363,10 @@ class Scheduler:
             self._forget(req)
             client.running -= 1
             self._running -= 1
-            self._not_running(client, req.priority)
+            client.not_running(req.priority)
             if client.id not in self._clients:
                 req.finish()
-                client._settle(req.priority)
+                client.settle(req.priority)
                 return False
             if failed_on:
                 req.shun = failed_on
@@ -376,6 +384,13 @@ class Scheduler:
 
     # --- dispatch --------------------------------------------------------------------
 
+    def _shun_current(self, entry: tuple[int, int, Request]) -> bool:
+        """An entry of ``_shun_ends`` still in force: its request is queued and shunning,
+        and it is of its latest failure (an earlier failure's let the request back within
+        milliseconds to the device it had just failed on)."""
+        until, _, req = entry
+        return req in self._shunning and until == req.shun_until
+
     def _unshun(self, req: Request) -> None:
         self._shunning.discard(req)
         req.shun = ()
@@ -391,19 +406,11 @@ class Scheduler:
             q.remove(req)
         if not q:
             del client.queues[req.priority]
-            client._settle(req.priority)
+            client.settle(req.priority)
             if not client.queues:
                 self._active.pop(client.id, None)
         client.queued -= 1
         self._queued -= 1
-
-    @staticmethod
-    def _not_running(client: ClientState, priority: int) -> None:
-        left = client.running_at[priority] - 1
-        if left:
-            client.running_at[priority] = left
-        else:
-            del client.running_at[priority]
 
     def _prune_deadlines(self) -> None:
         self._deadlines = [e for e in self._deadlines if e[2].state == QUEUED]
@@ -411,11 +418,9 @@ class Scheduler:
 
     def _expire_locked(self, now: int) -> list[Request]:
         while self._shun_ends and self._shun_ends[0][0] <= now:
-            until, _, req = heapq.heappop(self._shun_ends)
-            # Still queued, and this entry its latest (one of an earlier failure let it
-            # go back within milliseconds to the device it had just failed on).
-            if req in self._shunning and until == req.shun_until:
-                self._unshun(req)
+            entry = heapq.heappop(self._shun_ends)
+            if self._shun_current(entry):
+                self._unshun(entry[2])
                 self._cv.notify_all()
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -443,9 +448,7 @@ class Scheduler:
         with self._cv:
             while self._deadlines and self._deadlines[0][2].state != QUEUED:
                 heapq.heappop(self._deadlines)
-            while self._shun_ends and (
-                    self._shun_ends[0][2] not in self._shunning
-                    or self._shun_ends[0][0] != self._shun_ends[0][2].shun_until):
+            while self._shun_ends and not self._shun_current(self._shun_ends[0]):
                 heapq.heappop(self._shun_ends)
             ends = [h[0][0] for h in (self._deadlines, self._shun_ends) if h]
             return min(ends) if ends else None
@@ -586,8 +589,8 @@ class Scheduler:
             self._running -= 1
             self._forget(req)
             c.vtimes[req.priority] += compute_ns - req.charged
-            self._not_running(c, req.priority)
-            c._settle(req.priority)
+            c.not_running(req.priority)
+            c.settle(req.priority)
             c.device_ns += compute_ns
             usual = self._cost.get(req.model_id)
             if ok and (usual is None or not req.switched):  # a reload is not its usual
