@@ -250,6 +250,12 @@ def test_an_unwritable_trace_path_fails_the_start_not_the_close(tmp_path, where)
     pipe.close()
 
 
+def test_an_empty_trace_path_is_refused_as_such() -> None:
+    # It became '.', and the start failed with "Is a directory: '.'".
+    with pytest.raises(ValueError, match="trace must be a file's path"):
+        conveyor.Pipeline(conveyor.stage(abs), trace="")
+
+
 def test_lambda_in_process_stage_is_refused_clearly() -> None:
     with pytest.raises(TypeError, match="picklable function defined at the top level"):
         conveyor.Pipeline(conveyor.stage(lambda x: x, kind="process")).start()

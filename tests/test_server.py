@@ -567,3 +567,22 @@ def test_top_ended_by_a_signal_gives_the_terminal_back(sdir: Path, signum: int,
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_top_to_a_pipe_prints_frames_without_screen_control(sdir: Path) -> None:
+    # To a file or a pipe it wrote the terminal's clear-screen sequence before each frame.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "top", "--socket", str(sdir / "none.sock"),
+         "--interval", "0.1"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env())
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        while seen.count(b"waiting for a server") < 2:
+            chunk = proc.stdout.read1(65536)
+            assert chunk, "top ended"
+            seen += chunk
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert b"\x1b" not in seen
+    assert seen.count(b"conveyor top") >= 2

@@ -354,6 +354,78 @@ def test_a_hung_run_does_not_hold_a_draining_server_for_ever(
         srv.stop()
 
 
+def test_a_retry_failing_again_where_it_failed_is_answered(sdir: Path) -> None:
+    # The other device hung: after its second failure on the only device left, the bad
+    # request went back to the queue once a second for ever (and held a drain open).
+    gate = threading.Event()
+    hung, poison = FakeDevice("hung", gate=gate), PoisonDevice("poison", delay=0.001)
+    srv = ThreadServer(sdir / "s", [hung, poison], ["m"])
+    try:
+        with LogLines().installed() as logs, DeviceClient(path=srv.path) as c:
+            stuck = []
+            while not hung.started.wait(0.05):  # until the hung device has taken one
+                stuck.append(c.submit("m", x(1)))
+            t0 = time.monotonic()
+            with pytest.raises(DeviceError, match="failed on this input"):
+                c.infer("m", x(666), deadline=10)
+            assert time.monotonic() - t0 < 4  # one try, a second away, one more
+            assert c.infer("m", x(2))[1].tolist() == [8.0]  # the device still serves
+            assert not all(f.done() for f in stuck)  # one still hangs
+            st = c.status()
+        assert [d["state"] for d in st["devices"]] == ["ok", "ok"]
+        assert st["devices"][1]["errors"] == 2
+        assert any("failed again on device 1" in line for line in logs.lines)
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_requests_queued_behind_a_hung_run_do_not_hold_a_drain(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The drain's limit on runs began only once the queue was empty: with requests
+    # queued behind a hung run (which only that device could run), never.
+    import conveyor._device._server as server_mod
+
+    monkeypatch.setattr(server_mod, "DRAIN_RUN_S", 0.5)
+    gate = threading.Event()
+    srv = ThreadServer(sdir / "s", [FakeDevice(gate=gate)], ["m"])
+    try:
+        with LogLines().installed() as logs, DeviceClient(path=srv.path) as c:
+            futs = [c.submit("m", x(i)) for i in range(4)]
+            assert wait_for(lambda: srv.server.scheduler.queued == 3, timeout=5)
+            t0 = time.monotonic()
+            srv.server.shutdown(drain=True)
+            srv.thread.join(10)
+            assert not srv.thread.is_alive(), "the drain waited for the queue behind it"
+            assert time.monotonic() - t0 < 3
+            for f in futs:
+                with pytest.raises(conveyor.ServerGone):
+                    f.result(10)
+        assert any("none finished in the last" in line for line in logs.lines)
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_a_drain_waits_for_a_slow_queue_that_moves(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each run ends within the limit, the whole queue takes longer: all of it is run.
+    import conveyor._device._server as server_mod
+
+    monkeypatch.setattr(server_mod, "DRAIN_RUN_S", 0.3)
+    srv = ThreadServer(sdir / "s", [FakeDevice(delay=0.1)], ["m"])
+    try:
+        with DeviceClient(path=srv.path) as c:
+            futs = [c.submit("m", x(i)) for i in range(8)]  # 0.8 s in all
+            assert wait_for(lambda: srv.server.scheduler.running == 1, timeout=5)
+            srv.server.shutdown(drain=True)
+            assert [f.result(10)[1].tolist() for f in futs] == [[4.0 * i] for i in range(8)]
+            srv.thread.join(10)
+            assert not srv.thread.is_alive()
+    finally:
+        srv.stop()
+
+
 def test_model_no_device_can_load_is_an_error(sdir: Path) -> None:
     from conveyor import ModelNotFoundError
 

@@ -325,6 +325,8 @@ class Pipeline:
             max_in_flight = n + 1 if self.live else maxsize * n + workers
         self.max_in_flight = max_in_flight
         self._defs = [StageDef(**vars(s)) for s in stages]
+        if trace is not None and not os.fspath(trace):
+            raise ValueError("trace must be a file's path (or None for no trace), got ''")
         self._tracer = Tracer(trace) if trace is not None else None
         self._inflight = inflight
         self._core: Core | None = None

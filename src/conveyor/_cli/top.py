@@ -2,7 +2,7 @@
 
 Shows devices (requests/s, duty cycle, latency, model switches), models, and each client
 with its own request rate. Press q (or Ctrl-C) to quit. If the server goes away, top
-waits for it to come back.
+waits for it to come back. To a pipe or a file, the frames follow one another.
 
 examples:
   conveyor top
@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     previous: dict[str, Any] | None = None
     last = time.monotonic()
     out = sys.stdout
+    # To a file or a pipe, frames follow one another (as top -b), without screen control.
+    clear = _CLEAR if out.isatty() else "\n"
     try:
         with _keys() as keys:
             while True:
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                     previous = None
                     lines = [f"conveyor top  {time.strftime('%H:%M:%S')}  (q quits)", "",
                              f"waiting for a server at {path}: {exc}"]
-                out.write(_CLEAR + "\n".join(lines) + "\n")
+                out.write(clear + "\n".join(lines) + "\n")
                 out.flush()
                 if _wait_for_key(interval, keys):
                     return 0

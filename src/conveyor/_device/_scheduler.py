@@ -202,6 +202,7 @@ class Scheduler:
         self._served: dict[int, int] = {}
         self._queued = 0
         self._running = 0
+        self.finished = 0  # requests done (run or failed): a drain watches it for progress
         self._deadlines: list[tuple[int, int, Request]] = []
         self._seq = itertools.count()
         self._shunning: set[Request] = set()  # queued retries with devices to shun
@@ -584,6 +585,7 @@ class Scheduler:
         """Account for a finished request."""
         with self._cv:
             req.finish()
+            self.finished += 1
             c = req.client
             c.running -= 1
             self._running -= 1

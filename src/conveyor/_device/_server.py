@@ -79,8 +79,9 @@ FRAMES_PER_TURN = 64
 #: Draining for SIGTERM: how long, once every request has run, replies may wait for
 #: clients that read them slowly before the server exits anyway.
 DRAIN_FLUSH_S = 5.0
-#: Draining: how long, once the queue is empty, runs may go on before the server exits
-#: without them (a hung device's run never ends).
+#: Draining: how long the server waits with requests running and none finishing before
+#: it exits without them (a hung device's run never ends, nor do the requests queued
+#: behind it).
 DRAIN_RUN_S = 10.0
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
@@ -229,6 +230,8 @@ class DeviceServer:
         self._stop_seen = 0
         self._flush_until = 0.0  # draining: when replies not read by then are given up
         self._runs_until = 0.0  # draining: when runs not done by then are given up
+        self._drain_done = -1  # draining: the scheduler's finished count seen last
+        self._gave_up = False  # draining: runs given up as hung
         self._failures: dict[int, str] = {}  # device index -> why its last failed run did
         self._churn = _Churn()
         self._exit_when_no_clients = False
@@ -389,9 +392,10 @@ class DeviceServer:
             ends.append(min(c.opened for c in self._handshakes.values()) + HANDSHAKE_TIMEOUT)
         if self._accept_paused_until:
             ends.append(self._accept_paused_until)
-        for end in (self._flush_until, self._runs_until):
-            if end:
-                ends.append(end)
+        if self._flush_until:
+            ends.append(self._flush_until)
+        if self._runs_until and self.scheduler.running:  # past it, with none running: done
+            ends.append(self._runs_until)
         if not ends:
             return None
         return max(0.0, min(ends) - time.monotonic())
@@ -442,19 +446,24 @@ class DeviceServer:
         if self._stop_seen == 2:
             return True
         if self._stop_seen == 1:
-            if self.scheduler.queued:
-                return False
-            if self.scheduler.running:
-                # A run that never ends (a hung device) must not hold the stop for ever.
+            sched = self.scheduler
+            if sched.running:
+                # A run that never ends (a hung device) must not hold the stop for ever,
+                # nor the requests queued behind it: the drain gives up when none has
+                # finished for DRAIN_RUN_S.
                 now = time.monotonic()
-                if not self._runs_until:
+                if sched.finished != self._drain_done:
+                    self._drain_done = sched.finished
                     self._runs_until = now + DRAIN_RUN_S
                 if now < self._runs_until:
                     return False
-                log.warning("stopping with %d request(s) still running %g s after the "
-                            "queue emptied (a hung device?)", self.scheduler.running,
-                            DRAIN_RUN_S)
+                log.warning("stopping with %d request(s) running and %d queued: none "
+                            "finished in the last %g s (a hung device?)", sched.running,
+                            sched.queued, DRAIN_RUN_S)
+                self._gave_up = True
                 return True
+            if sched.queued:
+                return False  # an idle device takes them
             # The replies still waiting for their clients to read them leave first, for a
             # while: a client that reads slowly gets every result it was promised.
             if not any(c.has_outbox and c.alive for c in self._conns.values()):
@@ -520,8 +529,7 @@ class DeviceServer:
 
     def _finish(self) -> None:
         # Drained: every run ended (not stopped at once, nor given up on a hung one).
-        drained = self._stop_seen < 2 and not (
-            self._runs_until and time.monotonic() >= self._runs_until)
+        drained = self._stop_seen < 2 and not self._gave_up
         self._finish_handed_over()  # their clients get the results before the close
         sched = self.scheduler
         for req in sched.abort():
@@ -954,9 +962,13 @@ class DeviceServer:
 
     def _device_failed(self, dev: _Dev, req: Request, exc: BaseException) -> None:
         why = f"{type(exc).__name__}: {exc}"
-        failed = req.failed_on if dev.state in req.failed_on else (*req.failed_on, dev.state)
-        others = [d for d in self.devices if d.state not in failed
-                  and d.state.failed is None and req.model_id in d.runners]
+        # Failing a second time on one device (the others that have its model did not
+        # take it while it kept away from this one: hung, or failed), it is not retried
+        # again: each try failed, and the devices stay in service.
+        again = dev.state in req.failed_on
+        failed = req.failed_on if again else (*req.failed_on, dev.state)
+        others = [] if again else [d for d in self.devices if d.state not in failed
+                                   and d.state.failed is None and req.model_id in d.runners]
         self._failures[dev.index] = why
         if others:
             # Tried on another device before this one is blamed: failing on every one,
@@ -970,7 +982,12 @@ class DeviceServer:
                 req.conn.release()  # its client has gone: nothing of it runs any more
             self._wake()  # a device holding the I/O role waits in poll, not for work
             return
-        if len(failed) > 1:
+        if again:
+            log.warning("request %d of client %d failed again on device %d (%s), and no "
+                        "other device took it meanwhile: answered DeviceError (the devices "
+                        "stay in service): %s", req.req_id, req.client.id, dev.index,
+                        dev.device.spec, why)
+        elif len(failed) > 1:
             log.warning("request %d of client %d failed on every device that has its model "
                         "(%d), taken as its own fault (they stay in service): %s",
                         req.req_id, req.client.id, len(failed), why)
