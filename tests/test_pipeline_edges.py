@@ -230,6 +230,7 @@ def test_two_inference_stages_stats_and_trace_in_stage_order(tmp_path: Any) -> N
             st = pipe.stats()
         assert list(st["devices"]) == ["face_detection_short_range", "face_landmark"]
         assert st["device"] is st["devices"]["face_detection_short_range"]
+        assert "shared_with" not in st["device"]  # on the CPU each has a worker of its own
     import json
 
     names = {e["args"]["name"] for e in json.loads(trace.read_text())["traceEvents"]

@@ -149,6 +149,16 @@ def test_two_stages_on_one_edge_tpu_share_its_worker(tmp_path, no_leaks: None) -
                                                       "face_landmark")] == [1, 1]
         assert all(link.worker.pid != first_pid for link in pipe._core.links.values())
         assert [d["items"] for d in st["devices"].values()] == [40, 40]
+        # Each entry counts its model; the device's own figures are their sums (each
+        # entry alone looked about half as busy as the device was).
+        det, land = st["devices"]["face_detection_short_range"], st["devices"]["face_landmark"]
+        assert det["shared_with"] == ["face_landmark"]
+        assert land["shared_with"] == ["face_detection_short_range"]
+        for d in (det, land):
+            assert d["device_busy_s"] == pytest.approx(det["busy_s"] + land["busy_s"])
+            assert d["device_duty_cycle"] == pytest.approx(
+                det["duty_cycle"] + land["duty_cycle"])
+            assert d["device_duty_cycle"] > max(det["duty_cycle"], land["duty_cycle"])
     names = {e["args"]["name"] for e in json.loads(trace.read_text())["traceEvents"]
              if e.get("name") == "thread_name"}
     assert [n for n in names if n.startswith("device")] == ["device sim-edgetpu"]

@@ -754,6 +754,10 @@ class Pipeline:
         time on it). A device's ``duty_cycle`` and ``items_per_s`` are over the
         pipeline's whole life, idle time included; ``duty_cycle_recent`` and
         ``items_per_s_recent`` over the last 5 seconds (what a live pipeline does now).
+        Stages that share one device worker (two models on one Edge TPU) each count their
+        own model's runs; their entries also give the whole device's ``device_busy_s``,
+        ``device_duty_cycle`` and ``device_duty_cycle_recent``, and ``shared_with`` (the
+        other stages' names).
         """
         core = self._core or self._final
         if core is None:

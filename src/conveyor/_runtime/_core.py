@@ -1053,4 +1053,21 @@ class Core:
                 stages[st.name]["restarts"] = link.stats.restarts
         devices = {self.defs[si].name: self.links[si].stats.snapshot(now, self.started_ns)
                    for si in sorted(self.links)}  # in stage order: the first is "device"
+        # Stages that share one device worker (one Edge TPU): each entry counts its own
+        # model's runs; the device's own figures are their sums.
+        by_worker: dict[int, list[str]] = {}
+        for si in sorted(self.links):
+            worker = self.links[si].worker
+            if worker is not None:
+                by_worker.setdefault(id(worker), []).append(self.defs[si].name)
+        for names in by_worker.values():
+            if len(names) < 2:
+                continue
+            whole = {key: sum(devices[n][key] for n in names)
+                     for key in ("busy_s", "duty_cycle", "duty_cycle_recent")}
+            for name in names:
+                devices[name]["shared_with"] = [n for n in names if n != name]
+                devices[name]["device_busy_s"] = whole["busy_s"]
+                devices[name]["device_duty_cycle"] = whole["duty_cycle"]
+                devices[name]["device_duty_cycle_recent"] = whole["duty_cycle_recent"]
         return {"elapsed_s": elapsed, "stages": stages, "devices": devices}
