@@ -31,7 +31,7 @@ from test_server_support import (
     x,
 )
 
-from conveyor import DeviceClient
+from conveyor import DeviceClient, ServerGone
 from conveyor._device._protocol import (
     HEADER,
     INFER,
@@ -60,17 +60,18 @@ def header(mtype: int, length: int, req_id: int = 0, version: int = PROTOCOL_VER
 
 
 def exchange(path: Path, data: bytes, fds: list[int] | None = None,
-             timeout: float = 5.0) -> bytes:
-    """Send ``data`` (with ``fds`` on the first byte), close our sending side, and read
-    until the server closes the connection or ``timeout``."""
+             timeout: float = 5.0, fds_at: int = 0) -> bytes:
+    """Send ``data`` (with ``fds`` on its byte ``fds_at``, alone in their send), close our
+    sending side, and read until the server closes the connection or ``timeout``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
         with contextlib.suppress(OSError):  # the server may close before we finish
             if fds:
-                socket.send_fds(s, [data[:1] or b"\0"], fds)
-                data = data[1:]
+                s.sendall(data[:fds_at])
+                socket.send_fds(s, [data[fds_at:fds_at + 1] or b"\0"], fds)
+                data = data[fds_at + 1:]
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         out = b""
@@ -218,18 +219,56 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
         ]
         for fds, why in cases:
             size = 1 << 20 if why == "announced" else 1 << 16
-            reply = exchange(server.path, _segment_msg(size), fds)
+            reply = exchange(server.path, _segment_msg(size), fds, fds_at=len(HELLO))
             assert why in error_of(reply), (why, reply)
         # Slot offsets outside a real segment, and a segment id never sent.
         for model, seg, off in [(0, 0, 1 << 16), (0, 0, 2**64 - 1), (0, 9, 0)]:
             infer = encode(MsgType.INFER, INFER.pack(model, seg, off, 0, 0))
             data = _segment_msg(good.size) + infer
-            reply = exchange(server.path, data, [good.fd])
+            reply = exchange(server.path, data, [good.fd], fds_at=len(HELLO))
             assert "segment" in error_of(reply)
     finally:
         for fd in (r, w, unsealed, frozen):
             os.close(fd)
         good.close()
+    still_serves(server)
+    wait_no_new_fds(os.getpid(), before)
+
+
+def test_a_descriptor_belongs_to_the_message_it_came_with(server: ThreadServer) -> None:
+    # Descriptors were kept in one list until a SEGMENT took one: sent with HELLO (or
+    # STATUS) they were held for the connection's life, up to 8 each (so 112 connections
+    # used up a server's 1024), and a later SEGMENT without one took a stray one.
+    gc.collect()
+    before = fd_table(os.getpid())
+    seg = Segment.create(1 << 16)
+    status = encode(MsgType.STATUS)
+    try:
+        for data, at in [(HELLO + encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size)), 0),
+                         (HELLO + status, len(HELLO))]:
+            reply = exchange(server.path, data, [seg.fd], fds_at=at)
+            assert "a file descriptor came with a" in error_of(reply), reply
+        # A SEGMENT's descriptor on any of its bytes is its own (here its last).
+        data = _segment_msg(seg.size) + encode(MsgType.INFER, INFER.pack(0, 0, 1 << 16, 0, 0))
+        reply = exchange(server.path, data, [seg.fd], fds_at=len(HELLO) + HEADER.size + 11)
+        assert "segment" in error_of(reply) and "descriptor" not in error_of(reply), reply
+        # Several connections that sent a stray descriptor and wait: it is not held.
+        socks = []
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.connect(str(server.path))
+            s.sendall(HELLO)
+            socket.send_fds(s, [status], [seg.fd])
+        for s in socks:
+            s.settimeout(5)
+            got = b""
+            while chunk := s.recv(65536):  # WELCOME, the ERROR, then the close
+                got += chunk
+            assert b"a file descriptor came with a STATUS" in got
+            s.close()
+    finally:
+        seg.close()
     still_serves(server)
     wait_no_new_fds(os.getpid(), before)
 
@@ -248,6 +287,35 @@ def _welcomed(path: Path, seg: Segment) -> tuple[socket.socket, FrameReader]:
         s.close()
         raise
     return s, reader
+
+
+def test_a_protocol_error_comes_after_the_replies_it_owes(server: ThreadServer) -> None:
+    # The ERROR went into the outbox, and the close at once dropped the outbox: with more
+    # replies unread than the socket holds (about 280), the client got neither them nor
+    # the ERROR, only the end of the stream.
+    seg = Segment.create(1 << 16)
+    s, reader = _welcomed(server.path, seg)
+    try:
+        n = 3000
+        s.sendall(b"".join(encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), i)
+                           for i in range(n)) + header(77, 0))
+        s.settimeout(10)
+        kinds: list[MsgType] = []
+        ids = set()
+        while True:
+            try:
+                frame = reader.read_frame()
+            except ServerGone:
+                break
+            kinds.append(frame.type)
+            if frame.type is MsgType.RESULT:
+                ids.add(frame.req_id)
+    finally:
+        s.close()
+        seg.close()
+    assert kinds[-1] is MsgType.ERROR and kinds.count(MsgType.ERROR) == 1
+    assert ids == set(range(n))  # each answered (run, or Busy past the credit)
+    still_serves(server)
 
 
 def test_unknown_model_is_answered_without_closing(server: ThreadServer) -> None:

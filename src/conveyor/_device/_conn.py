@@ -71,6 +71,10 @@ class Conn:
         self.alive = True
         self.writing = False  # registered for EVENT_WRITE (I/O loop only)
         self.turn = 0  # the round of I/O that last read it (I/O loop only)
+        # Ending after a protocol error (I/O loop only): no longer read; the ERROR is sent
+        # once its requests are answered, then it is closed.
+        self.ending: bytes | None = None
+        self.ending_since = 0.0
         self.lock = threading.Lock()
         self._outbox = bytearray()
         self._views: dict[tuple[int, int, int], Views] = {}

@@ -199,8 +199,9 @@ class Poller:
         self._poll.register(fd, select.POLLIN)
         self._objs[fd] = obj
 
-    def modify(self, fd: int, *, write: bool) -> None:
-        self._poll.modify(fd, select.POLLIN | (select.POLLOUT if write else 0))
+    def modify(self, fd: int, *, write: bool, read: bool = True) -> None:
+        self._poll.modify(fd, (select.POLLIN if read else 0)
+                          | (select.POLLOUT if write else 0))
 
     def unregister(self, fd: int) -> None:
         del self._objs[fd]

@@ -76,6 +76,9 @@ IO_GRACE_S = 0.02
 #: turn: a client that floods the socket (requests over its credit, each answered Busy)
 #: must not hold the I/O thread while the others' requests wait to be read.
 FRAMES_PER_TURN = 64
+#: A connection ended by a protocol error: how long its requests may still run (their
+#: replies, then the ERROR, go to it) before it is closed anyway.
+ENDING_S = 10.0
 #: Draining for SIGTERM: how long, once every request has run, replies may wait for
 #: clients that read them slowly before the server exits anyway.
 DRAIN_FLUSH_S = 5.0
@@ -217,6 +220,7 @@ class DeviceServer:
         # Connections whose last read holds messages not handled yet (they used their
         # turn): served again next round, before their socket is read again.
         self._backlog: dict[int, Conn] = {}
+        self._ending: dict[int, Conn] = {}  # ended by a protocol error, not closed yet
         self._round = 0
         # Requests a device ran and handed over for accounting and the reply: (request,
         # device, start ns, end ns); see _run.
@@ -392,6 +396,8 @@ class DeviceServer:
             ends.append(min(c.opened for c in self._handshakes.values()) + HANDSHAKE_TIMEOUT)
         if self._accept_paused_until:
             ends.append(self._accept_paused_until)
+        if self._ending:
+            ends.append(time.monotonic() + 0.05)  # to see when their requests are done
         if self._flush_until:
             ends.append(self._flush_until)
         if self._runs_until and self.scheduler.running:  # past it, with none running: done
@@ -430,9 +436,11 @@ class DeviceServer:
                 self._close_conn(conn, "connection broke or stopped reading its replies")
             elif conn.has_outbox and not conn.writing:
                 conn.writing = True
-                self._sel.modify(conn.fileno, write=True)
+                self._sel.modify(conn.fileno, write=True, read=conn.ending is None)
         for req in self.scheduler.expire():
             self._reply_request(req, Status.DEADLINE_EXCEEDED)
+        if self._ending:
+            self._end_connections()
         if self._handshakes:
             limit = time.monotonic() - HANDSHAKE_TIMEOUT
             for conn in [c for c in self._handshakes.values() if c.opened < limit]:
@@ -664,6 +672,9 @@ class DeviceServer:
         bytes came or messages wait."""
         if self._conns.get(conn.fileno) is not conn:
             return False
+        if conn.ending is not None:  # not read any more: this is a hang-up or an error
+            self._close_conn(conn, "it hung up before its error was sent")
+            return False
         reader = conn.reader
         conn.turn = self._round
         try:
@@ -697,16 +708,12 @@ class DeviceServer:
         except OutOfDescriptors as exc:  # this server's shortage, not the client's fault
             log.warning("closing the connection of client %d (pid %d): %s", conn.client.id,
                         conn.client.pid, exc.strerror)
-            conn.send(encode(MsgType.ERROR, json_body(
-                {"error": "OutOfDescriptors", "message": f"the server is {exc.strerror}"})))
-            self._close_conn(conn, None)
+            self._end_conn(conn, "OutOfDescriptors", f"the server is {exc.strerror}")
         except ProtocolError as exc:
             self.stats.count("protocol_errors")
             log.warning("closing the connection of client %d (pid %d): protocol error: %s",
                         conn.client.id, conn.client.pid, exc)
-            conn.send(encode(MsgType.ERROR, json_body(
-                {"error": "ProtocolError", "message": str(exc)})))
-            self._close_conn(conn, None)
+            self._end_conn(conn, "ProtocolError", str(exc))
         except OSError as exc:
             self._close_conn(conn, f"socket error: {exc}")
         except Exception:
@@ -715,13 +722,46 @@ class DeviceServer:
             self._close_conn(conn, None)
         return False
 
+    def _end_conn(self, conn: Conn, error: str, message: str) -> None:
+        """End ``conn`` after a protocol error: read nothing more from it; what it asked
+        before is answered (nothing accepted is lost), then the ERROR, then it is closed."""
+        if self._conns.get(conn.fileno) is not conn or conn.ending is not None:
+            return
+        conn.ending = encode(MsgType.ERROR, json_body({"error": error, "message": message}))
+        conn.ending_since = time.monotonic()
+        self._backlog.pop(conn.fileno, None)
+        self._handshakes.pop(conn.fileno, None)
+        self._ending[conn.fileno] = conn
+        conn.writing = conn.has_outbox
+        self._sel.modify(conn.fileno, read=False, write=conn.writing)
+        self._end_connections()
+
+    def _end_connections(self) -> None:
+        """Send each ending connection its ERROR once its requests are answered, and
+        close it once that is sent (or it stopped reading, or took too long)."""
+        now = time.monotonic()
+        for conn in list(self._ending.values()):
+            if self._conns.get(conn.fileno) is not conn:
+                del self._ending[conn.fileno]
+                continue
+            if conn.ending and (conn.client.outstanding == 0 or not conn.alive
+                                or now - conn.ending_since > ENDING_S):
+                conn.send(conn.ending)
+                conn.ending = b""  # sent (or given up on: closed below)
+            if conn.ending == b"" and (not conn.alive or not conn.has_outbox or conn.flush()
+                                       or now - conn.ending_since > ENDING_S):
+                del self._ending[conn.fileno]
+                self._close_conn(conn, None)
+
     def _on_writable(self, conn: Conn) -> None:
         if conn.flush():
             if not conn.alive:
                 self._close_conn(conn, "connection broke")
                 return
             conn.writing = False
-            self._sel.modify(conn.fileno, write=False)
+            self._sel.modify(conn.fileno, write=False, read=conn.ending is None)
+            if conn.ending is not None:
+                self._end_connections()
 
     def _handle(self, conn: Conn, frame: Frame) -> None:
         kind = frame.type
@@ -820,6 +860,7 @@ class DeviceServer:
         del self._conns[conn.fileno]
         self._handshakes.pop(conn.fileno, None)
         self._backlog.pop(conn.fileno, None)
+        self._ending.pop(conn.fileno, None)
         self._sel.unregister(conn.fileno)
         conn.mark_dead()
         conn.sock.close()
