@@ -195,7 +195,9 @@ def encode_result(
     text: str = "",
 ) -> bytes:
     """A whole RESULT message; ``text`` (at most 4 kB are kept) explains an error."""
-    extra = text.encode("utf-8", "replace")[:4096] if text else b""
+    # Cut at 4 kB on a character's boundary: the text stays valid UTF-8.
+    extra = (text.encode("utf-8", "replace")[:4096].decode("utf-8", "ignore").encode("utf-8")
+             if text else b"")
     return RESULT_MSG.pack(MAGIC, PROTOCOL_VERSION, _RESULT_TYPE, 0, RESULT.size + len(extra),
                            req_id, status, device & 0xFFFF, queue_ns, compute_ns, start_ns) + extra
 
