@@ -263,7 +263,7 @@ def test_malformed_reply_fails_the_request_not_the_reader(reply: bytes, error: t
 
 def test_a_long_error_text_is_cut_on_a_character() -> None:
     # Cut at 4096 bytes, it could end inside a character: not valid UTF-8.
-    msg = encode_result(1, Status.DEVICE_ERROR, 0, 0, 0, 0, "é" * 3000)
+    msg = encode_result(1, Status.DEVICE_ERROR, 0, 0, 0, 0, "a" + "é" * 3000)
     text = msg[48:]
     assert len(text) <= 4096
-    assert text.decode("utf-8") == "é" * (len(text) // 2)
+    assert text.decode("utf-8") == "a" + "é" * (len(text) // 2)
