@@ -314,6 +314,10 @@ def test_waiting_inside_a_done_callback_is_refused_not_a_deadlock(sdir: Path) ->
         assert done.wait(10)
         assert isinstance(seen[0], RuntimeError) and "done-callback" in str(seen[0])
         c.infer("m", x(3))  # the client is still usable
+        # Refused before it was sent: it was sent, and its reply, which nobody read, held
+        # its slot for good (with a small credit, every later call waited for ever).
+        assert [value for _, _, value in dev.runs] == [1.0, 3.0]
+        assert not c._pending
 
 
 @pytest.mark.usefixtures("no_leaks")
@@ -745,3 +749,26 @@ def test_connection_churn_does_not_flood_the_log(sdir: Path) -> None:
     plain = [line for line in logs.lines if "connected:" in line or line.endswith("disconnected")]
     assert len(plain) <= 20 * (int(seconds) + 3), len(plain)
     assert any("were not logged" in line for line in logs.lines)
+
+
+def test_a_call_whose_connection_another_thread_drops_goes_on_the_new_one(
+        sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It took a slot of the connection; before it registered its request, another
+    # thread's failed send dropped that connection: its second try went on with the old
+    # one (no slot there) and failed with ServerGone though a server was there.
+    with ThreadServer(sdir / "s", [FakeDevice()], ["m"]) as srv, \
+            DeviceClient(path=srv.path, reconnect=True) as c:
+        c.infer("m", x(1))
+        views = c._views
+        dropped = []
+
+        def dropping(link: Any, info: Any, slot: int) -> Any:
+            got = views(link, info, slot)
+            if not dropped:  # as another thread would, while this one fills its slot
+                dropped.append(link)
+                c._lost(link, ServerGone("the device server went away"))
+            return got
+
+        monkeypatch.setattr(c, "_views", dropping)
+        assert c.infer("m", x(2))[1].tolist() == [8.0]
+        assert dropped and c._link is not dropped[0]

@@ -900,22 +900,34 @@ class DeviceClient:
                 fut._entry = p
             req_id = next(self._ids)
             with self._lock:
-                if self._link is not link:
-                    continue
-                self._pending[req_id] = p
-                if deadline_ns:
-                    self._deadlines = True
-                    grace = max(GIVE_UP_GRACE_NS, 2 * self._longest.get(info.id, 0))
-                    give_ups = self._give_ups
-                    if len(give_ups) > 2 * len(self._pending) + 64:
-                        # entries of answered requests leave when due: far deadlines
-                        # would keep them, so drop them now and then
-                        give_ups[:] = [e for e in give_ups if e[1] in self._pending]
-                        heapq.heapify(give_ups)
-                    heapq.heappush(give_ups, (min(deadline_ns + grace, _NS_MAX), req_id))
-                if not sync:
-                    self._unwaited += 1
-                    self._start_background()
+                stale = self._link is not link
+                if not stale:
+                    self._pending[req_id] = p
+                    if deadline_ns:
+                        self._deadlines = True
+                        grace = max(GIVE_UP_GRACE_NS, 2 * self._longest.get(info.id, 0))
+                        give_ups = self._give_ups
+                        if len(give_ups) > 2 * len(self._pending) + 64:
+                            # entries of answered requests leave when due: far deadlines
+                            # would keep them, so drop them now and then
+                            give_ups[:] = [e for e in give_ups if e[1] in self._pending]
+                            heapq.heapify(give_ups)
+                        heapq.heappush(give_ups, (min(deadline_ns + grace, _NS_MAX), req_id))
+                    if not sync:
+                        self._unwaited += 1
+                        self._start_background()
+            if stale:
+                # The connection went while this call held a slot of it: the next try is
+                # on the connection there is now (it went on with the old one, which
+                # gave no slot, and failed though a new server was there).
+                if self._closed or attempt == 1:
+                    raise self._gone()
+                if not block:
+                    return None
+                link = self._current(deadline_ns)
+                info = self._lookup(model)
+                arrays = _fit(info, inputs)
+                continue
             msg = encode_infer(req_id, info.id, 0, slot * link.slot_size, deadline_ns, priority)
             try:
                 with self._send_lock:
@@ -980,6 +992,9 @@ class DeviceClient:
         Raises ModelNotFoundError, InputError, Busy, DeadlineExceeded, DeviceError or
         ServerGone. See :meth:`submit`.
         """
+        # Before sending: refused after, its reply had nobody to read it, and its slot
+        # stayed taken for good.
+        self._refuse_in_callback("waiting for a reply")
         p = self._send(model, inputs, deadline_to_ns(deadline), priority, dequantize,
                        sync=True)
         assert p is not None
@@ -1132,6 +1147,7 @@ class DeviceClient:
         Blocks for one round trip, at most ``timeout`` seconds. Raises ServerGone, or
         ServerError if no answer came in time.
         """
+        self._refuse_in_callback("waiting for the status")
         link = self._fresh()
         req_id = next(self._ids)
         p = Pending(None, -1, False, True)
