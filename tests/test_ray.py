@@ -68,3 +68,38 @@ def test_actors_on_a_node_with_several_edge_tpus_take_one_each() -> None:
     finally:
         first.pipeline.close()
         second.pipeline.close()
+
+
+def test_a_predictor_takes_infer_s_options() -> None:
+    """``device="server:PATH"`` was refused as an unknown device (infer() takes it), and
+    ``dequantize`` could not be given: a quantised model's raw integers went to the
+    post-processing."""
+    from test_server_support import ServeProcess, socket_dir
+
+    from conveyor.ray import Predictor
+
+    batch = {"item": np.arange(3)}
+    plain = Predictor("face_detection_short_range_int8", preprocess=raystage.to_tensor,
+                      postprocess=raystage.top_score)
+    floats = Predictor("face_detection_short_range_int8", preprocess=raystage.to_tensor,
+                       postprocess=raystage.top_score, dequantize=True)
+    try:
+        raw, scores = plain(batch)["output"], floats(batch)["output"]
+        assert all(float(r).is_integer() for r in raw)  # int8 values
+        assert not all(float(s).is_integer() for s in scores)
+    finally:
+        plain.pipeline.close()
+        floats.pipeline.close()
+    with socket_dir() as d, ServeProcess(d / "s.sock") as srv:
+        served = Predictor("face_detection_short_range", device=f"server:{srv.path}",
+                           preprocess=raystage.to_tensor, postprocess=raystage.top_score)
+        try:
+            got = served(batch)["output"]
+        finally:
+            served.pipeline.close()
+        with conveyor.connect(srv.path) as watcher:
+            status = watcher.status()
+    runner = conveyor.open_device("cpu").load("face_detection_short_range")
+    want = [float(runner.run([raystage.to_tensor(i)])[1].max()) for i in range(3)]
+    np.testing.assert_allclose(list(got), want, rtol=1e-5)
+    assert status["totals"]["requests"]["ok"] == 3

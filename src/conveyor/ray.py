@@ -84,6 +84,8 @@ def _on_a_free_device(device: str, build: Callable[[str], Pipeline]) -> Pipeline
     from ._errors import DeviceBusyError, DeviceNotFoundError
     from .backends import parse_device
 
+    if device.startswith("server:"):  # a device server's socket: it picks the device
+        return build(device)
     spec = parse_device(device)
     if spec.kind not in ("edgetpu", "sim-edgetpu") or spec.index is not None:
         return build(device)
@@ -118,8 +120,10 @@ class Predictor:
     the model, and ``postprocess``; the results go into the ``output`` column (an object
     array when they are not arrays of one shape). A failed item raises
     :class:`~conveyor.StageError` and fails the Ray task, as any error in map_batches.
-    ``realtime`` is :func:`conveyor.infer`'s (the device thread under SCHED_FIFO, for an
-    accelerator). The pipeline lives as long as the actor and is closed with it.
+    ``device`` (also ``"server:PATH"``), ``server``, ``dequantize`` (float32 outputs from
+    a quantised model, as an Edge TPU's are), ``deadline``, ``priority`` and ``realtime``
+    are :func:`conveyor.infer`'s. The pipeline lives as long as the actor and is closed
+    with it.
     """
 
     def __init__(
@@ -135,6 +139,9 @@ class Predictor:
         column: str = "item",
         output: str = "output",
         maxsize: int = 8,
+        dequantize: bool = False,
+        deadline: float | None = None,
+        priority: int = 0,
         realtime: bool | int = False,
     ) -> None:
         def build(spec: str) -> Pipeline:
@@ -142,6 +149,7 @@ class Predictor:
             if preprocess is not None:
                 stages.append(stage(_for_workers(preprocess), workers=workers, kind="process"))
             stages.append(infer(model, device=spec, server=server, with_context=with_context,
+                                dequantize=dequantize, deadline=deadline, priority=priority,
                                 realtime=realtime))
             if postprocess is not None:
                 stages.append(stage(postprocess))
