@@ -594,3 +594,118 @@ def test_a_phones_mpo_jpeg_is_one_upright_photo(tmp_path: Path,
     assert (got["frame"], got["width"], got["height"]) == (0, 512, 400)
     assert abs(got["faces"][0]["xmin"] - want["faces"][0]["xmin"]) < 0.01
     assert abs(got["faces"][0]["ymin"] - want["faces"][0]["ymin"]) < 0.01
+
+
+def test_a_gif_cut_anywhere_is_an_image_read_error(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Cut at some lengths, Pillow's GIF decoder raised IndexError or struct.error, which
+    # escaped iter_frames and ended `conveyor detect` with a traceback: the files after it
+    # were never read.
+    from conveyor.apps.faces import ImageReadError, iter_frames
+
+    image = Image.open(ASTRONAUT).convert("RGB").resize((64, 64))
+    image.save(tmp_path / "seed.gif", save_all=True, append_images=[image.rotate(10)])
+    data = (tmp_path / "seed.gif").read_bytes()
+    cut = tmp_path / "cut.gif"
+    outcomes = set()
+    for n in range(len(data) // 2, len(data), 7):
+        cut.write_bytes(data[:n])
+        try:
+            list(iter_frames(cut))
+            outcomes.add("read")
+        except ImageReadError:
+            outcomes.add("ImageReadError")
+    assert "ImageReadError" in outcomes
+    cut.write_bytes(data[:5153])  # an IndexError from Pillow 11-12's decoder
+    image.save(tmp_path / "z.png")
+    assert main("detect", cut, tmp_path / "z.png", "--json") == 1
+    out, err = capsys.readouterr()
+    assert [r["source"] for r in json_lines(out)][-1] == str(tmp_path / "z.png")
+    assert f"cannot read {cut}" in err and "Traceback" not in err
+
+
+def test_detect_reads_a_video_from_a_pipe(media: Path) -> None:
+    # Pillow read the whole pipe to tell it was no image; FFmpeg then got an empty one.
+    from conveyor.apps.faces import iter_frames
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes the video into the pipe
+        os.close(r)
+        try:
+            with open(media / "clip.avi", "rb") as f, os.fdopen(w, "wb") as out:
+                shutil.copyfileobj(f, out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        frames = [f for _, f in iter_frames(f"/dev/fd/{r}")]
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    want = [f for _, f in iter_frames(media / "clip.avi")]
+    assert len(frames) == len(want) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(frames, want))
+
+
+def test_a_rotated_video_is_read_upright(tmp_path: Path) -> None:
+    # A phone's portrait video is stored sideways with a display matrix saying "rotate
+    # 90"; its frames came out sideways (stills had their EXIF orientation applied).
+    from conveyor.apps.faces import iter_frames
+
+    upright = np.zeros((64, 48, 3), np.uint8)
+    upright[:16] = 255  # a white band at the top, as displayed
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # 48 high, 64 wide
+    path = tmp_path / "plain.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())
+    matrix = data.find(b"tkhd") + 4 + 40  # the track header's display matrix
+    data[matrix:matrix + 36] = np.array([0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000],
+                                        ">u4").tobytes()  # what ffmpeg writes for rotate=90
+    (tmp_path / "rotated.mp4").write_bytes(bytes(data))
+    ((_, frame),) = list(iter_frames(tmp_path / "rotated.mp4"))
+    assert frame.shape == (64, 48, 3)
+    assert frame[:12].mean() > 200 and frame[20:].mean() < 50
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path: Path) -> None:
+    # With a strict UTF-8 stdout the name's lone surrogate raised UnicodeEncodeError, and
+    # the files after it went unreported.
+    name = os.fsdecode(b"a\xffb.png")
+    shutil.copy(ASTRONAUT, tmp_path / name)
+    shutil.copy(ASTRONAUT, tmp_path / "z.png")
+    done = subprocess.run([sys.executable, "-m", "conveyor", "detect", str(tmp_path)],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 2 and "a\\udcffb.png" in lines[0] and "z.png" in lines[1]
+
+
+def test_detect_ended_by_sigterm_cleans_up(tmp_path: Path) -> None:
+    # Killed by the signal, `detect --landmarks` left its private socket's folder in /tmp.
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    names = [tmp_path / f"{i}.png" for i in range(40)]
+    for n in names:
+        shutil.copy(ASTRONAUT, n)
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "detect", "--landmarks",
+                             *map(str, names)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.stdout is not None
+    assert proc.stdout.readline()  # working: its device and socket are up
+    assert list(tmp.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    time.sleep(0.2)
+    assert not list(tmp.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import re
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -537,3 +538,12 @@ def test_save_image_refuses_an_unknown_suffix_before_making_folders(tmp_path: Pa
         save_image(image, tmp_path / "new" / "x.xyz")
     assert not (tmp_path / "new").exists()
     assert save_image(image, tmp_path / "new" / "x.JPG").exists()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 5, 3)])
+def test_an_empty_image_is_refused_with_the_shape_given(shape: tuple[int, ...]) -> None:
+    # A 2-D one was reported with the axis added inside: "got shape [0, 5, 1]".
+    from conveyor.apps.faces import preprocess
+
+    with pytest.raises(InputError, match=re.escape(f"non-empty image, got shape {list(shape)}")):
+        preprocess(np.zeros(shape, np.uint8))

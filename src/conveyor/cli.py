@@ -6,8 +6,11 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
+
+from ._cli import terminated
 
 __all__ = ["main"]
 
@@ -58,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # the sub-command's usage, not the top level's, says what it takes
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # SIGTERM (kill, timeout(1), a service manager) ends demo and detect as Ctrl-C does:
+    # their pipelines' workers, device servers and folders are closed and removed on the
+    # way out (killed by it, a private socket's folder was left behind). bench does so
+    # itself; serve and top have their own handling.
+    previous = (signal.signal(signal.SIGTERM, terminated)
+                if args.command in ("demo", "detect") else None)
     try:
         code: int = args._run(args)
     except KeyboardInterrupt as exc:
@@ -75,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"conveyor: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is terminated:
+            signal.signal(signal.SIGTERM, previous)
     return code
 
 

@@ -57,6 +57,7 @@ from .._errors import (
     ModelError,
 )
 from ..backends._spec import parse_device
+from . import terminated
 
 #: What makes the bench exit 2, as detect and demo do: the device or model cannot be opened.
 _CANNOT_OPEN = (DeviceSpecError, DeviceNotFoundError, DeviceBusyError,
@@ -153,13 +154,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar or progress lines")
 
 
-def _terminated(signum: int, frame: object) -> None:
-    # Once: a second SIGTERM (timeout(1) sends one to the bench and one to its process
-    # group) must not interrupt the clean-up the first one started.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the bench; 0 on success, 2 on a bad argument or a device or model that cannot
     be opened, 1 if it could not run for another reason."""
@@ -216,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # SIGTERM ends the bench as Ctrl-C does: every helper program and folder it started
     # is stopped and removed on the way out.
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         outcome = run_suite(opts, progress=not args.no_progress)
     except ConveyorError as exc:
@@ -224,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         # As detect and demo: 2 when the device or model cannot be opened at all.
         return 2 if isinstance(exc, _CANNOT_OPEN) else 1
     finally:
-        if signal.getsignal(signal.SIGTERM) is _terminated:  # else ended by it: exiting
+        if signal.getsignal(signal.SIGTERM) is terminated:  # else ended by it: exiting
             signal.signal(signal.SIGTERM, previous)
     data = outcome.data
     plotted = 0

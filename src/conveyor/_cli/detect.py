@@ -7,7 +7,8 @@ Boxes and keypoints are relative to the image (0..1 inside it; for a face cut by
 image's edge they reach past it, below 0 or above 1, as the model estimates). A file that
 cannot be read is reported on stderr (conveyor: cannot read PATH: reason) and the others
 are still processed; the exit status is then 1, as it is when a folder given holds no
-image or video file.
+image or video file. Photos and phone videos are read upright (EXIF orientation, a video's
+display matrix), and a pipe works as a file: cat clip.mkv | conveyor detect /dev/stdin.
 
 --json prints one line per frame:
   {"source": PATH, "frame": N, "width": W, "height": H,
@@ -424,6 +425,13 @@ class Console:
         self._write(text, sys.stderr)
 
     def _write(self, text: str, file: Any) -> None:
+        # A file name that is not valid UTF-8 holds lone surrogates: a strict output
+        # encoding would fail on it (and the run with it). Written escaped instead.
+        encoding = getattr(file, "encoding", None) or "utf-8"
+        try:
+            text.encode(encoding)
+        except UnicodeEncodeError:
+            text = text.encode(encoding, "backslashreplace").decode(encoding)
         if self._bar is not None:
             self._bar.write(text, file=file)
         else:

@@ -6,7 +6,9 @@ Still images and GIFs are read with Pillow, anything Pillow does not recognise w
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".m
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 # What Pillow raises on a truncated or malformed file, besides UnidentifiedImageError, and
-# on an image over its decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+# on an image over its decompression-bomb limit (Image.MAX_IMAGE_PIXELS). Its decoders
+# raise other errors too on corrupt data (IndexError, struct.error, TypeError... from a cut
+# GIF or TIFF): while a file is decoded, any Exception is taken as the file's fault.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 StrPath = str | os.PathLike[str]
@@ -97,6 +101,9 @@ def _reason(exc: BaseException) -> str:
         return "is a directory"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if not isinstance(exc, (OSError, ValueError, SyntaxError, EOFError)):
+        # A decoder's own error on corrupt data (IndexError, struct.error, ...).
+        return f"corrupt or truncated ({type(exc).__name__}: {exc})"
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text)
 
@@ -116,7 +123,7 @@ def load_image(path: StrPath) -> npt.NDArray[np.uint8]:
         # iter_frames would try FFmpeg next; this reads still images only.
         raise ImageReadError(path, "not an image Pillow can decode (for a video's frames "
                              "use iter_frames)") from exc
-    except _PIL_ERRORS as exc:
+    except Exception as exc:  # see _PIL_ERRORS
         raise ImageReadError(path, _reason(exc)) from exc
 
 
@@ -125,7 +132,8 @@ def iter_frames(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], N
 
     A still image gives one frame (index 0), turned upright by its EXIF orientation (a
     phone's MPO JPEG too: its first image); an animated image every frame, composited
-    as displayed; a video every decoded frame of its first video stream. Frames are uint8
+    as displayed; a video every decoded frame of its first video stream, turned upright
+    by its display matrix as players do. A pipe (``/dev/stdin``) works too. Frames are uint8
     HxWx3 RGB arrays, decoded lazily. The file is closed when the generator is exhausted or
     closed (``contextlib.closing`` makes that happen on an early exit).
 
@@ -133,39 +141,136 @@ def iter_frames(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], N
         ImageReadError: on the first ``next()`` if the file is missing or neither Pillow nor
             FFmpeg can decode it; later if decoding fails part way (frames before were given).
     """
+    source: StrPath | io.BytesIO | _Prefixed = path
+    if not _seekable(path):
+        source = _read_pipe(path)
     try:
-        img = Image.open(path)
+        img = Image.open(source) if not isinstance(source, _Prefixed) else None
     except UnidentifiedImageError:
         img = None  # not an image format: try FFmpeg
-    except _PIL_ERRORS as exc:
+    except Exception as exc:  # see _PIL_ERRORS
         raise ImageReadError(path, _reason(exc)) from exc
     if img is None:
-        yield from _iter_video(path)
+        try:
+            yield from _iter_video(path, source)
+        finally:
+            if isinstance(source, _Prefixed):
+                source.close()
         return
     with img:
+        yield from _image_frames(path, img)
+
+
+def _image_frames(path: StrPath, img: Image.Image
+                  ) -> Generator[tuple[int, npt.NDArray[np.uint8]], None, None]:
+    """The frames of an image Pillow opened; decoding errors as ImageReadError (not an
+    error thrown in at a ``yield``)."""
+    try:
+        # An MPO (a phone's JPEG holding a preview or a second view after the photo)
+        # is a still: its first image, turned upright as a JPEG is.
+        if getattr(img, "n_frames", 1) <= 1 or img.format == "MPO":
+            still = _rgb(ImageOps.exif_transpose(img))
+        else:
+            still = None
+            frames = ImageSequence.Iterator(img)
+    except Exception as exc:  # see _PIL_ERRORS
+        raise ImageReadError(path, _reason(exc)) from exc
+    if still is not None:
+        yield 0, still
+        return
+    index = 0
+    while True:
         try:
-            # An MPO (a phone's JPEG holding a preview or a second view after the
-            # photo) is a still: its first image, turned upright as a JPEG is.
-            if getattr(img, "n_frames", 1) <= 1 or img.format == "MPO":
-                yield 0, _rgb(ImageOps.exif_transpose(img))
-                return
-            for index, frame in enumerate(ImageSequence.Iterator(img)):
-                yield index, _rgb(frame)
-        except _PIL_ERRORS as exc:
+            frame = _rgb(next(frames))
+        except StopIteration:
+            return
+        except Exception as exc:  # see _PIL_ERRORS
             raise ImageReadError(path, _reason(exc)) from exc
+        yield index, frame
+        index += 1
+
+
+def _seekable(path: StrPath) -> bool:
+    """Whether ``path`` can be read twice (not a pipe or a character device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True  # Pillow says what is wrong with it
+    return not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode))
+
+
+def _read_pipe(path: StrPath) -> io.BytesIO | _Prefixed:
+    """A pipe (``/dev/stdin``, ``<(...)``) can be read only once, and Pillow would read
+    all of it to tell whether it is an image (a video from a camera never ends). Its
+    first 64 kB tell: an image is then read whole (a BytesIO); anything else goes to
+    FFmpeg as a stream of those bytes and the rest (a :class:`_Prefixed`)."""
+    try:
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's reader
+    except OSError as exc:
+        raise ImageReadError(path, _reason(exc)) from exc
+    try:
+        head = bytearray()
+        while len(head) < _SNIFF_BYTES:
+            chunk = raw.read(_SNIFF_BYTES - len(head))
+            if not chunk:
+                break
+            head += chunk
+        try:
+            Image.open(io.BytesIO(head)).close()
+        except UnidentifiedImageError:
+            return _Prefixed(bytes(head), raw)
+        except Exception:  # an image, cut short here: read whole, Pillow says the rest
+            pass
+        head += raw.read()
+    except OSError as exc:
+        raw.close()
+        raise ImageReadError(path, _reason(exc)) from exc
+    raw.close()
+    return io.BytesIO(head)
+
+
+_SNIFF_BYTES = 1 << 16
+
+
+class _Prefixed(io.RawIOBase):
+    """``head``, then what is left in ``raw``: a pipe's start read once, given back."""
+
+    def __init__(self, head: bytes, raw: io.RawIOBase) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._raw.readinto(view) or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 def _ffmpeg_reason(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc)
 
 
-def _iter_video(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], None, None]:
+def _iter_video(path: StrPath, source: StrPath | io.BytesIO | _Prefixed
+                ) -> Generator[tuple[int, npt.NDArray[np.uint8]], None, None]:
     import av
     import av.error
 
     undecodable = "not an image or video file conveyor can decode"
     try:
-        container = av.open(os.fspath(path))
+        container = av.open(source if isinstance(source, io.IOBase) else os.fspath(source),
+                            mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise ImageReadError(path, f"{undecodable} ({_ffmpeg_reason(exc)})") from exc
     with container:
@@ -175,6 +280,11 @@ def _iter_video(path: StrPath) -> Generator[tuple[int, npt.NDArray[np.uint8]], N
         try:
             for frame in container.decode(video=0):
                 rgb: npt.NDArray[np.uint8] = np.asarray(frame.to_ndarray(format="rgb24"), np.uint8)
+                # Upright as players show it: a phone's portrait video is stored sideways
+                # with a display matrix (its rotation, degrees counterclockwise).
+                quarter = round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4
+                if quarter:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, quarter))
                 yield index, rgb
                 index += 1
         except (av.error.FFmpegError, OSError, ValueError) as exc:

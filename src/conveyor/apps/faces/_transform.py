@@ -33,14 +33,14 @@ def as_rgb(image: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise InputError(f"expected a uint8 image, got dtype {arr.dtype.name}")
+    if arr.ndim >= 2 and (arr.shape[0] == 0 or arr.shape[1] == 0):
+        raise InputError(f"expected a non-empty image, got shape {list(arr.shape)}")
     if arr.ndim == 2:
         arr = arr[:, :, np.newaxis]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise InputError(
             f"expected an image of shape HxW, HxWx1, HxWx3 or HxWx4, got {list(arr.shape)}"
         )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise InputError(f"expected a non-empty image, got shape {list(arr.shape)}")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:
