@@ -235,6 +235,28 @@ def test_bad_descriptors_are_refused_and_closed(server: ThreadServer) -> None:
     wait_no_new_fds(os.getpid(), before)
 
 
+def test_a_huge_page_segment_that_cannot_be_mapped_is_the_clients_fault(
+        server: ThreadServer) -> None:
+    # With no huge pages free, mapping it failed with ENOMEM, and the server told the
+    # client it was out of descriptors itself (and did not count a protocol error).
+    try:
+        fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 2 << 20)
+    except OSError:
+        pytest.skip("no huge-page memfd on this kernel")
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free"))
+        reply = exchange(server.path, _segment_msg(2 << 20), [fd], fds_at=len(HELLO))
+        if free == 0:
+            assert "huge-page memory" in error_of(reply), reply
+            assert b"OutOfDescriptors" not in reply
+    finally:
+        os.close(fd)
+    still_serves(server)
+
+
 def test_a_descriptor_belongs_to_the_message_it_came_with(server: ThreadServer) -> None:
     # Descriptors were kept in one list until a SEGMENT took one: sent with HELLO (or
     # STATUS) they were held for the connection's life, up to 8 each (so 112 connections

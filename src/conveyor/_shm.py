@@ -70,10 +70,22 @@ class Segment:
             if seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0)):
                 raise ValueError("segment is sealed against writing; outputs are written "
                                  "into it")
-            actual = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            actual = info.st_size
             if size <= 0 or actual < size:
                 raise ValueError(f"segment has {actual} bytes, {size} announced")
-            seg = cls(fd, size)
+            if info.st_blksize > mmap.PAGESIZE and size % info.st_blksize:
+                # A huge-page memfd (MFD_HUGETLB) maps only in whole huge pages, and not
+                # at all where none are free: refused as such, not as our own shortage.
+                raise ValueError(f"segment is huge-page memory ({info.st_blksize} byte "
+                                 f"pages) of {size} bytes, not a whole number of them")
+            try:
+                seg = cls(fd, size)
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM and info.st_blksize > mmap.PAGESIZE:
+                    raise ValueError("segment is huge-page memory, and no huge pages are "
+                                     "free to map it") from exc
+                raise
             # The mapping outlives the descriptor; closing it now means nothing to leak.
             os.close(fd)
             seg.fd = -1
