@@ -173,3 +173,12 @@ def nap_then_return(x: float) -> float:
     """Sleep 0.1 s (a slow stage), then give ``x`` back."""
     time.sleep(0.1)
     return x
+
+
+def raise_with_a_lock(x: int) -> int:
+    """Raises a ValueError carrying a lock: it cannot be pickled back to the parent."""
+    import threading
+
+    err = ValueError(f"bad thing {x}")
+    err.lock = threading.Lock()  # type: ignore[attr-defined]
+    raise err

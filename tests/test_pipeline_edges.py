@@ -897,3 +897,19 @@ def test_an_async_sources_own_cancelled_error_is_the_sources_error() -> None:
     assert got == [2, 3]
     assert isinstance(err, conveyor.StageError) and err.stage == "source"
     assert isinstance(err.__cause__, asyncio.CancelledError)
+
+
+def test_a_worker_exception_that_cannot_be_sent_is_a_remote_error(no_leaks: None) -> None:
+    # It became an undocumented, unexported RemoteError of the runtime's internals.
+    with conveyor.Pipeline(conveyor.stage(sf.raise_with_a_lock, kind="process"),
+                           on_error="return") as pipe:
+        (err,) = pipe.map([1])
+    assert isinstance(err, conveyor.StageError)
+    cause = err.__cause__
+    assert type(cause) is conveyor.RemoteError and isinstance(cause, conveyor.ConveyorError)
+    assert cause.type_name == "ValueError" and str(cause) == "ValueError: bad thing 1"
+    assert "raise_with_a_lock" in err.traceback_text
+    import pickle
+
+    again = pickle.loads(pickle.dumps(cause))
+    assert again.type_name == "ValueError" and str(again) == str(cause)

@@ -506,3 +506,58 @@ def test_unpicklable_item_for_a_process_stage_fails_alone(no_leaks: None,
         assert err.stage == "send"
         assert isinstance(err.__cause__, TypeError) and "pickle" in str(err)
         assert [int(got[i]) for i in (0, 1, 3, 4)] == [0, 1, 3, 4]
+
+
+class ExitOnPickle:
+    """Its pickling raises SystemExit (a __reduce__ that calls sys.exit)."""
+
+    def __reduce__(self) -> Any:
+        raise SystemExit(3)
+
+
+def exit_on_pickle_at_2(i: int) -> Any:
+    return ExitOnPickle() if i == 2 else i
+
+
+@pytest.mark.timeout(60)
+def test_an_item_whose_pickling_raises_system_exit_fails_alone(no_leaks: None) -> None:
+    # The SystemExit escaped the stage's dispatch thread and ended it silently: no item
+    # came out any more, and map() waited for ever.
+    items: list[Any] = [0, 1, ExitOnPickle(), 3]
+    with conveyor.Pipeline(conveyor.stage(echo, kind="process", name="send"),
+                           on_error="return") as pipe:
+        out = list(pipe.map(items))
+        assert list(pipe.map(range(4))) == [0, 1, 2, 3]  # the stage goes on
+    assert out[:2] == [0, 1] and out[3] == 3
+    assert isinstance(out[2], conveyor.StageError) and out[2].index == 2
+    assert isinstance(out[2].__cause__, SystemExit)
+
+
+@pytest.mark.timeout(60)
+def test_a_result_whose_pickling_raises_system_exit_fails_alone(no_leaks: None) -> None:
+    # The worker took it for its own death: "WorkerDiedError: ... exited with code 1".
+    with conveyor.Pipeline(conveyor.stage(exit_on_pickle_at_2, kind="process"),
+                           on_error="return") as pipe:
+        out = list(pipe.map(range(4)))
+    assert out[:2] == [0, 1] and out[3] == 3
+    assert isinstance(out[2], conveyor.StageError)
+    assert isinstance(out[2].__cause__, SystemExit), repr(out[2].__cause__)
+
+
+def read_only(i: int) -> Any:
+    a = np.full((4, 4) if i % 2 else (100, 100), i, np.float32)
+    a.flags.writeable = False
+    return a
+
+
+def test_a_read_only_array_stays_read_only_alone_as_in_a_tuple(no_leaks: None) -> None:
+    # Alone it came back writeable (the short array form ignored the flag); in a tuple,
+    # pickled, it stayed read-only.
+    with conveyor.Pipeline(conveyor.stage(read_only, kind="process"),
+                           conveyor.stage(echo, kind="process")) as pipe:
+        out = list(pipe.map(range(4)))
+    with conveyor.Pipeline(conveyor.stage(echo, kind="process")) as pipe:
+        back = list(pipe.map([read_only(5), (read_only(6),)]))
+    for i, a in enumerate(out):
+        assert not a.flags.writeable and float(a[0, 0]) == i
+    assert not back[0].flags.writeable and not back[1][0].flags.writeable

@@ -127,6 +127,20 @@ def _rebuild_stage_error(
     return err
 
 
+class RemoteError(ConveyorError):
+    """Stands in for an exception raised in a worker process that could not be sent to
+    this one (it, or an attribute of it, cannot be pickled): ``str()`` is its type's name
+    and message, and ``type_name`` its type's name. The worker's traceback is in the
+    :class:`StageError`'s ``traceback_text``."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, str(self).partition(": ")[2]))
+
+
 class WorkerDiedError(ConveyorError):
     """A worker process died while it held an item (for instance killed by a signal)."""
 

@@ -47,7 +47,9 @@ def _error_payload(exc: BaseException) -> tuple[Any, str, str, str]:
             if type(pickle.loads(candidate)) is type(exc):
                 blob = candidate
                 break
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # (a __reduce__ may raise SystemExit too)
             continue
     try:
         message = str(exc)
@@ -138,10 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PeerClosed:
             return 0
         except Exception as exc:  # the result could not be sent, most likely not pickled
-            cause = exc.__cause__ if isinstance(exc, Unpicklable) and isinstance(
-                exc.__cause__, Exception) else exc
+            why: BaseException = exc
+            if isinstance(exc, Unpicklable) and exc.__cause__ is not None:
+                why = exc.__cause__
             try:
-                link.send(ERR, index, _error_payload(cause), start, end)
+                link.send(ERR, index, _error_payload(why), start, end)
             except PeerClosed:
                 return 0
         del result, value

@@ -45,7 +45,7 @@ import numpy as np
 from .._shm import Segment, align
 
 __all__ = [
-    "ByState", "LinkBroken", "MsgSocket", "PeerClosed", "RemoteError", "Undecodable", "Unpicklable",
+    "ByState", "LinkBroken", "MsgSocket", "PeerClosed", "Undecodable", "Unpicklable",
     "rebuild_exception",
 ]
 
@@ -61,10 +61,6 @@ _ANC_SIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: & on the flag enum runs Python code
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
 _CACHE_MAX = 64
-
-
-class RemoteError(Exception):
-    """Stands in for an exception from a worker that could not be pickled."""
 
 
 class PeerClosed(Exception):
@@ -161,7 +157,8 @@ class MsgSocket:
                 self.sock.sendall(HEAD.pack(kind, 0, INT, 8, 0, index, start_ns, end_ns)
                                   + I64.pack(obj))
                 return
-            if tp is np.ndarray and obj.flags.c_contiguous:
+            # (A read-only array goes pickled, which keeps it read-only, as in a tuple.)
+            if tp is np.ndarray and obj.flags.c_contiguous and obj.flags.writeable:
                 dtype = obj.dtype
                 key = (dtype, obj.shape)
                 try:
@@ -208,10 +205,15 @@ class MsgSocket:
 
         try:
             data = pickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
-        except Exception as exc:
+        except KeyboardInterrupt:
             for b in bufs:
                 b.release()
-            raise Unpicklable(f"cannot pickle {type(obj).__name__}: {exc}") from exc
+            raise
+        except BaseException as exc:  # a __reduce__ that raises SystemExit fails the item too
+            for b in bufs:
+                b.release()
+            raise Unpicklable(f"cannot pickle {type(obj).__name__}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         form = PICKLE
         if (len(bufs) + 1) * BUF.size >= INBAND_LIMIT:
             form = PICKLE_TABLE

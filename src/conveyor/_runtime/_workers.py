@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import WorkerDiedError, WorkerStartError
+from .._errors import RemoteError, WorkerDiedError, WorkerStartError
 from ._proc import ChildProcess, Spawning
 from ._wire import (
     ERR,
@@ -20,7 +20,6 @@ from ._wire import (
     LinkBroken,
     MsgSocket,
     PeerClosed,
-    RemoteError,
     Undecodable,
 )
 
@@ -52,7 +51,7 @@ def rebuild_error(payload: tuple[Any, str, str, str]) -> tuple[BaseException, st
         except Exception:
             exc = None
     if not isinstance(exc, BaseException):
-        exc = RemoteError(f"{type_name}: {message}")
+        exc = RemoteError(type_name, message)
     add_note = getattr(exc, "add_note", None)  # Python 3.11+: shown under the exception
     if add_note is not None and tb:
         add_note("The traceback in the worker process:\n" + tb.rstrip())
