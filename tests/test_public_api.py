@@ -83,3 +83,18 @@ def test_a_malformed_tensor_spec_is_a_value_error() -> None:
                  {**good, "dtype": "object"}, {**good, "name": 5}):
         with pytest.raises(ValueError, match="not a tensor spec"):  # KeyError, TypeError
             conveyor.TensorSpec.from_json(data)  # type: ignore[arg-type]
+
+
+def test_the_models_notice_gives_each_bundled_files_sha256() -> None:
+    # The .onnx files were rewritten and the NOTICE kept the old sums.
+    import hashlib
+    import re
+    from pathlib import Path
+
+    models = Path(conveyor.__file__).parent / "models"
+    sums = dict((name, digest) for digest, name in re.findall(
+        r"^  ([0-9a-f]{64})  (\S+)$", (models / "NOTICE").read_text(), re.M))
+    bundled = {p.name for p in models.iterdir() if p.suffix in (".tflite", ".onnx")}
+    assert set(sums) == bundled
+    for name, digest in sums.items():
+        assert hashlib.sha256((models / name).read_bytes()).hexdigest() == digest, name

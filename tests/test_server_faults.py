@@ -772,3 +772,32 @@ def test_a_call_whose_connection_another_thread_drops_goes_on_the_new_one(
         monkeypatch.setattr(c, "_views", dropping)
         assert c.infer("m", x(2))[1].tolist() == [8.0]
         assert dropped and c._link is not dropped[0]
+
+
+def test_a_kept_server_gone_does_not_keep_the_lost_connections_memory(sdir: Path) -> None:
+    # The error's traceback held the frame that filled the request's slot, with a view of
+    # the arena in it: each kept error kept a lost connection's 8 MB arena mapped and its
+    # descriptor open.
+    def arenas() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("conveyor-client" in line for line in f)
+
+    path = sdir / "s.sock"
+    img = np.zeros((1, 128, 128, 3), np.float32)
+    with ServeProcess(path) as srv, conveyor.connect(path, reconnect=True) as client:
+        client.infer("face_detection_short_range", img)
+        assert arenas() == 1
+        srv.kill()
+        path.unlink()  # a killed server leaves its socket
+        with pytest.raises(ServerGone) as info:
+            client.infer("face_detection_short_range", img)
+        gc.collect()
+        assert arenas() == 0, info.value
+
+
+def test_an_empty_socket_path_is_refused_as_such() -> None:
+    # Path("") is ".": the error said ". is not a socket", a folder nobody named.
+    with pytest.raises(ValueError, match="socket path is empty"):
+        conveyor.connect("")
+    with pytest.raises(ValueError, match="server= is an empty path"):
+        conveyor.infer("face_detection_short_range", server="")

@@ -161,6 +161,9 @@ def infer(
     check_deadline(deadline)
     priority = check_priority(priority)
     spec = str(device)
+    if server is not None and not os.fspath(server):
+        raise ValueError("server= is an empty path (None for a device worker of the "
+                         "pipeline's own; device='server:' for the default socket)")
     if spec.startswith("server:"):
         server = spec[len("server:"):] or None
         if server is None:
@@ -214,8 +217,11 @@ class _FromAsync:
             end: tuple[int, Any] = (_END, None)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-            if not (self._cancelled or cancelling is None or cancelling()):
+            # Python 3.11+ says whether this task is being cancelled; on 3.10, a cancel
+            # not asked by cancel() is taken as the source's own (the loop's cancel of
+            # every task at its end comes when nobody reads the outcome any more).
+            cancelling = getattr(task, "cancelling", None)
+            if not (self._cancelled or (cancelling is not None and cancelling())):
                 end = (_ERR, exc)  # the source's own, not a cancel of this task
             else:
                 with self._cond:

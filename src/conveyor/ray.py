@@ -187,7 +187,11 @@ def map_batches(
     example ``{"edgetpu": 1}``) pins each actor to a node that has one. Other keyword
     arguments go to :class:`Predictor`. Returns the lazy Ray Dataset.
     """
-    from ray.data import ActorPoolStrategy
+    try:
+        from ray.data import ActorPoolStrategy
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"conveyor.ray needs Ray Data ({exc}): pip install "
+                                  "'conveyor[ray]'", name=exc.name) from exc
 
     options: dict[str, Any] = {}
     if resources:

@@ -32,7 +32,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -229,6 +229,10 @@ class DeviceClient:
         if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                 or not 0 < timeout < math.inf):
             raise ValueError(f"timeout must be a number of seconds above 0, got {timeout!r}")
+        if path is not None and not os.fspath(path):
+            # Path("") is ".": the error then named a folder nobody gave.
+            raise ValueError("the server's socket path is empty (None for the default, "
+                             f"{default_socket_path()})")
         self.path = None if path is None else Path(path)
         self.reconnect = reconnect
         self.timeout = timeout
@@ -886,8 +890,10 @@ class DeviceClient:
                 arrays = _fit(info, inputs)
                 continue
             try:
-                for dst, arr in zip(self._views(link, info, slot)[0], arrays):
-                    np.copyto(dst, arr)
+                # In a function of its own: a view left in this frame kept the arena
+                # mapped (and its descriptor open) for as long as a ServerGone raised
+                # below was kept (its traceback holds this frame).
+                _copy_in(self._views(link, info, slot)[0], arrays)
             except BaseException:
                 with self._cv:  # the slot is free again, whatever failed
                     if self._link is link:
@@ -1294,6 +1300,12 @@ class DeviceClient:
 #: client for a moment: a program that drops a client without close() has it collected
 #: then (its socket closes, and the server frees its connection).
 IDLE_LET_GO_S = 1.0
+
+
+def _copy_in(dsts: list[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]]) -> None:
+    """Copy a request's inputs into its slot's views."""
+    for dst, arr in zip(dsts, arrays):
+        np.copyto(dst, arr)
 
 
 def _read_in_background(ref: weakref.ref[DeviceClient]) -> None:
