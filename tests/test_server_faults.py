@@ -786,13 +786,15 @@ def test_a_kept_server_gone_does_not_keep_the_lost_connections_memory(sdir: Path
     img = np.zeros((1, 128, 128, 3), np.float32)
     with ServeProcess(path) as srv, conveyor.connect(path, reconnect=True) as client:
         client.infer("face_detection_short_range", img)
-        assert arenas() == 1
+        gc.collect()  # (other tests' clients, not collected yet, may hold theirs)
+        before = arenas()
+        assert before >= 1
         srv.kill()
         path.unlink()  # a killed server leaves its socket
         with pytest.raises(ServerGone) as info:
             client.infer("face_detection_short_range", img)
         gc.collect()
-        assert arenas() == 0, info.value
+        assert arenas() == before - 1, info.value
 
 
 def test_an_empty_socket_path_is_refused_as_such() -> None:
