@@ -257,40 +257,49 @@ def test_a_huge_page_segment_that_cannot_be_mapped_is_the_clients_fault(
     still_serves(server)
 
 
-def test_a_descriptor_belongs_to_the_message_it_came_with(server: ThreadServer) -> None:
-    # Descriptors were kept in one list until a SEGMENT took one: sent with HELLO (or
-    # STATUS) they were held for the connection's life, up to 8 each (so 112 connections
-    # used up a server's 1024), and a later SEGMENT without one took a stray one.
+def test_descriptors_are_taken_by_segments_in_order_and_no_stray_one_is_kept(
+        server: ThreadServer) -> None:
+    # Descriptors were kept in one list until a SEGMENT took one, with nothing refusing
+    # one that none took: sent with HELLO or STATUS, they were held for the connection's
+    # life. A large send is split by the kernel, which hands its descriptors over with
+    # the first part: a SEGMENT late in it must still find its own.
     gc.collect()
     before = fd_table(os.getpid())
-    seg = Segment.create(1 << 16)
+    segs = [Segment.create(1 << 16) for _ in range(4)]
     status = encode(MsgType.STATUS)
+    infer = encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0))
     try:
-        for data, at in [(HELLO + encode(MsgType.SEGMENT, SEGMENT.pack(0, seg.size)), 0),
-                         (HELLO + status, len(HELLO))]:
-            reply = exchange(server.path, data, [seg.fd], fds_at=at)
-            assert "a file descriptor came with a" in error_of(reply), reply
+        # One left over when the first INFER ends the segments: refused then.
+        reply = exchange(server.path, HELLO + status + infer, [segs[0].fd], fds_at=len(HELLO))
+        assert "sent without SEGMENT" in error_of(reply), reply
+        # A monitor sends no segments: refused at its HELLO.
+        monitor = encode(MsgType.HELLO, json.dumps({"version": PROTOCOL_VERSION,
+                                                    "monitor": True}).encode())
+        assert "sent without SEGMENT" in error_of(exchange(server.path, monitor, [segs[0].fd]))
         # A SEGMENT's descriptor on any of its bytes is its own (here its last).
-        data = _segment_msg(seg.size) + encode(MsgType.INFER, INFER.pack(0, 0, 1 << 16, 0, 0))
-        reply = exchange(server.path, data, [seg.fd], fds_at=len(HELLO) + HEADER.size + 11)
-        assert "segment" in error_of(reply) and "descriptor" not in error_of(reply), reply
-        # Several connections that sent a stray descriptor and wait: it is not held.
-        socks = []
-        for _ in range(5):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            socks.append(s)
+        data = _segment_msg(segs[0].size) + encode(MsgType.INFER,
+                                                   INFER.pack(0, 0, 1 << 16, 0, 0))
+        reply = exchange(server.path, data, [segs[0].fd], fds_at=len(HELLO) + HEADER.size + 11)
+        assert "does not fit" in error_of(reply), reply
+        # A large HELLO, then four SEGMENTs, all in one send with their four descriptors.
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
             s.connect(str(server.path))
-            s.sendall(HELLO)
-            socket.send_fds(s, [status], [seg.fd])
-        for s in socks:
-            s.settimeout(5)
-            got = b""
-            while chunk := s.recv(65536):  # WELCOME, the ERROR, then the close
-                got += chunk
-            assert b"a file descriptor came with a STATUS" in got
+            big = encode(MsgType.HELLO, json.dumps({"version": PROTOCOL_VERSION,
+                                                    "name": "x" * 40_000}).encode())
+            sent = big + b"".join(encode(MsgType.SEGMENT, SEGMENT.pack(i, g.size))
+                                  for i, g in enumerate(segs))
+            socket.send_fds(s, [sent + infer], [g.fd for g in segs])
+            reader = FrameReader(s, fds=False)
+            assert reader.read_frame().type is MsgType.WELCOME
+            reply = reader.read_frame()
+            assert reply.type is MsgType.RESULT, reply.body
+        finally:
             s.close()
     finally:
-        seg.close()
+        for g in segs:
+            g.close()
     still_serves(server)
     wait_no_new_fds(os.getpid(), before)
 
@@ -532,3 +541,40 @@ def test_a_client_flooding_status_requests_gets_one_a_turn() -> None:
         between = _flood_between(srv, burst, lambda: built[0], 200)
     # One a round, and a request takes a few rounds (the median was 127 before).
     assert sorted(between)[len(between) // 2] <= 32, between
+
+
+def test_a_drain_answers_a_connection_ended_by_a_protocol_error() -> None:
+    # The drain read every connection once more, and took an ended one's poll for a
+    # hang-up: it was closed with its requests unanswered and no ERROR.
+    with socket_dir() as sdir:
+        _drain_after_an_error(sdir)
+
+
+def _drain_after_an_error(sdir: Path) -> None:
+    srv = ThreadServer(sdir / "s", [FakeDevice(delay=0.02)], ["m"])
+    seg = Segment.create(1 << 16)
+    try:
+        s, reader = _welcomed(srv.path, seg)
+        try:
+            s.sendall(b"".join(encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0), i)
+                               for i in range(8)) + header(MsgType.STATUS, 0, magic=b"XXXX"))
+            end = time.monotonic() + 5
+            while not srv.server._ending and time.monotonic() < end:
+                time.sleep(0.001)
+            assert srv.server._ending
+            srv.server.shutdown(drain=True)
+            s.settimeout(10)
+            kinds = []
+            while True:
+                try:
+                    kinds.append(reader.read_frame().type)
+                except ServerGone:
+                    break
+        finally:
+            s.close()
+        assert kinds == [MsgType.RESULT] * 8 + [MsgType.ERROR]
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()
+    finally:
+        seg.close()
+        srv.stop()

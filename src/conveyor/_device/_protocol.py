@@ -88,11 +88,11 @@ HEADER = struct.Struct("<4sBBHIQ")
 MAX_BODY = 1 << 20
 #: File descriptors one ``recvmsg`` may carry; more is a protocol error.
 MAX_FDS = 4
-#: Received descriptors waiting for their SEGMENT message; more is a protocol error. A
-#: descriptor belongs to the first SEGMENT message with bytes in the same receive (the
-#: kernel gives it with the bytes of the send that carried it); one that no SEGMENT takes
-#: is refused as soon as those bytes are read, so a connection holds no more than this.
-MAX_PENDING_FDS = 2
+#: Received descriptors waiting for their SEGMENT message; more is a protocol error.
+#: SEGMENT messages take them in the order they came (the kernel hands a descriptor over
+#: with the first part of the send that carried it, which a large send splits); one still
+#: waiting when the segments end (the first INFER, a monitor's HELLO) is refused then.
+MAX_PENDING_FDS = MAX_FDS
 
 #: INFER body: model id, segment id, offset in segment, deadline (CLOCK_MONOTONIC ns, 0 for
 #: none), priority.
@@ -232,9 +232,7 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._lo = 0
         self._hi = 0
-        self._origin = 0  # the stream position of self._buf[0]
-        # (stream positions of the bytes it came with: first, past the last; fd)
-        self._fds: deque[tuple[int, int, int]] = deque()
+        self._fds: deque[int] = deque()
         self.eof = False
 
     def feed_from_socket(self) -> int:
@@ -245,13 +243,11 @@ class FrameReader:
         descriptors that were not asked for or too many of them.
         """
         if self._lo == self._hi:
-            self._origin += self._lo
             self._lo = self._hi = 0
         elif len(self._buf) - self._hi < 4096:
             # Move the partial message to the front to make room.
             n = self._hi - self._lo
             self._buf[:n] = self._buf[self._lo : self._hi]
-            self._origin += self._lo
             self._lo, self._hi = 0, n
         if self._hi == len(self._buf):
             self._grow(len(self._buf) * 2)
@@ -261,12 +257,11 @@ class FrameReader:
             n, anc, flags, _ = self._sock.recvmsg_into(
                 [self._view[self._hi :]], _ANC_SIZE, _CMSG_CLOEXEC
             )
-            at = self._origin + self._hi
             for level, kind, data in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
                     fds.frombytes(data[: len(data) - len(data) % _FDS_SIZE])
-                    self._fds.extend((at, at + max(n, 1), fd) for fd in fds)
+                    self._fds.extend(fds)
             if flags & socket.MSG_CTRUNC:
                 if out_of_descriptors():
                     raise OutOfDescriptors(
@@ -274,8 +269,7 @@ class FrameReader:
                         f"(this process may have {descriptor_limit()}; see ulimit -n)")
                 raise ProtocolError("too many file descriptors in one message")
             if len(self._fds) > MAX_PENDING_FDS:
-                raise ProtocolError(f"{len(self._fds)} file descriptors sent at once: each "
-                                    "SEGMENT message carries one, sent with it")
+                raise ProtocolError(f"{len(self._fds)} file descriptors sent without SEGMENT")
         if n == 0:
             self.eof = True
         self._hi += n
@@ -287,7 +281,6 @@ class FrameReader:
         self._buf = bytearray(size)
         self._buf[: len(data)] = data
         self._view = memoryview(self._buf)
-        self._origin += self._lo
         self._lo, self._hi = 0, len(data)
 
     def next_frame(self) -> Frame | None:
@@ -325,24 +318,23 @@ class FrameReader:
             return None
         body = bytes(self._buf[self._lo + HEADER.size : end])
         self._lo = end
-        starts_at, ends_at = self._origin + end - HEADER.size - length, self._origin + end
         fd = None
         if kind is MsgType.SEGMENT:
             if not self.want_fds:  # the kernel dropped any descriptor sent with it
                 raise ProtocolError("SEGMENT after INFER: segments come before the first "
                                     "request")
-            # The first descriptor that came with bytes of this message.
-            if self._fds and self._fds[0][0] < ends_at and self._fds[0][1] > starts_at:
-                fd = self._fds.popleft()[2]
-            else:
+            if not self._fds:
                 raise ProtocolError("SEGMENT message without a file descriptor")
-        if self._fds and self._fds[0][1] <= ends_at:
-            # Its bytes are all read and no SEGMENT took it: sent with another message.
-            if fd is not None:
-                os.close(fd)
-            raise ProtocolError(f"a file descriptor came with a {kind.name} message, not "
-                                "with a SEGMENT")
+            fd = self._fds.popleft()
         return Frame(kind, req_id, body, fd)
+
+    def end_fds(self) -> None:
+        """No more descriptors (a client's segments are in, or it is a monitor): from now
+        on the kernel closes any sent. Raises ProtocolError if some came that no SEGMENT
+        took (they are closed with the reader)."""
+        self.want_fds = False
+        if self._fds:
+            raise ProtocolError(f"{len(self._fds)} file descriptor(s) sent without SEGMENT")
 
     def _next_fixed(self, msg: struct.Struct, mtype: int, size: int) -> Fields6 | None:
         """The fields after the header of the next message if it is a well-formed
@@ -351,8 +343,6 @@ class FrameReader:
         lo = self._lo
         if self._hi - lo < msg.size or self._buf[lo + 5] != mtype:
             return None
-        if self._fds and self._fds[0][0] < self._origin + lo + msg.size:
-            return None  # a descriptor came with it: next_frame refuses it
         magic, version, _t, _f, length, a, b, c, d, e, f = msg.unpack_from(self._buf, lo)
         if magic != MAGIC or version != PROTOCOL_VERSION or length != size:
             return None
@@ -402,5 +392,5 @@ class FrameReader:
     def close(self) -> None:
         """Close any received descriptors nobody claimed."""
         fds, self._fds = self._fds, deque()
-        for _, _, fd in fds:
+        for fd in fds:
             os.close(fd)

@@ -507,6 +507,8 @@ class DeviceServer:
                 # Requests a client sent before the stop, still unread in its socket, are
                 # in flight as far as it knows (its submit() returned): they drain too.
                 for conn in list(self._conns.values()):
+                    if conn.ending is not None:  # read no more (and not a hang-up)
+                        continue
                     for _ in range(64):  # bounded: a client that goes on sending is cut off
                         if not self._on_readable(conn):
                             break
@@ -808,6 +810,8 @@ class DeviceServer:
         # sequences, no line breaks.
         conn.client.name = "".join(c if c.isprintable() else "?" for c in name[:64])
         conn.monitor = data.get("monitor") is True
+        if conn.monitor:
+            conn.reader.end_fds()  # a monitor sends no segments
         if conn.trusted and isinstance(data.get("pid"), int):
             conn.client.pid = int(data["pid"])
         conn.welcomed = True
@@ -834,8 +838,9 @@ class DeviceServer:
             raise ProtocolError("INFER before HELLO" if not conn.welcomed
                                 else "INFER from a monitoring connection")
         if conn.reader.want_fds:
-            # Segments come before the first request; from here on plain receives.
-            conn.reader.want_fds = False
+            # Segments come before the first request; from here on plain receives (and a
+            # descriptor no SEGMENT took is refused now).
+            conn.reader.end_fds()
         info = self.models.get(model_id)
         if info is None:
             conn.client.failed += 1
