@@ -298,6 +298,40 @@ def _running_on_the_first(
     return sched, devs, client, req
 
 
+def test_a_device_leaves_a_request_to_an_idle_device_that_holds_its_model() -> None:
+    # One request at a time (a client's infer() loop) for the model the other device
+    # held: the idle device that read it took it and switched models, and so on, about
+    # one run in eight a switch on each of two devices.
+    sched = Scheduler()
+    d0, d1 = DeviceState(0, frozenset({0, 1})), DeviceState(1, frozenset({0, 1}))
+    sched.add_device(d0)
+    sched.add_device(d1)
+    a, b = ClientState(1), ClientState(2)
+    sched.add_client(a)
+    sched.add_client(b)
+    for dev, model in ((d0, 0), (d1, 1)):  # each holds one model, then idles
+        sched.submit(_req(a, 10 + model, model=model), now_ns=1)
+        req, _ = sched.pick(dev)
+        assert req is not None
+        sched.done(req, 1000, ok=True)
+    sched.submit(_req(b, 20, model=1), now_ns=2)
+    assert sched.pick(d0)[0] is None  # d1 is idle and holds model 1
+    sched.submit(_req(a, 21, model=0), now_ns=3)
+    got, _ = sched.pick(d0)
+    assert got is not None and got.req_id == 21  # its own model's work, meanwhile
+    sched.done(got, 1000, ok=True)
+    got, _ = sched.pick(d1)
+    assert got is not None and got.req_id == 20
+    assert d0.switches == d1.switches == 0
+    sched.done(got, 1000, ok=True)
+    # Busy, the holder no longer counts: the other device switches as before.
+    sched.submit(_req(b, 22, model=1), now_ns=4)
+    held, _ = sched.pick(d1)  # d1 runs it
+    sched.submit(_req(b, 23, model=1), now_ns=5)
+    got, _ = sched.pick(d0)
+    assert held is not None and got is not None and got.req_id == 23 and d0.switches == 1
+
+
 def test_a_retry_goes_to_another_device_while_there_is_one() -> None:
     sched, (d0, d1), a, failed = _running_on_the_first(2)
     assert sched.requeue(failed, (d0,))

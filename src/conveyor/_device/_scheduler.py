@@ -23,9 +23,10 @@ Policy, in order:
    ``group_limit`` times in a row (so a request for another model waits at most that many
    extra inferences) unless another device holds the other model (it serves that
    model's requests without a switch, so two devices serving two models each keep one,
-   as fairness allows). Within one client, requests for the current model may overtake
-   older requests for another model; results are matched by request id, so callers see no
-   difference but timing. Each device counts its model switches.
+   as fairness allows). A device does not switch to a model that another idle device
+   holds: that one takes the request. Within one client, requests for the current model
+   may overtake older requests for another model; results are matched by request id, so
+   callers see no difference but timing. Each device counts its model switches.
 4. **Deadlines.** A request whose deadline has passed is answered ``DEADLINE_EXCEEDED``
    without running: at admission, when a device would pick it, and when the server's
    I/O loop wakes at the earliest deadline.
@@ -522,6 +523,16 @@ class Scheduler:
                     chosen = alt
                     dev.grouped += 1
                     break
+        if current is not None and chosen.model_id != current and self._idle_holder(
+                dev, chosen):
+            # Another device sits idle with that model: it takes it without a switch
+            # (woken by its submit). Here, only work for this device's own model, if any:
+            # a client sending one request at a time had every device switch models.
+            alt = next((r for c in cands for r in c.queues[prio]
+                        if r.model_id == current and dev not in r.shun), None)
+            if alt is None:
+                return None
+            chosen = alt
         if chosen.model_id != current or chosen is head:
             dev.grouped = 0
         client = chosen.client
@@ -548,6 +559,12 @@ class Scheduler:
         without a switch, so ``dev`` keeping its own model delays them by no more than
         that device's run, and the run limit of grouping need not force ``dev`` over."""
         return any(d is not dev and d.failed is None and d.current_model == model_id
+                   for d in self._devices)
+
+    def _idle_holder(self, dev: DeviceState, req: Request) -> bool:
+        """Another device in service, idle, holds ``req``'s model and may run it."""
+        return any(d is not dev and d.failed is None and d.last is None
+                   and d.current_model == req.model_id and d not in req.shun
                    for d in self._devices)
 
     def take_locked(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
