@@ -332,3 +332,32 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(argv: list[str]) -> N
     assert out.stderr.splitlines()[-1] == (
         "conveyor: cannot write the output: No space left on device"), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_pipe_or_a_device_as_the_trace_is_not_opened_to_check_it(tmp_path: Path) -> None:
+    # The check opened the path: a FIFO with no reader yet blocked the bench for good,
+    # and a pipe's reader saw its input end before the trace was written.
+    from conveyor._cli.bench import _unwritable
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    assert _unwritable(fifo) == "" and _unwritable(Path("/dev/null")) == ""
+    assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.slow
+def test_a_trace_that_cannot_be_written_leaves_the_results(tmp_path: Path) -> None:
+    # The bench wrote its trace where --trace said and read it back from there: from a
+    # pipe that hung, /dev/null gave a JSONDecodeError, and a full disk ended the run
+    # with "cannot write the output" and no results.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "conveyor", "bench", "--device", "sim-edgetpu", "--items",
+         "10", "--json", "--no-progress", "--trace", "/dev/full"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "cannot write the trace /dev/full: No space left on device" in out.stderr
+    assert set(json.loads(out.stdout)["scenarios"]) >= {"conveyor", "threads_queues"}

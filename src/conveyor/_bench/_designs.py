@@ -57,7 +57,7 @@ class Setup:
         workers: CPU workers where a design has several (default: the usable cores).
         warmup: items run before the window (caches, worker start-up).
         progress: called with a count of items just completed.
-        trace: where conveyor's scenario writes its Chrome trace (None: a temporary file).
+        trace: keep conveyor's Chrome trace on its Result (``trace``) to be written there.
         run_ns: for a simulated device, its modelled time per run: spans that other
             processes report are cut to it, as :class:`DeviceClock` does here (what a
             process reports also counts its own late wake-up after the run).
@@ -459,11 +459,10 @@ def conveyor_design(
     done = _Done(setup)
     main_track: list[Span] = []
     with ExitStack() as stack:
-        if setup.trace is not None:
-            trace = setup.trace
-        else:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
-            trace = Path(tmp) / "trace.json"
+        # Recorded in a file of the bench's own, which it reads back for the timeline;
+        # the caller writes it where --trace says (a pipe there was read from, and hung).
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-"))
+        trace = Path(tmp) / "trace.json"
         before = time.monotonic_ns()
         pipe = Pipeline(
             stage(partial(prepare_in_worker, work), workers=n, kind="process", name="preprocess",
@@ -502,6 +501,8 @@ def conveyor_design(
                 " + device worker process, finish in the caller",
             )
         result.timeline = _read_trace(trace, t0)
+        if setup.trace is not None:
+            result.trace = trace.read_bytes()
     device = result.timeline.track("device")
     inside = sum(1 for s, e in device if before <= s and e <= result.end_ns)
     if device and inside < 0.9 * len(device):

@@ -135,6 +135,7 @@ class Result:
     timeline: Timeline
     notes: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    trace: bytes | None = None  # the design's Chrome trace file, when asked for
 
     @property
     def wall_s(self) -> float:

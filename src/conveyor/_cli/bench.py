@@ -221,7 +221,16 @@ def run(args: argparse.Namespace) -> int:
         if signal.getsignal(signal.SIGTERM) is terminated:  # else ended by it: exiting
             signal.signal(signal.SIGTERM, previous)
     data = outcome.data
-    plotted = 0
+    trace_failed = plot_failed = False
+    if args.trace is not None:
+        recorded = next((r.trace for r in outcome.results if r.trace is not None), None)
+        try:
+            with open(args.trace, "wb") as f:  # a pipe or a device too
+                f.write(recorded or b"")
+        except OSError as exc:  # the results are still printed below
+            print(f"conveyor bench: cannot write the trace {args.trace}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            trace_failed = True
     if args.plot is not None:
         from .._bench._plot import plot
 
@@ -229,10 +238,10 @@ def run(args: argparse.Namespace) -> int:
             plot(args.plot, outcome.results, outcome.alone.items_per_s, title=_title(data))
         except (OSError, ValueError) as exc:  # the results are still printed below
             print(f"conveyor bench: cannot write the plot {args.plot}: {exc}", file=sys.stderr)
-            plotted = 1
+            plot_failed = True
     if args.json:
         print(json.dumps(data, indent=2))
-        return plotted
+        return int(trace_failed or plot_failed)
     from .._bench._report import headline, table
 
     print(_title(data))
@@ -247,11 +256,11 @@ def run(args: argparse.Namespace) -> int:
             f"the figures are noisier for it",
             file=sys.stderr,
         )
-    if args.trace is not None:
+    if args.trace is not None and not trace_failed:
         print(f"trace of the conveyor design: {args.trace}")
-    if args.plot is not None and not plotted:
+    if args.plot is not None and not plot_failed:
         print(f"plot: {args.plot}")
-    return plotted
+    return int(trace_failed or plot_failed)
 
 
 def _unwritable(path: Path | None) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -155,6 +157,16 @@ def probe_writable(path: str | os.PathLike[str]) -> None:
     a folder, no permission, a read-only or pseudo file system): the file is opened for
     appending, and removed again if that created it."""
     existed = os.path.lexists(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+        # A pipe (``>(cat)``), a terminal or /dev/null: opening it to try would block
+        # (a FIFO with no reader yet) or end the reader's input. Its permission says.
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return
     try:
         with open(path, "ab"):
             pass
