@@ -314,22 +314,59 @@ def test_a_device_leaves_a_request_to_an_idle_device_that_holds_its_model() -> N
         req, _ = sched.pick(dev)
         assert req is not None
         sched.done(req, 1000, ok=True)
+    d1.waiting = True  # its thread waits for work
     sched.submit(_req(b, 20, model=1), now_ns=2)
-    assert sched.pick(d0)[0] is None  # d1 is idle and holds model 1
+    assert sched.pick(d0)[0] is None  # d1 waits and holds model 1
     sched.submit(_req(a, 21, model=0), now_ns=3)
     got, _ = sched.pick(d0)
     assert got is not None and got.req_id == 21  # its own model's work, meanwhile
     sched.done(got, 1000, ok=True)
+    d1.waiting = False
     got, _ = sched.pick(d1)
     assert got is not None and got.req_id == 20
     assert d0.switches == d1.switches == 0
     sched.done(got, 1000, ok=True)
-    # Busy, the holder no longer counts: the other device switches as before.
+    # Not waiting (running, or its thread elsewhere), the holder does not count.
     sched.submit(_req(b, 22, model=1), now_ns=4)
-    held, _ = sched.pick(d1)  # d1 runs it
-    sched.submit(_req(b, 23, model=1), now_ns=5)
     got, _ = sched.pick(d0)
-    assert held is not None and got is not None and got.req_id == 23 and d0.switches == 1
+    assert got is not None and got.req_id == 22 and d0.switches == 1
+
+
+def test_a_device_leaving_a_request_to_another_takes_lower_priority_work() -> None:
+    # It looked for its own model's work at the top priority only: a priority-0 client
+    # waited (4 s, until the priority-1 one stopped) though its device was idle.
+    sched = Scheduler()
+    d0, d1 = DeviceState(0, frozenset({0, 1})), DeviceState(1, frozenset({0, 1}))
+    sched.add_device(d0)
+    sched.add_device(d1)
+    hi, lo = ClientState(1), ClientState(2)
+    sched.add_client(hi)
+    sched.add_client(lo)
+    d0.current_model, d1.current_model = 0, 1
+    d1.waiting = True
+    sched.submit(_req(hi, 1, model=1, prio=1), now_ns=1)
+    sched.submit(_req(lo, 2, model=0, prio=0), now_ns=1)
+    got, _ = sched.pick(d0)
+    assert got is not None and got.req_id == 2 and d0.switches == 0
+    d1.waiting = False
+    got, _ = sched.pick(d1)
+    assert got is not None and got.req_id == 1 and d1.switches == 0
+
+
+def test_a_closed_scheduler_does_not_leave_work_to_a_device_that_waits() -> None:
+    # A device whose thread ended in the drain still looked like one waiting for work.
+    sched = Scheduler()
+    d0, d1 = DeviceState(0, frozenset({0, 1})), DeviceState(1, frozenset({0, 1}))
+    sched.add_device(d0)
+    sched.add_device(d1)
+    a = ClientState(1)
+    sched.add_client(a)
+    d0.current_model, d1.current_model = 0, 1
+    d1.waiting = True
+    sched.submit(_req(a, 1, model=1), now_ns=1)
+    sched.close()
+    got, _ = sched.pick(d0)
+    assert got is not None and got.req_id == 1
 
 
 def test_a_retry_goes_to_another_device_while_there_is_one() -> None:

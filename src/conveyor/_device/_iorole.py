@@ -166,7 +166,11 @@ class IORole:
                 if before_wait is not None:
                     before_wait()
                 self._wanted += 1
-                sched.cv.wait()
+                dev.waiting = True  # a device declining work for this one's model wakes it
+                try:
+                    sched.cv.wait()
+                finally:
+                    dev.waiting = False
                 self._wanted -= 1
                 if not self._wanted and self.holder is None:
                     # The serve_forever thread may be waiting for an idle device to take

@@ -177,6 +177,7 @@ class DeviceState:
     failed: str | None = None
     grouped: int = 0
     last: Request | None = None  # the request it runs (None once done: it holds memory)
+    waiting: bool = False  # its thread waits on the scheduler's condition for work
 
 
 class Scheduler:
@@ -525,14 +526,16 @@ class Scheduler:
                     break
         if current is not None and chosen.model_id != current and self._idle_holder(
                 dev, chosen):
-            # Another device sits idle with that model: it takes it without a switch
-            # (woken by its submit). Here, only work for this device's own model, if any:
-            # a client sending one request at a time had every device switch models.
-            alt = next((r for c in cands for r in c.queues[prio]
-                        if r.model_id == current and dev not in r.shun), None)
+            # Another device waits for work with that model: it takes it without a
+            # switch (woken now). Here, work for this device's own model at any priority,
+            # if there is some: a client sending one request at a time had every device
+            # switch models.
+            self._cv.notify_all()
+            alt = self._own_model_work(dev, current)
             if alt is None:
                 return None
             chosen = alt
+            prio = alt.priority
         if chosen.model_id != current or chosen is head:
             dev.grouped = 0
         client = chosen.client
@@ -562,10 +565,26 @@ class Scheduler:
                    for d in self._devices)
 
     def _idle_holder(self, dev: DeviceState, req: Request) -> bool:
-        """Another device in service, idle, holds ``req``'s model and may run it."""
-        return any(d is not dev and d.failed is None and d.last is None
-                   and d.current_model == req.model_id and d not in req.shun
-                   for d in self._devices)
+        """Another device in service waits for work (on the condition, so a notify wakes
+        it), holds ``req``'s model and may run it."""
+        return not self._closed and any(
+            d is not dev and d.waiting and d.failed is None and d.current_model == req.model_id
+            and d not in req.shun for d in self._devices)
+
+    def _own_model_work(self, dev: DeviceState, model: int) -> Request | None:
+        """The first request for ``model`` that ``dev`` may run: highest priority first,
+        then the client least served there."""
+        best: tuple[int, int, int] | None = None
+        found = None
+        for c in self._active.values():
+            for prio, q in c.queues.items():
+                key = (-prio, c.vtimes.get(prio, 0), c.id)
+                if best is not None and key >= best:
+                    continue
+                r = next((r for r in q if r.model_id == model and dev not in r.shun), None)
+                if r is not None:
+                    best, found = key, r
+        return found
 
     def take_locked(self, dev: DeviceState) -> tuple[Request | None, list[Request]]:
         """Like :meth:`next` but never waits: ``(None, [])`` when there is nothing to do.
@@ -596,7 +615,11 @@ class Scheduler:
                     return req, expired
                 if self._closed or dev.failed is not None:
                     return None, []
-                self._cv.wait()
+                dev.waiting = True
+                try:
+                    self._cv.wait()
+                finally:
+                    dev.waiting = False
 
     def done(self, req: Request, compute_ns: int, ok: bool) -> None:
         """Account for a finished request."""
