@@ -23,8 +23,9 @@ Policy, in order:
    ``group_limit`` times in a row (so a request for another model waits at most that many
    extra inferences) unless another device holds the other model (it serves that
    model's requests without a switch, so two devices serving two models each keep one,
-   as fairness allows). A device does not switch to a model that another idle device
-   holds: that one takes the request. Within one client, requests for the current model
+   as fairness allows). A device does not switch to a model that another device waiting
+   for work holds: that one takes the request (woken), and this one runs work for its
+   own model meanwhile, of any priority. Within one client, requests for the current model
    may overtake older requests for another model; results are matched by request id, so
    callers see no difference but timing. Each device counts its model switches.
 4. **Deadlines.** A request whose deadline has passed is answered ``DEADLINE_EXCEEDED``
