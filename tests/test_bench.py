@@ -334,9 +334,12 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(argv: list[str]) -> N
     assert "Traceback" not in out.stderr
 
 
-def test_a_pipe_or_a_device_as_the_trace_is_not_opened_to_check_it(tmp_path: Path) -> None:
+def test_a_pipe_as_the_trace_is_not_opened_to_check_it(tmp_path: Path) -> None:
     # The check opened the path: a FIFO with no reader yet blocked the bench for good,
-    # and a pipe's reader saw its input end before the trace was written.
+    # and a pipe's reader saw its input end before the trace was written. A device or a
+    # socket is still tried (a socket cannot be opened at all).
+    import socket
+
     from conveyor._cli.bench import _unwritable
 
     fifo = tmp_path / "fifo"
@@ -344,6 +347,19 @@ def test_a_pipe_or_a_device_as_the_trace_is_not_opened_to_check_it(tmp_path: Pat
     t0 = time.monotonic()
     assert _unwritable(fifo) == "" and _unwritable(Path("/dev/null")) == ""
     assert time.monotonic() - t0 < 1
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        assert _unwritable(tmp_path / "sock") == "No such device or address"
+
+
+@pytest.mark.parametrize("option", ["--trace", "--plot"])
+def test_an_empty_output_path_is_refused_as_such(option: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Path("") is ".": "--trace .: is a directory".
+    with pytest.raises(SystemExit) as info:
+        conveyor.cli.main(["bench", option, ""])
+    assert info.value.code == 2
+    assert "an empty path names no file" in capsys.readouterr().err
 
 
 @pytest.mark.slow

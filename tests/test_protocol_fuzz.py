@@ -265,7 +265,7 @@ def test_descriptors_are_taken_by_segments_in_order_and_no_stray_one_is_kept(
     # the first part: a SEGMENT late in it must still find its own.
     gc.collect()
     before = fd_table(os.getpid())
-    segs = [Segment.create(1 << 16) for _ in range(4)]
+    segs = [Segment.create(1 << 16) for _ in range(8)]
     status = encode(MsgType.STATUS)
     infer = encode(MsgType.INFER, INFER.pack(0, 0, 0, 0, 0))
     try:
@@ -281,16 +281,22 @@ def test_descriptors_are_taken_by_segments_in_order_and_no_stray_one_is_kept(
                                                    INFER.pack(0, 0, 1 << 16, 0, 0))
         reply = exchange(server.path, data, [segs[0].fd], fds_at=len(HELLO) + HEADER.size + 11)
         assert "does not fit" in error_of(reply), reply
-        # A large HELLO, then four SEGMENTs, all in one send with their four descriptors.
+        # A monitor's SEGMENT is refused as such (not as one "after INFER").
+        reply = exchange(server.path, monitor + encode(MsgType.SEGMENT, SEGMENT.pack(0, 64)))
+        assert "a monitoring connection sends none" in error_of(reply), reply
+        # A large HELLO, then four SEGMENTs, all in one send with their four descriptors,
+        # and four more in a second send: the kernel may hand the second send's over
+        # before the first one's SEGMENTs are read.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
         try:
             s.connect(str(server.path))
             big = encode(MsgType.HELLO, json.dumps({"version": PROTOCOL_VERSION,
-                                                    "name": "x" * 40_000}).encode())
-            sent = big + b"".join(encode(MsgType.SEGMENT, SEGMENT.pack(i, g.size))
-                                  for i, g in enumerate(segs))
-            socket.send_fds(s, [sent + infer], [g.fd for g in segs])
+                                                    "name": "x" * 60_000}).encode())
+            first, second = (b"".join(encode(MsgType.SEGMENT, SEGMENT.pack(i, segs[i].size))
+                                      for i in part) for part in (range(4), range(4, 8)))
+            socket.send_fds(s, [big + first], [g.fd for g in segs[:4]])
+            socket.send_fds(s, [second + infer], [g.fd for g in segs[4:]])
             reader = FrameReader(s, fds=False)
             assert reader.read_frame().type is MsgType.WELCOME
             reply = reader.read_frame()

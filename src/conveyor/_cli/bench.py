@@ -139,13 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace",
         metavar="FILE",
-        type=Path,
+        type=_file_path,
         help="write a Chrome trace of the conveyor design (open in Perfetto)",
     )
     parser.add_argument(
         "--plot",
         metavar="FILE.png",
-        type=Path,
+        type=_file_path,
         help="draw the timelines of the device and the CPU workers (sequential, asyncio, "
              "threads, threads_queues, conveyor) and a bar chart of items/s into an image "
              "(PNG; .svg or .pdf by extension)",
@@ -261,6 +261,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None and not plot_failed:
         print(f"plot: {args.plot}")
     return int(trace_failed or plot_failed)
+
+
+def _file_path(text: str) -> Path:
+    """An argparse type: a file's path, not empty (Path("") is the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return Path(text)
 
 
 def _unwritable(path: Path | None) -> str:

@@ -88,11 +88,13 @@ HEADER = struct.Struct("<4sBBHIQ")
 MAX_BODY = 1 << 20
 #: File descriptors one ``recvmsg`` may carry; more is a protocol error.
 MAX_FDS = 4
-#: Received descriptors waiting for their SEGMENT message; more is a protocol error.
-#: SEGMENT messages take them in the order they came (the kernel hands a descriptor over
-#: with the first part of the send that carried it, which a large send splits); one still
-#: waiting when the segments end (the first INFER, a monitor's HELLO) is refused then.
-MAX_PENDING_FDS = MAX_FDS
+#: Received descriptors waiting for their SEGMENT messages; more is a protocol error (a
+#: client may send 16 segments at most, and one receive may bring 4 more). SEGMENT
+#: messages take them in the order they came (the kernel hands a descriptor over with the
+#: first part of the send that carried it, which a large send splits: the next send's may
+#: come before this one's SEGMENTs are read); one still waiting when the segments end
+#: (the first INFER, a monitor's HELLO) is refused then.
+MAX_PENDING_FDS = 16 + MAX_FDS
 
 #: INFER body: model id, segment id, offset in segment, deadline (CLOCK_MONOTONIC ns, 0 for
 #: none), priority.
@@ -233,6 +235,7 @@ class FrameReader:
         self._lo = 0
         self._hi = 0
         self._fds: deque[int] = deque()
+        self._fds_ended = "SEGMENT after INFER: segments come before the first request"
         self.eof = False
 
     def feed_from_socket(self) -> int:
@@ -269,7 +272,8 @@ class FrameReader:
                         f"(this process may have {descriptor_limit()}; see ulimit -n)")
                 raise ProtocolError("too many file descriptors in one message")
             if len(self._fds) > MAX_PENDING_FDS:
-                raise ProtocolError(f"{len(self._fds)} file descriptors sent without SEGMENT")
+                raise ProtocolError(f"{len(self._fds)} file descriptors waiting for their "
+                                    f"SEGMENT messages (at most {MAX_PENDING_FDS})")
         if n == 0:
             self.eof = True
         self._hi += n
@@ -321,18 +325,20 @@ class FrameReader:
         fd = None
         if kind is MsgType.SEGMENT:
             if not self.want_fds:  # the kernel dropped any descriptor sent with it
-                raise ProtocolError("SEGMENT after INFER: segments come before the first "
-                                    "request")
+                raise ProtocolError(self._fds_ended)
             if not self._fds:
                 raise ProtocolError("SEGMENT message without a file descriptor")
             fd = self._fds.popleft()
         return Frame(kind, req_id, body, fd)
 
-    def end_fds(self) -> None:
+    def end_fds(self, why: str | None = None) -> None:
         """No more descriptors (a client's segments are in, or it is a monitor): from now
-        on the kernel closes any sent. Raises ProtocolError if some came that no SEGMENT
-        took (they are closed with the reader)."""
+        on the kernel closes any sent, and a SEGMENT is refused (saying ``why``, if
+        given). Raises ProtocolError if some came that no SEGMENT took (they are closed
+        with the reader)."""
         self.want_fds = False
+        if why is not None:
+            self._fds_ended = why
         if self._fds:
             raise ProtocolError(f"{len(self._fds)} file descriptor(s) sent without SEGMENT")
 

@@ -810,8 +810,8 @@ class DeviceServer:
         # sequences, no line breaks.
         conn.client.name = "".join(c if c.isprintable() else "?" for c in name[:64])
         conn.monitor = data.get("monitor") is True
-        if conn.monitor:
-            conn.reader.end_fds()  # a monitor sends no segments
+        if conn.monitor:  # a monitor sends no segments
+            conn.reader.end_fds("bad SEGMENT message: a monitoring connection sends none")
         if conn.trusted and isinstance(data.get("pid"), int):
             conn.client.pid = int(data["pid"])
         conn.welcomed = True

@@ -161,9 +161,9 @@ def probe_writable(path: str | os.PathLike[str]) -> None:
         mode = os.stat(path).st_mode
     except OSError:
         mode = 0
-    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
-        # A pipe (``>(cat)``), a terminal or /dev/null: opening it to try would block
-        # (a FIFO with no reader yet) or end the reader's input. Its permission says.
+    if stat.S_ISFIFO(mode):
+        # A pipe (``>(cat)``, a FIFO): opening it to try would block (no reader yet) or
+        # end the reader's input. Its permission says. (A device or a socket is tried.)
         if not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
         return
