@@ -377,3 +377,18 @@ def test_a_trace_that_cannot_be_written_leaves_the_results(tmp_path: Path) -> No
     assert out.returncode == 1, out.stderr
     assert "cannot write the trace /dev/full: No space left on device" in out.stderr
     assert set(json.loads(out.stdout)["scenarios"]) >= {"conveyor", "threads_queues"}
+
+
+def test_a_device_that_cannot_be_opened_exits_2(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # libedgetpu failing to open a present device raises a plain DeviceError: the bench
+    # exited 1 where detect, demo and serve exit 2.
+    from conveyor import DeviceError
+    from conveyor._bench import _suite
+
+    def cannot_open(*args: Any, **kwargs: Any) -> Any:
+        raise DeviceError("libedgetpu could not open Edge TPU usb:0")
+
+    monkeypatch.setattr(_suite, "run_suite", cannot_open)
+    assert conveyor.cli.main(["bench", "--device", "cpu"]) == 2
+    assert "libedgetpu could not open" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -288,6 +289,35 @@ def test_library_override_to_a_truncated_library_is_refused_not_loaded(
         reason, device = out.stdout.splitlines()
         assert f"CONVEYOR_EDGETPU_LIBRARY={lib} is not usable: {why}" in reason
         assert device == "cpu", device  # auto runs on the CPU instead
+
+
+def test_library_override_named_in_the_current_folder_is_that_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name without a slash was checked here but handed to dlopen, which searched the
+    # loader's path: "cannot open shared object file: No such file or directory".
+    (tmp_path / "libcopy.so").write_bytes(Path(_libm()).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONVEYOR_EDGETPU_LIBRARY", "libcopy.so")
+    status = find_edgetpu_library()
+    assert "has no tflite_plugin_create_delegate" in status.reason, status.reason
+    monkeypatch.setenv("CONVEYOR_EDGETPU_LIBRARY", "/dev/null")  # was "no such file"
+    assert find_edgetpu_library().reason == "CONVEYOR_EDGETPU_LIBRARY=/dev/null: not a " \
+                                            "regular file"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_a_library_without_the_delegates_destroy_function_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was taken for libedgetpu: LiteRT then printed a traceback for each delegate it
+    # could not destroy.
+    src = tmp_path / "half.c"
+    src.write_text("void *tflite_plugin_create_delegate(void) { return 0; }\n")
+    lib = tmp_path / "libhalf.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
+                   timeout=60)
+    monkeypatch.setenv("CONVEYOR_EDGETPU_LIBRARY", str(lib))
+    status = find_edgetpu_library()
+    assert not status.found and "tflite_plugin_destroy_delegate" in status.reason
 
 
 def test_library_not_on_the_loader_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -591,6 +621,34 @@ def test_stages_naming_one_edgetpu_differently_share_its_worker(
     monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [])
     core = Core(stages, maxsize=4, live=False, trace=None, inflight=2)
     assert sorted(core._device_groups()) == [[0, 4], [1], [2], [3], [5]]
+
+
+def test_an_auto_stage_and_a_stage_on_the_edge_tpu_it_would_take_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two workers raced for the one device: about one start in two failed with
+    # DeviceBusyError, the others ran the auto stage on the CPU.
+    import conveyor
+    from conveyor._runtime._core import Core
+    from conveyor.backends import _discovery
+
+    usb = _discovery.EdgeTPUInfo("usb", 0, "/sys/bus/usb/devices/2-1", "ready", None)
+    pci = _discovery.EdgeTPUInfo("pci", 0, "/sys/class/apex/apex_0", "ready", "/dev/apex_0")
+    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [usb, pci])
+
+    def groups(*devices: str) -> list[list[int]]:
+        stages = [conveyor.infer("face_detection_short_range", device=d) for d in devices]
+        return sorted(Core(stages, maxsize=4, live=False, trace=None,
+                           inflight=2)._device_groups())
+
+    with pytest.raises(conveyor.DeviceSpecError, match="would both take Edge TPU usb:0"):
+        groups("auto", "edgetpu:usb:0")
+    with pytest.raises(conveyor.DeviceSpecError, match="'auto' for both"):
+        groups("edgetpu", "auto")
+    assert groups("auto", "edgetpu:pci") == [[0], [1]]  # another device: no race
+    assert groups("auto", "auto", "cpu") == [[0, 1], [2]]
+    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [])
+    assert groups("auto", "edgetpu") == [[0], [1]]  # none here: auto runs on the CPU
 
 
 def test_lock_directory_problems_are_named_as_they_are(

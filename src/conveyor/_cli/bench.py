@@ -48,20 +48,12 @@ import signal
 import sys
 from pathlib import Path
 
-from .._errors import (
-    ConveyorError,
-    DeviceBusyError,
-    DeviceNotFoundError,
-    DeviceSpecError,
-    EdgeTPURuntimeMissingError,
-    ModelError,
-)
+from .._errors import ConveyorError, DeviceError, ModelError
 from ..backends._spec import parse_device
 from . import terminated
 
 #: What makes the bench exit 2, as detect and demo do: the device or model cannot be opened.
-_CANNOT_OPEN = (DeviceSpecError, DeviceNotFoundError, DeviceBusyError,
-                EdgeTPURuntimeMissingError, ModelError)
+_CANNOT_OPEN = (DeviceError, ModelError)  # DeviceError: libedgetpu could not open it too
 
 __all__ = ["add_arguments", "run"]
 

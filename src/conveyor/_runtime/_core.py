@@ -430,6 +430,8 @@ class Core:
         groups: dict[Any, list[int]] = {}
         profiles: dict[Any, tuple[str, str]] = {}
         edgetpus: list[Any] | None = None
+        held: dict[Any, str] = {}  # Edge TPUs named by an edgetpu stage: its name
+        auto_stage = ""
         for si, d in enumerate(self.defs):
             if d.kind != "infer":
                 continue
@@ -451,6 +453,9 @@ class Core:
                         found = _discovery.select_edgetpu(spec, edgetpus)
                         if found is not None:
                             key = ("edgetpu", found.bus, found.index)
+                            held.setdefault(key, d.name)
+                    if spec.kind == "auto":
+                        auto_stage = auto_stage or d.name
                     profile = spec.profile or SIM_PROFILES[0]
                     seen = profiles.setdefault(key, (profile, d.name))
                     if seen[0] != profile:
@@ -459,6 +464,18 @@ class Core:
                             f"Edge TPU with two profiles ({d.device!r}: {profile}, the other "
                             f"{seen[0]}); a device has one: name it the same way in both")
             groups.setdefault(key, []).append(si)
+        if auto_stage and held:
+            # auto takes the first Edge TPU when there is one: if an edgetpu stage names
+            # it too, two workers would race for it (one start in two failed with
+            # DeviceBusyError, the other ran the auto stage on the CPU).
+            first = _discovery.select_edgetpu(parse_device("edgetpu"), edgetpus or [])
+            named = None if first is None else held.get(("edgetpu", first.bus, first.index))
+            if first is not None and named is not None:
+                raise DeviceSpecError(
+                    f"inference stages {auto_stage!r} (device 'auto') and {named!r} (an "
+                    f"Edge TPU) would both take Edge TPU {first.bus}:{first.index}: name "
+                    "it the same way in both ('edgetpu' for both, or 'auto' for both), "
+                    "or give the auto stage device='cpu'")
         return list(groups.values())
 
     def _open_links(self, group: list[int]) -> None:

@@ -93,6 +93,7 @@ class LibraryStatus:
 
 #: The entry point every TFLite external delegate exports; libedgetpu does.
 DELEGATE_SYMBOL = "tflite_plugin_create_delegate"
+DESTROY_SYMBOL = "tflite_plugin_destroy_delegate"
 
 
 def _elf_problem(path: str) -> str | None:
@@ -144,8 +145,9 @@ def _loads(name: str) -> str | None:
         lib = ctypes.CDLL(name)
     except OSError as exc:
         return str(exc)
-    if not hasattr(lib, DELEGATE_SYMBOL):
-        return f"it has no {DELEGATE_SYMBOL}: not a TFLite delegate such as libedgetpu"
+    for symbol in (DELEGATE_SYMBOL, DESTROY_SYMBOL):  # LiteRT calls both
+        if not hasattr(lib, symbol):
+            return f"it has no {symbol}: not a TFLite delegate such as libedgetpu"
     return None
 
 
@@ -156,13 +158,18 @@ def find_edgetpu_library() -> LibraryStatus:
     """
     override = os.environ.get(LIBRARY_ENV)
     if override:
-        if not Path(override).is_file():
-            what = "a folder, not a library file" if Path(override).is_dir() else "no such file"
+        path = Path(override)
+        if not path.is_file():
+            what = ("a folder, not a library file" if path.is_dir() else
+                    "not a regular file" if path.exists() else "no such file")
             return LibraryStatus(None, f"{LIBRARY_ENV}={override}: {what}")
-        error = _elf_problem(override) or _loads(override)
+        # The file checked is the file loaded: a name without a slash would make dlopen
+        # search the loader's path instead (and say "no such file" of one that is here).
+        resolved = str(path.resolve())
+        error = _elf_problem(resolved) or _loads(resolved)
         if error is not None:
             return LibraryStatus(None, f"{LIBRARY_ENV}={override} is not usable: {error}")
-        return LibraryStatus(override)
+        return LibraryStatus(resolved)
     if _loads(DEFAULT_LIBRARY) is None:
         return LibraryStatus(DEFAULT_LIBRARY)
     found = ctypes.util.find_library("edgetpu")
