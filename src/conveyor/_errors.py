@@ -170,7 +170,9 @@ class PermissionDenied(ServerError, PermissionError):
 
 
 class Busy(ServerError):
-    """The server's queue for this client is full: the request was refused at once."""
+    """The server refused the request at once: its queue is full (``--max-queue``), or
+    this client had more requests in flight than its credit (a raw client's doing:
+    conveyor's client waits for a free slot instead)."""
 
 
 class DeadlineExceeded(ServerError, TimeoutError):
