@@ -629,6 +629,7 @@ def test_an_auto_stage_and_a_stage_on_the_edge_tpu_it_would_take_are_refused(
     # Two workers raced for the one device: about one start in two failed with
     # DeviceBusyError, the others ran the auto stage on the CPU.
     import conveyor
+    import conveyor._runtime._core as core_mod
     from conveyor._runtime._core import Core
     from conveyor.backends import _discovery
 
@@ -641,6 +642,10 @@ def test_an_auto_stage_and_a_stage_on_the_edge_tpu_it_would_take_are_refused(
         return sorted(Core(stages, maxsize=4, live=False, trace=None,
                            inflight=2)._device_groups())
 
+    # A bundled model has no Edge TPU build: auto runs it on the CPU, no race (refusing
+    # it broke pipelines that worked).
+    assert groups("auto", "edgetpu") == [[0], [1]]
+    monkeypatch.setattr(core_mod, "_auto_takes_tpu", lambda model: True)  # as with a build
     with pytest.raises(conveyor.DeviceSpecError, match="would both take Edge TPU usb:0"):
         groups("auto", "edgetpu:usb:0")
     with pytest.raises(conveyor.DeviceSpecError, match="'auto' for both"):
@@ -649,6 +654,24 @@ def test_an_auto_stage_and_a_stage_on_the_edge_tpu_it_would_take_are_refused(
     assert groups("auto", "auto", "cpu") == [[0, 1], [2]]
     monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [])
     assert groups("auto", "edgetpu") == [[0], [1]]  # none here: auto runs on the CPU
+
+
+def test_auto_takes_the_edge_tpu_only_for_a_model_with_a_build_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import conveyor._runtime._core as core_mod
+    from conveyor._models import resolve_model
+
+    plain = resolve_model("face_detection_short_range")
+    (tmp_path / "m.tflite").write_bytes(plain.read_bytes())
+    (tmp_path / "m_edgetpu.tflite").write_bytes(plain.read_bytes())
+    monkeypatch.setattr(edgetpu_mod, "find_edgetpu_library",
+                        lambda: LibraryStatus("libedgetpu.so.1"))
+    assert core_mod._auto_takes_tpu(tmp_path / "m.tflite")
+    assert not core_mod._auto_takes_tpu("face_detection_short_range")  # no build
+    assert not core_mod._auto_takes_tpu(plain.with_suffix(".onnx"))  # ONNX Runtime's
+    monkeypatch.setattr(edgetpu_mod, "find_edgetpu_library",
+                        lambda: LibraryStatus(None, "missing"))
+    assert not core_mod._auto_takes_tpu(tmp_path / "m.tflite")  # no runtime: the CPU
 
 
 def test_lock_directory_problems_are_named_as_they_are(

@@ -98,6 +98,22 @@ def _describe_value(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _auto_takes_tpu(model: Any) -> bool:
+    """Whether an ``auto`` device would run ``model`` on an Edge TPU that is present: it
+    has an Edge TPU build and the runtime loads (else, or for an ONNX file, it runs it
+    elsewhere: see backends/auto.py)."""
+    from .._models import resolve_model
+    from ..backends.edgetpu import edgetpu_pair, find_edgetpu_library
+
+    try:
+        path = resolve_model(model)
+        if path.suffix.lower() == ".onnx" or edgetpu_pair(path)[1] is None:
+            return False
+    except (ConveyorError, OSError):
+        return False  # the worker reports it
+    return find_edgetpu_library().found
+
+
 def _distinct_models(models: Iterable[str]) -> list[str]:
     """``models`` without repeats: one model named twice (by name and by path, say) is
     loaded once; a name that does not resolve is kept for the worker to report."""
@@ -454,8 +470,8 @@ class Core:
                         if found is not None:
                             key = ("edgetpu", found.bus, found.index)
                             held.setdefault(key, d.name)
-                    if spec.kind == "auto":
-                        auto_stage = auto_stage or d.name
+                    if spec.kind == "auto" and not auto_stage and _auto_takes_tpu(d.model):
+                        auto_stage = d.name
                     profile = spec.profile or SIM_PROFILES[0]
                     seen = profiles.setdefault(key, (profile, d.name))
                     if seen[0] != profile:
@@ -465,9 +481,10 @@ class Core:
                             f"{seen[0]}); a device has one: name it the same way in both")
             groups.setdefault(key, []).append(si)
         if auto_stage and held:
-            # auto takes the first Edge TPU when there is one: if an edgetpu stage names
-            # it too, two workers would race for it (one start in two failed with
-            # DeviceBusyError, the other ran the auto stage on the CPU).
+            # auto takes the first Edge TPU for a model with a build for it (the runtime
+            # there): if an edgetpu stage names that device too, two workers would race for
+            # it (one start in two failed with DeviceBusyError, the others ran the auto
+            # stage on the CPU).
             first = _discovery.select_edgetpu(parse_device("edgetpu"), edgetpus or [])
             named = None if first is None else held.get(("edgetpu", first.bus, first.index))
             if first is not None and named is not None:
