@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import raystage
@@ -20,8 +22,11 @@ pytest.importorskip("ray.data", reason="Ray Data needs pandas and pyarrow ('conv
 def test_map_batches_runs_a_conveyor_pipeline_per_actor() -> None:
     from conveyor.ray import map_batches
 
+    # The tests' folder added to the caller's path (which may be how conveyor is found).
+    path = os.pathsep.join(p for p in (raystage.__file__.rsplit("/", 1)[0],
+                                       os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": raystage.__file__.rsplit("/", 1)[0]}})
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         ds = ray.data.from_items([{"item": i} for i in range(40)])
         out = map_batches(

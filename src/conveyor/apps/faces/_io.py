@@ -84,7 +84,7 @@ def _to_8_bits(values: npt.NDArray[Any], sixteen: bool = False) -> npt.NDArray[n
         scaled = values * 255.0 if top <= 1.0 else values
         return np.clip(np.nan_to_num(scaled), 0, 255).astype(np.uint8)
     wide = values.astype(np.int64)
-    top = int(wide.max()) if wide.size else 0
+    top = int(np.max(wide)) if wide.size else 0
     if top > 65535:  # deeper still: scale the brightest sample to 255
         return (np.clip(wide, 0, None) * 255 // top).astype(np.uint8)
     if sixteen or top > 255:
