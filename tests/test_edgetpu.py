@@ -601,6 +601,15 @@ def test_devices_command_text_and_json(capsys: pytest.CaptureFixture[str]) -> No
     assert "sim-edgetpu" in text and "simulation" in text and "LiteRT" in text
 
 
+def _usb_and_pci_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery finds a USB Edge TPU, then a PCIe one."""
+    from conveyor.backends import _discovery
+
+    usb = _discovery.EdgeTPUInfo("usb", 0, "/sys/bus/usb/devices/2-1", "ready", None)
+    pci = _discovery.EdgeTPUInfo("pci", 0, "/sys/class/apex/apex_0", "ready", "/dev/apex_0")
+    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [usb, pci])
+
+
 def test_stages_naming_one_edgetpu_differently_share_its_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -608,9 +617,7 @@ def test_stages_naming_one_edgetpu_differently_share_its_worker(
     from conveyor._runtime._core import Core
     from conveyor.backends import _discovery
 
-    usb = _discovery.EdgeTPUInfo("usb", 0, "/sys/bus/usb/devices/2-1", "ready", None)
-    pci = _discovery.EdgeTPUInfo("pci", 0, "/sys/class/apex/apex_0", "ready", "/dev/apex_0")
-    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [usb, pci])
+    _usb_and_pci_found(monkeypatch)
     devices = ["edgetpu", "edgetpu:usb:0", "edgetpu:pci", "edgetpu:1", "edgetpu:0", "cpu"]
     stages = [conveyor.infer("face_detection_short_range", device=d) for d in devices]
     core = Core(stages, maxsize=4, live=False, trace=None, inflight=2)
@@ -633,9 +640,7 @@ def test_an_auto_stage_and_a_stage_on_the_edge_tpu_it_would_take_are_refused(
     from conveyor._runtime._core import Core
     from conveyor.backends import _discovery
 
-    usb = _discovery.EdgeTPUInfo("usb", 0, "/sys/bus/usb/devices/2-1", "ready", None)
-    pci = _discovery.EdgeTPUInfo("pci", 0, "/sys/class/apex/apex_0", "ready", "/dev/apex_0")
-    monkeypatch.setattr(_discovery, "discover_edgetpus", lambda root="/": [usb, pci])
+    _usb_and_pci_found(monkeypatch)
 
     def groups(*devices: str) -> list[list[int]]:
         stages = [conveyor.infer("face_detection_short_range", device=d) for d in devices]

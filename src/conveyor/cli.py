@@ -61,12 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # the sub-command's usage, not the top level's, says what it takes
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # SIGTERM (kill, timeout(1), a service manager) ends demo and detect as Ctrl-C does:
-    # their pipelines' workers, device servers and folders are closed and removed on the
-    # way out (killed by it, a private socket's folder was left behind). bench does so
-    # itself; serve and top have their own handling.
+    # SIGTERM (kill, timeout(1), a service manager) ends demo, detect and bench as Ctrl-C
+    # does: their pipelines' workers, helper programs, device servers and folders are
+    # closed and removed on the way out (killed by it, a private socket's folder was left
+    # behind). serve and top have their own handling.
     previous = (signal.signal(signal.SIGTERM, terminated)
-                if args.command in ("demo", "detect") else None)
+                if args.command in ("demo", "detect", "bench") else None)
     try:
         code: int = args._run(args)
     except KeyboardInterrupt as exc:

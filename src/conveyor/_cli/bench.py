@@ -44,13 +44,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 from pathlib import Path
 
 from .._errors import ConveyorError, DeviceError, ModelError
 from ..backends._spec import parse_device
-from . import terminated
 
 #: What makes the bench exit 2, as detect and demo do: the device or model cannot be opened.
 _CANNOT_OPEN = (DeviceError, ModelError)  # DeviceError: libedgetpu could not open it too
@@ -200,18 +198,14 @@ def run(args: argparse.Namespace) -> int:
         realtime=_realtime(args.realtime, args.device),
         trace=args.trace,
     )
-    # SIGTERM ends the bench as Ctrl-C does: every helper program and folder it started
-    # is stopped and removed on the way out.
-    previous = signal.signal(signal.SIGTERM, terminated)
+    # SIGTERM ends the bench as Ctrl-C does (conveyor.cli sets that up): every helper
+    # program and folder it started is stopped and removed on the way out.
     try:
         outcome = run_suite(opts, progress=not args.no_progress)
     except ConveyorError as exc:
         print(f"conveyor bench: {exc}", file=sys.stderr)
         # As detect and demo: 2 when the device or model cannot be opened at all.
         return 2 if isinstance(exc, _CANNOT_OPEN) else 1
-    finally:
-        if signal.getsignal(signal.SIGTERM) is terminated:  # else ended by it: exiting
-            signal.signal(signal.SIGTERM, previous)
     data = outcome.data
     trace_failed = plot_failed = False
     if args.trace is not None:
