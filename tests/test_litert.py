@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +222,21 @@ def test_an_edgetpu_named_file_is_served_by_its_plain_name_on_the_cpu_too(
     path = tmp_path / "x_edgetpu.tflite"
     shutil.copy(resolve_model("face_detection_short_range"), path)
     assert open_device("cpu").load(path).model == "x"
+
+
+def test_litert_s_xnnpack_notice_is_held_back_and_other_stderr_kept() -> None:
+    # LiteRT's C++ core prints "INFO: Created ... XNNPACK delegate for CPU." once per
+    # process, into whatever the program prints (the demo, a progress bar).
+    code = (
+        "import os, sys\n"
+        "from conveyor.backends import litert\n"
+        "with litert.without_xnnpack_notice():\n"
+        "    os.write(2, b'before\\n')\n"
+        "    conveyor_runner = litert.LiteRTRunner('face_detection_short_range', threads=1)\n"
+        "    print('python text', file=sys.stderr)\n"
+        "litert.LiteRTRunner('face_landmark', threads=1)\n"
+        "print('done', file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          check=True)
+    assert proc.stderr.decode() == "before\npython text\ndone\n"

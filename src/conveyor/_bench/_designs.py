@@ -443,6 +443,16 @@ def _read_trace(path: Path, t0_ns: int) -> Timeline:
     return timeline
 
 
+def _measured_part(path: Path, start_us: float) -> bytes:
+    """A conveyor trace file without the warm-up: its spans that begin before ``start_us``
+    (the measured window's start, on the trace's clock) are left out."""
+    data = json.loads(path.read_text())
+    data["traceEvents"] = [
+        ev for ev in data["traceEvents"] if ev.get("ph") != "X" or ev["ts"] >= start_us
+    ]
+    return json.dumps(data).encode()
+
+
 def conveyor_design(
     setup: Setup,
     name: str = "conveyor",
@@ -502,7 +512,7 @@ def conveyor_design(
             )
         result.timeline = _read_trace(trace, t0)
         if setup.trace is not None:
-            result.trace = trace.read_bytes()
+            result.trace = _measured_part(trace, (start - t0) / 1e3)
     device = result.timeline.track("device")
     inside = sum(1 for s, e in device if before <= s and e <= result.end_ns)
     if device and inside < 0.9 * len(device):

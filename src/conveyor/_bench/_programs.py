@@ -177,6 +177,22 @@ def _start_server(stack: ExitStack, setup: Setup, path: Path) -> _Program:
     return server
 
 
+#: The longest path a Unix socket may have, in bytes (``sun_path`` less its NUL).
+_SOCKET_PATH_MAX = 107
+
+
+def _socket_dir(stack: ExitStack) -> Path:
+    """A private folder for the server's socket, removed when ``stack`` closes: in the
+    temporary folder, unless a socket path there would be too long for ``AF_UNIX`` (a
+    long ``TMPDIR``); then in ``/tmp``."""
+    prefix = "conveyor-bench-"
+    base = tempfile.gettempdir()
+    # TemporaryDirectory adds 8 characters to the prefix; the socket is "device.sock".
+    longest = len(os.fsencode(os.path.join(base, prefix + "x" * 8, "device.sock")))
+    where = base if longest <= _SOCKET_PATH_MAX else "/tmp"
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix, dir=where)))
+
+
 def server_design(setup: Setup, clients: int) -> Result:
     """``clients`` separate programs share the device through a device server.
 
@@ -190,8 +206,7 @@ def server_design(setup: Setup, clients: int) -> Result:
         setup.items // clients + (1 if c < setup.items % clients else 0) for c in range(clients)
     ]
     with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-bench-")))
-        path = tmp / "device.sock"
+        path = _socket_dir(stack) / "device.sock"
         _start_server(stack, setup, path)
         programs = []
         for c, share in enumerate(shares):

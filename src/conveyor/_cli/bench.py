@@ -130,7 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace",
         metavar="FILE",
         type=_file_path,
-        help="write a Chrome trace of the conveyor design (open in Perfetto)",
+        help="write a Chrome trace of the conveyor design's measured items, without the "
+             "warm-up (open in Perfetto)",
     )
     parser.add_argument(
         "--plot",

@@ -7,7 +7,11 @@ Edge TPU) reuse :class:`LiteRTRunner` with a delegate; see :mod:`conveyor.backen
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,54 @@ def check_tflite_file(path: Path) -> bytes:
             f"found {data[4:8]!r} ({len(data)} bytes){hint}"
         )
     return data
+
+
+#: What LiteRT's C++ core prints on stderr when it first applies its default CPU delegate.
+_XNNPACK_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+_notice_lock = threading.RLock()
+_notice_seen = False  # LiteRT prints it once per process
+
+
+@contextmanager
+def without_xnnpack_notice() -> Iterator[None]:
+    """Hold back LiteRT's "Created ... XNNPACK delegate" line, which no setting silences
+    from Python, so it does not break into a program's output (the demo's, a progress bar).
+
+    Until the line has been seen in this process, the C-level stderr (descriptor 2) goes
+    to a temporary file while the block runs; then everything written there but that
+    line goes on to the real stderr, in order. Where descriptor 2 cannot be redirected,
+    the block just runs.
+    """
+    global _notice_seen
+    if _notice_seen:
+        yield
+        return
+    with _notice_lock, tempfile.TemporaryFile() as held:
+        try:
+            sys.stderr.flush()
+            real = os.dup(2)
+        except (OSError, ValueError):
+            yield
+            return
+        try:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(real, 2)
+        finally:
+            os.close(real)
+        held.seek(0)
+        text = held.read()
+        if _XNNPACK_NOTICE in text:
+            _notice_seen = True
+            text = text.replace(_XNNPACK_NOTICE, b"", 1)
+        try:
+            while text:
+                text = text[os.write(2, text):]
+        except OSError:
+            pass
 
 
 def is_edgetpu_model(data: bytes) -> bool:
@@ -95,12 +147,13 @@ class LiteRTRunner(Runner):
                 f"or use the plain model it was compiled from on the CPU"
             )
         try:
-            self._interp = Interpreter(
-                model_content=data,
-                num_threads=threads,
-                experimental_delegates=list(delegates) or None,
-            )
-            self._interp.allocate_tensors()
+            with without_xnnpack_notice():
+                self._interp = Interpreter(
+                    model_content=data,
+                    num_threads=threads,
+                    experimental_delegates=list(delegates) or None,
+                )
+                self._interp.allocate_tensors()
             # (A tensor name that is not UTF-8 fails here, as a ValueError.)
             self._in = self._interp.get_input_details()
             self._out = self._interp.get_output_details()

@@ -73,7 +73,7 @@ from ._lock import DeviceLock, acquire_device_lock
 from ._modelcost import ModelCost, model_cost
 from ._spec import DeviceSpec
 from .edgetpu import edgetpu_pair
-from .litert import _specs, check_tflite_file, is_edgetpu_model
+from .litert import _specs, check_tflite_file, is_edgetpu_model, without_xnnpack_notice
 
 __all__ = [
     "CACHE_BYTES",
@@ -211,8 +211,9 @@ def _reference_outputs(
     if is_edgetpu_model(data):
         return [np.full(s.shape, s.zero_point if s.quantized else 0, s.dtype) for s in outputs]
     try:
-        interp = Interpreter(model_content=data, num_threads=1)
-        interp.allocate_tensors()
+        with without_xnnpack_notice():
+            interp = Interpreter(model_content=data, num_threads=1)
+            interp.allocate_tensors()
         for detail, spec in zip(interp.get_input_details(), inputs):
             fill = spec.zero_point if spec.quantized else 0
             interp.set_tensor(detail["index"], np.full(spec.shape, fill, spec.dtype))
