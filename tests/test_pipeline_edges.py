@@ -492,6 +492,29 @@ def test_live_mode_keeps_the_newest_frames_when_the_caller_is_behind() -> None:
     assert items["admitted"] == 30 and items["dropped"] == 30 - len(got)
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_live_mode_with_errors_as_results_keeps_delivering_fresh_frames(ordered: bool) -> None:
+    # Stale errors were never dropped: they came to hold every item in flight, and a
+    # slow caller got old errors and no frame but the first and the last.
+    def camera() -> Iterator[int]:
+        for i in range(400):
+            time.sleep(0.002)
+            yield i
+
+    ok = errors = 0
+    with conveyor.Pipeline(conveyor.stage(sf.fail_on_multiple_of_7), drop="oldest",
+                           on_error="return", ordered=ordered) as pipe:
+        for y in pipe.map(camera()):
+            if isinstance(y, conveyor.StageError):
+                errors += 1
+            else:
+                ok += 1
+            time.sleep(0.03)  # a slow display
+        items = pipe.stats()["items"]
+    assert ok >= 8, (ok, errors)
+    assert items["admitted"] == 400 and ok + errors + items["dropped"] == 400
+
+
 @pytest.mark.parametrize("device", ["sim-edgetpu", "cpu"])
 def test_two_inference_stages_with_a_slow_consumer_never_stall(
     device: str, no_leaks: None

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conveyor._runtime._channel import Aborted, Channel
-from conveyor._runtime._run import DROP, OK, Run
+from conveyor._errors import StageError
+from conveyor._runtime._run import DROP, ERR, OK, Run
 
 
 def _blocked_put(ch: Channel[int], value: int) -> threading.Thread:
@@ -104,6 +105,26 @@ def test_a_drop_frees_its_token_and_is_skipped_in_order() -> None:
     run.finish(3)
     assert [run.take(), run.take(), run.take()] == [(1, (OK, "b")), (2, (OK, "c")), None]
     assert run.dropped == 1
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("drop_errors", [True, False])
+def test_live_mode_drops_a_stale_error_only_where_errors_are_results(
+        ordered: bool, drop_errors: bool) -> None:
+    run = Run(ordered=ordered, max_in_flight=3, drop_errors=drop_errors)
+    assert run.acquire() and run.acquire() and run.acquire()
+    run.deliver(0, ERR, StageError("f", 0, "bad frame"))
+    run.deliver_last(2, ERR, StageError("source", 2, "the input iterator raised"))
+    run.finish(3)
+    # errors taken as results (on_error="return"): the item's is stale like any frame;
+    # else kept; the input iterator's error is never dropped
+    assert run.drop_oldest_result() is drop_errors
+    assert not run.drop_oldest_result()
+    run.deliver(1, OK, "b")
+    assert run.drop_oldest_result()  # the result, whatever the errors
+    assert run.dropped == 1 + drop_errors
+    rest = [(i, kind) for i, (kind, _) in iter(run.take, None)]
+    assert rest == ([] if drop_errors else [(0, ERR)]) + [(2, ERR)]
 
 
 @pytest.mark.parametrize("ordered", [True, False])

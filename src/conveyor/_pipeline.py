@@ -283,7 +283,9 @@ class Pipeline:
         drop: ``"oldest"`` for live mode: the source never blocks; when
             ``max_in_flight`` items are in flight, the oldest one still waiting for the
             first stage is dropped (counted in ``stats()``), or, if none waits because
-            the caller is behind, the oldest result it has not taken (errors are kept).
+            the caller is behind, the oldest result it has not taken (with
+            ``on_error="return"`` an error too, since it is taken as a result; with
+            "raise" and "skip" errors are kept).
         max_in_flight: items one run may have admitted and not yet consumed. Default:
             enough to fill every channel and worker; in live mode, one per stage plus one.
         inflight: requests an inference stage keeps on the device at once (default 3):
@@ -543,7 +545,7 @@ class Pipeline:
                                f"use a second pipeline for nested work")
 
     def _new_run(self, ordered: bool, notify: Callable[[], None] | None = None) -> Run:
-        run = Run(ordered, self.max_in_flight, notify)
+        run = Run(ordered, self.max_in_flight, notify, drop_errors=self.on_error == "return")
         with self._lock:
             if self._closed:  # closed since the caller checked: close() never saw this run
                 raise PipelineClosedError("the pipeline is closed")

@@ -37,9 +37,13 @@ class Run:
     """Outcomes of one ``map``/``amap`` call (or of all ``submit`` calls)."""
 
     def __init__(
-        self, ordered: bool, max_in_flight: int, notify: Callable[[], None] | None = None
+        self, ordered: bool, max_in_flight: int, notify: Callable[[], None] | None = None,
+        *, drop_errors: bool = False,
     ) -> None:
         self.ordered = ordered
+        # Live mode: a stale error may be dropped like a stale result (the caller takes
+        # errors as results, on_error="return"); else errors are kept for the caller.
+        self.drop_errors = drop_errors
         # One lock; the feeder waits for tokens, the consumer for outcomes, and each is
         # woken only by what it waits for.
         self._lock = threading.Lock()
@@ -134,24 +138,32 @@ class Run:
         self._tokens_cv.notify()
         self._ready_cv.notify()
 
+    def _stale(self, outcome: Outcome) -> bool:
+        """Whether live mode may drop this ready outcome: a result, or with
+        ``drop_errors`` an item's error (never the input iterator's, which ends the run)."""
+        kind, value = outcome
+        return kind == OK or (self.drop_errors and kind == ERR
+                              and getattr(value, "stage", None) != "source")
+
     def drop_oldest_result(self) -> bool:
         """Live mode, every token taken and no item waiting to enter: drop the oldest
-        result that is ready but not taken yet (the consumer is behind, and a new frame
-        is worth more than a stale one), counted as a drop. Errors are kept. True if one
-        was dropped: its token is free."""
+        outcome that is ready but not taken yet (the consumer is behind, and a new frame
+        is worth more than a stale one), counted as a drop: a result, or an error where
+        ``drop_errors`` (else errors are kept). True if one was dropped: its token is
+        free."""
         with self._lock:
             if self.cancelled or self.on_outcome is not None:
                 return False
             if self.ordered:
-                ready = [i for i, (kind, _) in self._by_index.items() if kind == OK]
+                ready = [i for i, outcome in self._by_index.items() if self._stale(outcome)]
                 if not ready:
                     return False
                 index = min(ready)
                 del self._by_index[index]
                 self._skip.add(index)
             else:
-                for n, (_, (kind, _)) in enumerate(self._arrived):
-                    if kind == OK:
+                for n, (_, outcome) in enumerate(self._arrived):
+                    if self._stale(outcome):
                         del self._arrived[n]
                         break
                 else:
