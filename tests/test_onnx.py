@@ -220,7 +220,8 @@ def _field(number: int, value: int | bytes | str) -> bytes:
 
 
 def _identity_model(elem_type: int, shape: list[int | str],
-                    declared: list[int | str] | None = None) -> bytes:
+                    declared: list[int | str] | None = None, x: str = "x",
+                    y: str = "y") -> bytes:
     """An ONNX ModelProto (opset 17) of one Identity node, y = x; ``elem_type`` is ONNX's
     TensorProto.DataType (1 float, 8 string), a str in ``shape`` a symbolic dimension;
     ``declared``: the shape the model claims for y (else ``shape``)."""
@@ -231,9 +232,9 @@ def _identity_model(elem_type: int, shape: list[int | str],
         tensor_type = _field(1, elem_type) + _field(2, dims)
         return _field(1, name) + _field(2, _field(1, tensor_type))
 
-    node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
-    graph = (_field(1, node) + _field(2, "identity") + _field(11, value_info("x", shape))
-             + _field(12, value_info("y", shape if declared is None else declared)))
+    node = _field(1, x) + _field(2, y) + _field(4, "Identity")
+    graph = (_field(1, node) + _field(2, "identity") + _field(11, value_info(x, shape))
+             + _field(12, value_info(y, shape if declared is None else declared)))
     return _field(1, 8) + _field(8, _field(2, 17)) + _field(7, graph)
 
 
@@ -243,6 +244,30 @@ def test_a_symbolic_batch_dimension_is_taken_as_one(tmp_path: Path) -> None:
     runner = OnnxDevice().load(path)
     assert runner.inputs[0].shape == (1, 3)
     np.testing.assert_array_equal(runner.run([np.arange(3, dtype=np.float32)])[0], [[0, 1, 2]])
+
+
+@pytest.mark.parametrize(("elem_type", "dtype"), [(4, np.uint16), (12, np.uint32),
+                                                   (13, np.uint64), (1, np.float32)])
+@pytest.mark.parametrize("shape", [[], [1, 4]])
+def test_unsigned_and_rank_0_tensors_pass_as_they_are(
+        tmp_path: Path, elem_type: int, dtype: Any, shape: list[int | str]) -> None:
+    # uint16/32/64 were refused as "numeric and bool tensors only"; a rank-0 input came
+    # out of Runner.run with shape (1,), and run_into() then refused it.
+    import conveyor
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_identity_model(elem_type, shape))
+    x = np.full(shape, np.iinfo(dtype).max if dtype != np.float32 else 2.5, dtype)
+    runner = OnnxDevice().load(path)
+    for form in (x, [x], {"x": x}):
+        (y,) = runner.run(form)
+        assert y.dtype == dtype and y.shape == tuple(shape) and (y == x).all()
+    out = [np.empty(tuple(shape), dtype)]
+    runner.run_into(x, out)
+    assert (out[0] == x).all()
+    with conveyor.Pipeline(conveyor.infer(str(path), device="onnx")) as pipe:
+        ((y,),) = pipe.map([x])
+    assert y.dtype == dtype and y.shape == tuple(shape) and (y == x).all()
 
 
 @pytest.mark.parametrize(("elem_type", "shape", "why"), [
@@ -300,6 +325,21 @@ def test_a_tensor_of_more_dimensions_than_the_wire_carries_is_refused_at_start(
     with pytest.raises(InvalidModelError, match="'x' has 9 dimensions, more than the 8"), \
             conveyor.Pipeline(conveyor.infer(str(path), device="onnx")):
         pytest.fail("the pipeline started")
+
+
+def test_models_too_large_to_describe_to_a_client_are_refused_at_start(
+        tmp_path: Path) -> None:
+    # Tensor names of 600,000 characters: the server started, then every client's
+    # handshake failed (a WELCOME over the 1 MiB a message may hold), for its other
+    # models too, and `conveyor status` as well.
+    from conveyor._device._server import DeviceServer
+
+    path = tmp_path / "long.onnx"
+    path.write_bytes(_identity_model(1, [1, 3], x="x" * 300_000, y="y" * 300_000))
+    assert OnnxDevice().load(path).inputs[0].name == "x" * 300_000  # it loads
+    with pytest.raises(InvalidModelError, match=r"the models' descriptions take \d+ bytes, "
+                       r"more than the 524288 .*\('long': \d+ bytes; are its tensor names"):
+        DeviceServer([OnnxDevice()], [str(path)])
 
 
 def test_an_upper_case_suffix_is_an_onnx_file(tmp_path: Path) -> None:

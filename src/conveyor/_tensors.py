@@ -170,5 +170,5 @@ def prepare_inputs(
                     f"input {spec.name!r} of model {model!r}: expected dtype {expected}, "
                     f"got {arr.dtype.name}"
                 )
-        out.append(np.ascontiguousarray(arr))
+        out.append(np.asarray(arr, order="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
     return out

@@ -40,6 +40,7 @@ from ._conn import MAX_SEGMENT_BYTES, Conn
 from ._iorole import MAIN, READABLE, IORole, Poller
 from ._protocol import (
     INFER,
+    MAX_BODY,
     MAX_INFLIGHT,
     PROTOCOL_VERSION,
     SEGMENT,
@@ -86,6 +87,9 @@ DRAIN_FLUSH_S = 5.0
 #: it exits without them (a hung device's run never ends, nor do the requests queued
 #: behind it).
 DRAIN_RUN_S = 10.0
+#: The most bytes the models' JSON may take in a WELCOME (a message's body holds at most
+#: MAX_BODY): the rest is room for the devices there, and for the clients in a status reply.
+MAX_MODELS_JSON = MAX_BODY // 2
 _TEXT = {s: s.name.lower().replace("_", " ") for s in Status}
 
 
@@ -309,6 +313,15 @@ class DeviceServer:
             model_id: dataclasses.replace(info, digests=_digests(files[model_id]))
             for model_id, info in sorted(self.models.items())
         }
+        # Every client's WELCOME (and every status reply) describes the models: one that
+        # would not fit in a message made every handshake fail, for every model.
+        described = {info.name: len(json_body(info.to_json())) for info in self.models.values()}
+        if sum(described.values()) > MAX_MODELS_JSON:
+            largest = max(described, key=described.__getitem__)
+            raise InvalidModelError(
+                f"the models' descriptions take {sum(described.values())} bytes, more than "
+                f"the {MAX_MODELS_JSON} a client's handshake may hold ({largest!r}: "
+                f"{described[largest]} bytes; are its tensor names that long?)")
 
     # --- set-up -------------------------------------------------------------------------
 

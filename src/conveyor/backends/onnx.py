@@ -40,8 +40,11 @@ _DTYPES = {
     "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
     "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,  # 16-bit depth images, say
     "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
     "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
 }
 
