@@ -624,8 +624,7 @@ def test_a_gif_cut_anywhere_is_an_image_read_error(tmp_path: Path,
     assert f"cannot read {cut}" in err and "Traceback" not in err
 
 
-def test_detect_reads_a_video_from_a_pipe(media: Path) -> None:
-    # Pillow read the whole pipe to tell it was no image; FFmpeg then got an empty one.
+def _frames_through_a_pipe(path: Path) -> list[np.ndarray]:
     from conveyor.apps.faces import iter_frames
 
     r, w = os.pipe()
@@ -633,19 +632,51 @@ def test_detect_reads_a_video_from_a_pipe(media: Path) -> None:
     if pid == 0:  # the child writes the video into the pipe
         os.close(r)
         try:
-            with open(media / "clip.avi", "rb") as f, os.fdopen(w, "wb") as out:
+            with open(path, "rb") as f, os.fdopen(w, "wb") as out:
                 shutil.copyfileobj(f, out)
         finally:
             os._exit(0)
     os.close(w)
     try:
-        frames = [f for _, f in iter_frames(f"/dev/fd/{r}")]
+        return [f for _, f in iter_frames(f"/dev/fd/{r}")]
     finally:
         os.close(r)
         os.waitpid(pid, 0)
+
+
+def test_detect_reads_a_video_from_a_pipe(media: Path) -> None:
+    # Pillow read the whole pipe to tell it was no image; FFmpeg then got an empty one.
+    from conveyor.apps.faces import iter_frames
+
+    frames = _frames_through_a_pipe(media / "clip.avi")
     want = [f for _, f in iter_frames(media / "clip.avi")]
     assert len(frames) == len(want) == 4
     assert all(np.array_equal(a, b) for a, b in zip(frames, want))
+
+
+@pytest.mark.parametrize("faststart", [False, True])
+def test_an_mp4_with_its_index_at_the_end_cannot_come_from_a_pipe_and_says_so(
+        tmp_path: Path, faststart: bool) -> None:
+    # It was "not an image or video file conveyor can decode", though its path read well.
+    from conveyor.apps.faces import ImageReadError
+
+    path = tmp_path / "clip.mp4"
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        # Noise: about 60 kB of media, more than FFmpeg reads past when the index is last.
+        for frame in np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), np.uint8):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    if faststart:  # the index first: a pipe works
+        assert len(_frames_through_a_pipe(path)) == 3
+    else:
+        with pytest.raises(ImageReadError, match=r"its index \(the 'moov' box\) at the end "
+                           r"cannot be read from a pipe: give its path"):
+            _frames_through_a_pipe(path)
 
 
 def test_a_rotated_video_is_read_upright(tmp_path: Path) -> None:

@@ -37,8 +37,9 @@ from test_server_support import (
 )
 
 import conveyor
+import conveyor.cli
 from conveyor import Busy, DeviceClient, ServerGone
-from conveyor._device._client import query_status
+from conveyor._device._client import long_socket_path, query_status
 from conveyor._device._protocol import PROTOCOL_VERSION, MsgType, encode, json_body
 from conveyor._models import resolve_model
 
@@ -803,3 +804,19 @@ def test_an_empty_socket_path_is_refused_as_such() -> None:
         conveyor.connect("")
     with pytest.raises(ValueError, match="server= is an empty path"):
         conveyor.infer("face_detection_short_range", server="")
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_says_so(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # It was "no conveyor server at ...: AF_UNIX path too long; start one with conveyor
+    # serve --socket ..." (a command that cannot work), from connect() and the CLI.
+    long = "/tmp/" + "s" * 103  # 108 bytes: one more than sun_path holds with its NUL
+    why = "is 108 bytes, more than the 107 a Unix socket's path may have"
+    with pytest.raises(ValueError, match=why):
+        conveyor.connect(long)
+    for command in ("status", "top", "serve"):
+        with pytest.raises(SystemExit) as exited:
+            conveyor.cli.main([command, "--socket", long])
+        assert exited.value.code == 2
+        assert why in capsys.readouterr().err
+    assert long_socket_path(long[:-1]) is None  # 107 bytes may be a socket's path

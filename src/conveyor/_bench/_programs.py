@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
+from .._device._client import SOCKET_PATH_MAX
 from .._errors import ConveyorError
 from ._designs import Setup, conveyor_design
 from ._hog import chunks_per_s
@@ -177,10 +178,6 @@ def _start_server(stack: ExitStack, setup: Setup, path: Path) -> _Program:
     return server
 
 
-#: The longest path a Unix socket may have, in bytes (``sun_path`` less its NUL).
-_SOCKET_PATH_MAX = 107
-
-
 def _socket_dir(stack: ExitStack) -> Path:
     """A private folder for the server's socket, removed when ``stack`` closes: in the
     temporary folder, unless a socket path there would be too long for ``AF_UNIX`` (a
@@ -189,7 +186,7 @@ def _socket_dir(stack: ExitStack) -> Path:
     base = tempfile.gettempdir()
     # TemporaryDirectory adds 8 characters to the prefix; the socket is "device.sock".
     longest = len(os.fsencode(os.path.join(base, prefix + "x" * 8, "device.sock")))
-    where = base if longest <= _SOCKET_PATH_MAX else "/tmp"
+    where = base if longest <= SOCKET_PATH_MAX else "/tmp"
     return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix, dir=where)))
 
 

@@ -35,6 +35,11 @@ def socket_path(text: str) -> str:
     """An argparse type: a socket path, not empty (that was taken as the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path names no socket")
+    from .._device._client import long_socket_path
+
+    why = long_socket_path(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 

@@ -87,6 +87,7 @@ __all__ = [
     "connect",
     "default_socket_path",
     "error_from_name",
+    "long_socket_path",
     "query_status",
 ]
 
@@ -99,6 +100,19 @@ _NS_MAX = 2**63 - 1
 #: (a request that started just before its deadline is let finish).
 GIVE_UP_GRACE_NS = 250_000_000
 _GIVE_UP_POLL_S = GIVE_UP_GRACE_NS / 1e9
+
+
+#: The longest path a Unix socket may have, in bytes (``sun_path`` less its NUL).
+SOCKET_PATH_MAX = 107
+
+
+def long_socket_path(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot name a Unix socket when it is too long; else None."""
+    n = len(os.fsencode(path))
+    if n <= SOCKET_PATH_MAX:
+        return None
+    return (f"the socket path {os.fspath(path)} is {n} bytes, more than the "
+            f"{SOCKET_PATH_MAX} a Unix socket's path may have: use a shorter one")
 
 
 def default_socket_path() -> Path:
@@ -233,6 +247,8 @@ class DeviceClient:
             # Path("") is ".": the error then named a folder nobody gave.
             raise ValueError("the server's socket path is empty (None for the default, "
                              f"{default_socket_path()})")
+        if path is not None and (why := long_socket_path(path)) is not None:
+            raise ValueError(why)  # (connect() said "no conveyor server" there)
         self.path = None if path is None else Path(path)
         self.reconnect = reconnect
         self.timeout = timeout

@@ -237,6 +237,7 @@ class _Prefixed(io.RawIOBase):
 
     def __init__(self, head: bytes, raw: io.RawIOBase) -> None:
         super().__init__()
+        self.head = head  # as it came, for what it tells of the format
         self._head = memoryview(head)
         self._raw = raw
 
@@ -262,17 +263,43 @@ def _ffmpeg_reason(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc)
 
 
+def _index_at_the_end(head: bytes) -> bool:
+    """Whether the start of an ISO media file (MP4, MOV) has no index: its top-level
+    boxes (a 4-byte size, a 4-byte type) reach the media data ('mdat') before 'moov'."""
+    at = 0
+    while at + 8 <= len(head):
+        size, kind = int.from_bytes(head[at:at + 4], "big"), head[at + 4:at + 8]
+        if at == 0 and kind != b"ftyp":
+            return False  # not an ISO media file
+        if kind == b"moov":
+            return False
+        if kind == b"mdat":
+            return True
+        if size == 1 and at + 16 <= len(head):  # a 64-bit size follows the type
+            size = int.from_bytes(head[at + 8:at + 16], "big")
+        if size < 8:
+            return False
+        at += size
+    return False
+
+
 def _iter_video(path: StrPath, source: StrPath | io.BytesIO | _Prefixed
                 ) -> Generator[tuple[int, npt.NDArray[np.uint8]], None, None]:
     import av
     import av.error
 
-    undecodable = "not an image or video file conveyor can decode"
+    def undecodable(exc: BaseException) -> str:
+        if isinstance(source, _Prefixed) and _index_at_the_end(source.head):
+            return ("an MP4/MOV file with its index (the 'moov' box) at the end cannot be "
+                    "read from a pipe: give its path, or move the index to the front with "
+                    "`ffmpeg -i IN -c copy -movflags +faststart OUT`")
+        return f"not an image or video file conveyor can decode ({_ffmpeg_reason(exc)})"
+
     try:
         container = av.open(source if isinstance(source, io.IOBase) else os.fspath(source),
                             mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise ImageReadError(path, f"{undecodable} ({_ffmpeg_reason(exc)})") from exc
+        raise ImageReadError(path, undecodable(exc)) from exc
     with container:
         if not container.streams.video:
             raise ImageReadError(path, "no video stream")
@@ -289,7 +316,7 @@ def _iter_video(path: StrPath, source: StrPath | io.BytesIO | _Prefixed
                 index += 1
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             if index == 0:
-                raise ImageReadError(path, f"{undecodable} ({_ffmpeg_reason(exc)})") from exc
+                raise ImageReadError(path, undecodable(exc)) from exc
             raise ImageReadError(
                 path, f"decoding failed after frame {index - 1} ({_ffmpeg_reason(exc)})"
             ) from exc
