@@ -936,3 +936,45 @@ def test_a_worker_exception_that_cannot_be_sent_is_a_remote_error(no_leaks: None
 
     again = pickle.loads(pickle.dumps(cause))
     assert again.type_name == "ValueError" and str(again) == str(cause)
+
+
+def test_cancelling_an_amap_consumer_closes_its_async_source_at_once() -> None:
+    # The source stayed open (a camera held) until a garbage collection: the pump's
+    # frame, kept by its task's CancelledError, kept it. A plain `async for` closes it.
+    closed: list[float] = []
+
+    async def camera() -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                await asyncio.sleep(0)
+                yield i
+                i += 1
+        finally:
+            closed.append(time.monotonic())
+
+    async def show(pipe: conveyor.Pipeline) -> None:
+        async for _ in pipe.amap(camera()):
+            await asyncio.sleep(0.001)
+
+    async def main() -> None:
+        async with conveyor.Pipeline(conveyor.stage(sf.double), maxsize=4) as pipe:
+            for _ in range(5):
+                task = asyncio.create_task(show(pipe))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                del task
+                cancelled = time.monotonic()
+                for _ in range(100):
+                    if closed:
+                        break
+                    await asyncio.sleep(0.01)
+                assert closed and closed.pop() - cancelled < 1.0
+
+    gc.disable()  # only reference counts free things, as between two collections
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()

@@ -205,7 +205,8 @@ class _FromAsync:
 
     async def _pump(self, source: AsyncIterable[Any]) -> None:
         try:
-            async for value in source:
+            it = aiter(source)
+            async for value in it:
                 while True:
                     with self._cond:
                         if not self._handed:
@@ -213,7 +214,18 @@ class _FromAsync:
                             self._cond.notify()
                             break
                         self._room = room = self._loop.create_future()
-                    await room
+                    try:
+                        await room
+                    except BaseException:
+                        # Cancelled here, between two items: the source is closed now, as
+                        # a plain `async for` that is cancelled closes it. Left to itself,
+                        # it stayed open (a camera held) until a garbage collection: this
+                        # frame, kept by the task's error, kept it.
+                        aclose = getattr(it, "aclose", None)
+                        if aclose is not None:
+                            with contextlib.suppress(Exception):
+                                await aclose()
+                        raise
             end: tuple[int, Any] = (_END, None)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
