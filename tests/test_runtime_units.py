@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor._runtime._channel import Aborted, Channel
 from conveyor._errors import StageError
+from conveyor._runtime._channel import Aborted, Channel
 from conveyor._runtime._run import DROP, ERR, OK, Run
 
 
