@@ -7,6 +7,7 @@ every bundled sample image.
 
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,49 @@ def test_models_too_large_to_describe_to_a_client_are_refused_at_start(
     with pytest.raises(InvalidModelError, match=r"the models' descriptions take \d+ bytes, "
                        r"more than the 524288 .*\('long': \d+ bytes; are its tensor names"):
         DeviceServer([OnnxDevice()], [str(path)])
+
+
+def _int_division_model() -> bytes:
+    """y = a / b on int32 [1, 3]: INT32_MIN / -1 kills the process with SIGFPE on x86."""
+
+    def value_info(name: str) -> bytes:
+        dims = _field(1, _field(1, 1)) + _field(1, _field(1, 3))
+        return _field(1, name) + _field(2, _field(1, _field(1, 6) + _field(2, dims)))
+
+    node = _field(1, "a") + _field(1, "b") + _field(2, "y") + _field(4, "Div")
+    graph = (_field(1, node) + _field(2, "div") + _field(11, value_info("a"))
+             + _field(11, value_info("b")) + _field(12, value_info("y")))
+    return _field(1, 8) + _field(8, _field(2, 17)) + _field(7, graph)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="integer division overflow traps on x86 only")
+def test_an_item_that_crashes_the_device_worker_fails_alone(tmp_path: Path,
+                                                            no_leaks: None) -> None:
+    # The items in flight beside it were retried with it, and its retry killed the
+    # new worker under them: all failed, with "the connection to the device server broke".
+    import conveyor
+
+    path = tmp_path / "div.onnx"
+    path.write_bytes(_int_division_model())
+    good = {"a": np.array([[6, 9, 12]], np.int32), "b": np.array([[3, 3, 3]], np.int32)}
+    poison = {"a": np.full((1, 3), -2**31, np.int32), "b": np.full((1, 3), -1, np.int32)}
+    items = [good, good, poison, good, good, good, poison, good]
+    with conveyor.Pipeline(conveyor.stage(lambda x: x, workers=2),
+                           conveyor.infer(str(path), device="onnx"),
+                           on_error="return") as pipe:
+        out = list(pipe.map(items))
+        stats = pipe.stats()
+    for item, got in zip(items, out):
+        if item is poison:
+            assert isinstance(got, conveyor.StageError), got
+            assert isinstance(got.__cause__, conveyor.WorkerDiedError), repr(got.__cause__)
+            assert "died while it ran this item, twice" in str(got)
+            assert "SIGFPE" in str(got)
+        else:
+            assert not isinstance(got, conveyor.StageError), got
+            assert got[0].tolist() == [[2, 3, 4]]
+    assert stats["device"]["restarts"] == 4  # each poison item killed two workers
 
 
 def test_an_upper_case_suffix_is_an_onnx_file(tmp_path: Path) -> None:

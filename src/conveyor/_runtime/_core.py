@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from .._errors import (
 )
 from ._channel import Aborted, Channel
 from ._proc import Spawning
-from ._run import CANCEL, DROP, ERR, OK, Run
+from ._run import CANCEL, DROP, ERR, OK, SIGNAL_CHECK_S, Run
 from ._stats import DeviceStats, StageStats, Tracer
 from ._wire import PeerClosed, Unpicklable
 from ._workers import ProcWorker, pickle_function
@@ -134,6 +135,17 @@ def _close_all(clients: list[DeviceClient]) -> None:
         client.close()
 
 
+class _Retries:
+    """An inference stage's items whose requests a device worker's death cut short, to
+    be run again one at a time (see Core._queue_retry): ``running`` until all have run;
+    the stage's new items wait meanwhile (``cv`` is notified when that ends)."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.queue: deque[tuple[Item, int]] = deque()  # (item, start)
+        self.running = False
+
+
 class _Worker:
     """A private device worker, shared by the inference stages that name one exclusive
     device (an Edge TPU serves one process: a second worker could not open it).
@@ -155,6 +167,8 @@ class _Worker:
         self.closing = False
         self.track = f"device {device}"  # its trace track (see Core.start)
         self._replacing = 0  # the pid of the dead worker being replaced (see restart)
+        # How the workers of past generations ended ("killed by SIGFPE", ...), by gen.
+        self.ends: dict[int, str] = {}
         self.worker = self._spawn()
 
     @property
@@ -194,6 +208,9 @@ class _Worker:
             else:  # its replacement failed to start (the error named it): once more
                 log.warning("starting a device worker for %s again", self.device)
             old.process.kill()
+            self.ends[self.gen] = f"pid {old.pid} {old.process.describe_exit()}"
+            if len(self.ends) > 8:
+                del self.ends[min(self.ends)]
             self.worker = self._spawn()
             self.gen += 1
         # Not under the lock: closing a client fails its pending requests, and their
@@ -324,6 +341,7 @@ class Core:
         inflight: int,
     ) -> None:
         self.defs = stages
+        self._retries = [_Retries() for _ in stages]
         self.maxsize = maxsize
         self.live = live
         self.tracer = trace
@@ -820,6 +838,13 @@ class Core:
         if not self._take_credit(si):
             self._cancel(si, item)
             return False
+        retries = self._retries[si]
+        if retries.running:
+            # Items cut short by a worker's death run again first, each alone (see
+            # _queue_retry): a new item that crashes the worker would take them with it.
+            with retries.cv:
+                while retries.running and not self.closing:
+                    retries.cv.wait(SIGNAL_CHECK_S)
         self._infer_submit(si, item, time.monotonic_ns(), 0)
         return True
 
@@ -836,9 +861,12 @@ class Core:
                 self._retry(si, item, start, getattr(exc, "worker_gen", link.gen), exc)
             else:
                 self._infer_failed(si, item, start, exc)
+                self._next_retry(si)
             return
         except Exception as exc:  # InputError and the like: this item fails, not the thread
             self._infer_failed(si, item, start, exc)
+            if attempt:
+                self._next_retry(si)
             return
         fut.add_done_callback(functools.partial(self._infer_done, si, item, start, gen, attempt))
 
@@ -851,9 +879,56 @@ class Core:
             self._infer_failed(si, item, start, why)
             return
         if restarted:
-            self._infer_submit(si, item, start, 1)
+            self._queue_retry(si, item, start)
         else:
             self._infer_failed(si, item, start, exc)
+
+    def _queue_retry(self, si: int, item: Item, start: int) -> None:
+        """Run ``item`` again on the new worker, one retried item of the stage at a time:
+        the item that killed the worker (a model that crashes on some input) then kills
+        its replacement alone, instead of taking the items retried beside it with it.
+        (Per stage: a stage sharing the worker with this one may hold this one's replies
+        up, by a full channel between them, so it must not wait for its retries.)"""
+        retries = self._retries[si]
+        with retries.cv:
+            retries.queue.append((item, start))
+            if retries.running:
+                return
+            retries.running = True
+        del item
+        self._next_retry(si)
+
+    def _next_retry(self, si: int) -> None:
+        """A retried item of stage ``si`` has its outcome: submit the next."""
+        retries = self._retries[si]
+        with retries.cv:
+            if not retries.queue:
+                retries.running = False
+                retries.cv.notify_all()
+                return
+            item, start = retries.queue.popleft()
+        self._infer_submit(si, item, start, 1)
+
+    def _died_twice(self, si: int, gen: int, exc: ServerGone) -> BaseException:
+        """The error of an item whose device worker died under it twice: it is taken for
+        the cause, and the worker is replaced for the items after it."""
+        link = self.links[si]
+        worker = link.worker
+        if worker is None:
+            return exc
+        try:
+            link.restart(gen)
+        except ConveyorError:
+            pass  # logged; the next item tries again
+        end = worker.ends.get(gen)
+        if end is None:
+            return exc
+        err = WorkerDiedError(
+            f"the device worker of stage {self.defs[si].name!r} ({self.defs[si].device}) "
+            f"died while it ran this item, twice: the worker {end}; the item was not "
+            f"tried again")
+        err.__cause__ = exc
+        return err
 
     def _infer_failed(self, si: int, item: Item, start: int, exc: BaseException) -> None:
         self._give_credit(si)
@@ -871,8 +946,12 @@ class Core:
         if exc is not None:
             if isinstance(exc, ServerGone) and attempt == 0 and not self.closing:
                 self._retry(si, item, start, gen, exc)
-            else:
-                self._infer_failed(si, item, start, exc)
+                return
+            if isinstance(exc, ServerGone) and not self.closing:
+                exc = self._died_twice(si, gen, exc)
+            self._infer_failed(si, item, start, exc)
+            if attempt:
+                self._next_retry(si)
             return
         self._give_credit(si)
         d = self.defs[si]
@@ -886,6 +965,8 @@ class Core:
                                  timing.start_ns + timing.compute_ns, item.index)
         self.stats[si].record(True, time.monotonic_ns() - start)
         item.value = (outs, item.value[1]) if d.with_context else outs
+        if attempt:  # before the hand-on, which may wait for room
+            self._next_retry(si)
         self._forward(si + 1, item)
 
 
@@ -894,8 +975,6 @@ class Core:
     def _proc_loop(self, si: int, w: int) -> None:
         """Feed worker ``w`` of process stage ``si``, keeping its next task queued in its
         socket so that it never waits for the parent between items."""
-        from collections import deque
-
         d = self.defs[si]
         st = self.stats[si]
         pending: deque[tuple[Item, int]] = deque()
