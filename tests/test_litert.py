@@ -240,3 +240,15 @@ def test_litert_s_xnnpack_notice_is_held_back_and_other_stderr_kept() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                           check=True)
     assert proc.stderr.decode() == "before\npython text\ndone\n"
+
+
+def test_a_dict_of_many_wrong_names_gives_a_short_message(runner: conveyor.Runner) -> None:
+    # Every name was listed, twice: 100,000 of them made a message of 2.4 MB.
+    wrong = {f"key{i}": np.zeros(1, np.float32) for i in range(100_000)}
+    with pytest.raises(conveyor.InputError) as info:
+        runner.run(prepare_inputs(runner.inputs, wrong))
+    text = str(info.value)
+    assert len(text) < 300, text
+    assert text.startswith("model 'model' expects inputs named "
+                           "['input']; got 100000 inputs (missing ['input'], unknown "
+                           "['key0', 'key1', ")

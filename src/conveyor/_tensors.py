@@ -7,6 +7,7 @@ affine quantisation (``real = scale * (q - zero_point)``; ``scale == 0`` means n
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,12 @@ import numpy.typing as npt
 from ._errors import InputError
 
 __all__ = ["MAX_RANK", "Inputs", "TensorSpec", "dequantize", "prepare_inputs", "quantize"]
+
+#: Lists of names in messages: their first few, each cut short (a dict of 100,000 wrong
+#: names made a message of megabytes).
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = 8
+_SHORT.maxstring = _SHORT.maxother = 80
 
 Inputs = npt.ArrayLike | Sequence[npt.ArrayLike] | Mapping[str, npt.ArrayLike]
 
@@ -105,9 +112,11 @@ def _as_list(specs: Sequence[TensorSpec], inputs: Inputs, model: str) -> list[An
         unknown = sorted((k for k in inputs if k not in names), key=repr)
         missing = [n for n in names if n not in inputs]
         if unknown or missing:
+            short = _SHORT.repr
             raise InputError(
-                f"model {model!r} expects inputs named {names}; "
-                f"got {sorted(inputs, key=repr)} (missing {missing}, unknown {unknown})"
+                f"model {model!r} expects inputs named {short(names)}; got {len(inputs)} "
+                f"input{'s' * (len(inputs) != 1)} (missing {short(missing)}, unknown "
+                f"{short(unknown)})"
             )
         return [inputs[n] for n in names]
     if isinstance(inputs, np.ndarray) or not isinstance(inputs, (list, tuple)):
