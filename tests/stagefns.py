@@ -182,3 +182,11 @@ def raise_with_a_lock(x: int) -> int:
     err = ValueError(f"bad thing {x}")
     err.lock = threading.Lock()  # type: ignore[attr-defined]
     raise err
+
+
+def same(x: object) -> object:
+    return x
+
+
+def megabytes(n: int) -> np.ndarray:
+    return np.full(n << 20, 7, np.uint8)

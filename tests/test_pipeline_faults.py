@@ -693,3 +693,55 @@ def test_close_from_another_thread_while_the_pipeline_starts(
     assert time.monotonic() - t0 < 2.0 and not starter.is_alive()
     assert len(ended) == 1 and isinstance(ended[0], conveyor.PipelineClosedError), ended
     assert wait_for(lambda: not _workers_of_this_test(), timeout=1.0)
+
+
+OUT_OF_MEMORY = textwrap.dedent("""
+    import resource, sys, numpy as np, conveyor, stagefns as sf
+
+    def vm_bytes():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
+
+    if __name__ == "__main__":
+        sending = sys.argv[1] == "send"
+        fn = sf.same if sending else sf.megabytes
+        small = np.full(10 << 20, 7, np.uint8) if sending else 10
+        big = np.full(400 << 20, 7, np.uint8) if sending else 400
+        with conveyor.Pipeline(conveyor.stage(fn, kind="process"), on_error="return") as pipe:
+            for _ in range(2):
+                pipe.submit(small).result(60)
+            # This process may now take 150 MB more (sending: not the 400 MB item's shared
+            # memory), or 1 GB (a result: the worker's 800 MB segment, not a copy of 400).
+            room = vm_bytes() + ((150 if sending else 1000) << 20)
+            resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+            for i, item in enumerate([big, small, small]):
+                try:
+                    out = pipe.submit(item).result(60)
+                    print(i, "ok", out.nbytes >> 20, int(out[-1]))
+                except conveyor.StageError as err:
+                    print(i, "error", type(err.__cause__).__name__, err.__cause__)
+                out = None
+            print("restarts", pipe.stats()["stages"][fn.__name__]["restarts"])
+""")
+
+
+@pytest.mark.parametrize(("way", "why"), [
+    ("send", "OSError [Errno 12] no shared memory of 419430400 bytes for the object to "
+             "send: Cannot allocate memory"),
+    ("result", "MemoryError no memory to copy 419430400 bytes out of the peer's shared "
+               "memory"),
+])
+def test_an_item_too_big_for_memory_fails_alone_and_the_worker_stays(
+        tmp_path, src_env, way: str, why: str) -> None:  # type: ignore[no-untyped-def]
+    # Sending: the item's error named the next item and "Bad file descriptor", and the
+    # worker was killed and replaced. A result: an empty "MemoryError: " blamed on the
+    # link, and the worker killed too.
+    script = tmp_path / "app.py"
+    script.write_text(OUT_OF_MEMORY)
+    env = dict(src_env)
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, str(script), way], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"0 error {why}", "1 ok 10 7", "2 ok 10 7", "restarts 0"]

@@ -30,9 +30,9 @@ from ._wire import (
     TASK,
     ByState,
     MsgSocket,
+    NotSent,
     PeerClosed,
     Undecodable,
-    Unpicklable,
 )
 
 __all__ = ["main"]
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         except Exception as exc:  # the result could not be sent, most likely not pickled
             why: BaseException = exc
-            if isinstance(exc, Unpicklable) and exc.__cause__ is not None:
+            if isinstance(exc, NotSent) and exc.__cause__ is not None:
                 why = exc.__cause__
             try:
                 link.send(ERR, index, _error_payload(why), start, end)

@@ -35,7 +35,7 @@ from ._channel import Aborted, Channel
 from ._proc import Spawning
 from ._run import CANCEL, DROP, ERR, OK, SIGNAL_CHECK_S, Run
 from ._stats import DeviceStats, StageStats, Tracer
-from ._wire import PeerClosed, Unpicklable
+from ._wire import NotSent, PeerClosed
 from ._workers import ProcWorker, pickle_function
 
 if TYPE_CHECKING:
@@ -1063,7 +1063,7 @@ class Core:
                 raise WorkerStartError(f"stage {self.defs[si].name!r} has no worker"
                                        + (f" (replacing it failed: {why})" if why else ""))
             pw.send(item.index, item.value)
-        except Unpicklable as exc:  # this item fails; the worker never saw it
+        except NotSent as exc:  # this item fails; the worker never saw it
             cause = exc.__cause__ or exc
             self._stage_failed(si, item, start or time.monotonic_ns(), cause,
                                f"the item could not be sent to a worker process: {exc}\n")

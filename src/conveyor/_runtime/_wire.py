@@ -45,7 +45,8 @@ import numpy as np
 from .._shm import Segment, align
 
 __all__ = [
-    "ByState", "LinkBroken", "MsgSocket", "PeerClosed", "Undecodable", "Unpicklable",
+    "ByState", "LinkBroken", "MsgSocket", "NotSent", "PeerClosed", "Undecodable",
+    "Unpicklable",
     "rebuild_exception",
 ]
 
@@ -72,7 +73,12 @@ class LinkBroken(PeerClosed):
     descriptor lost on the way in (this process out of file descriptors)."""
 
 
-class Unpicklable(Exception):
+class NotSent(Exception):
+    """The object could not be made ready to go, and nothing was sent (the link is still
+    in step). ``__cause__`` says why."""
+
+
+class Unpicklable(NotSent):
     """The object could not be pickled; nothing was sent. ``__cause__`` says why."""
 
 
@@ -255,7 +261,15 @@ class MsgSocket:
         if out is not None:
             self._outs[slot] = None
             out.close()
-        out = Segment.create(max(need * 2, 1 << 20), name="conveyor-stage")
+        try:  # room to grow: twice the need, else just the need
+            try:
+                out = Segment.create(max(need * 2, 1 << 20), name="conveyor-stage")
+            except OSError:
+                out = Segment.create(need, name="conveyor-stage")
+        except OSError as exc:  # out of memory or descriptors: this object, not the link
+            why = OSError(exc.errno, f"no shared memory of {need} bytes for the object to "
+                                     f"send: {exc.strerror or exc}")
+            raise NotSent(str(why)) from why
         try:
             socket.send_fds(self.sock, [HEAD.pack(SEGMENT, slot, PICKLE, 0, 0, out.size, 0, 0)],
                             [out.fd])
@@ -339,7 +353,7 @@ class MsgSocket:
             if kind != SEGMENT:
                 try:
                     obj = self._decode(frame, pos + HEAD.size, form, blen, nbufs, slot)
-                except (PeerClosed, MemoryError):
+                except PeerClosed:
                     raise
                 except Exception as exc:
                     raise Undecodable(kind, index) from exc
@@ -413,6 +427,9 @@ class MsgSocket:
             return bytearray(seg.buf[off : off + length])
         except ValueError as exc:  # close() in another thread released the mapping
             raise PeerClosed("the link was closed") from exc
+        except MemoryError:  # (the message is whole: the link is still in step)
+            raise MemoryError(f"no memory to copy {length} bytes out of the peer's shared "
+                              f"memory") from None
 
     def close(self) -> None:
         """Close the socket and unmap the segments."""
