@@ -586,3 +586,16 @@ def test_top_to_a_pipe_prints_frames_without_screen_control(sdir: Path) -> None:
         proc.communicate(timeout=10)
     assert b"\x1b" not in seen
     assert seen.count(b"conveyor top") >= 2
+
+
+def test_status_and_the_log_say_where_auto_runs_each_model(sdir: Path) -> None:
+    # `auto` showed as "auto" everywhere but the JSON: nobody could tell it was the CPU.
+    path = sdir / "s.sock"
+    with ServeProcess(path, "--device", "auto") as srv:
+        text = cli("status", "--socket", str(path)).stdout
+        (dev,) = json.loads(cli("status", "--socket", str(path), "--json").stdout)["devices"]
+        log = srv.log()
+    where, why = dev["choices"][MODEL]["device"], dev["choices"][MODEL]["why"]
+    assert where in ("cpu", "edgetpu") and why
+    assert f"  device 0 runs {MODEL} on {where}: {why}" in text.splitlines()
+    assert f"auto runs {MODEL} on {where}: {why}" in log

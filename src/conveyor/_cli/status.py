@@ -114,6 +114,9 @@ def render(status: dict[str, Any], client_rates: dict[int, float] | None = None)
             lines.append(f"  device {d['index']} failed: {d['failure']}")
         if d.get("scheduling", "normal") != "normal":
             lines.append(f"  device {d['index']} thread: {d['scheduling']}")
+        for model, choice in sorted((d.get("choices") or {}).items()):  # what auto chose
+            lines.append(f"  device {d['index']} runs {model} on {choice.get('device')}: "
+                         f"{choice.get('why')}")
     lines.append("")
     rows = [["MODEL", "DEVICES", "OK", "FAILED", "QUEUE AVG", "COMPUTE AVG"]]
     for m in status["models"]:

@@ -314,6 +314,9 @@ def serve(
         log.info("serving %s on %s (pid %d)", ", ".join(models),
                  ", ".join(f"{d.spec} (simulation)" if d.simulated else str(d.spec)
                            for d in opened), os.getpid())
+        for d in opened:  # where `auto` runs each model, and why
+            for model, (where, why) in sorted(getattr(d, "choices", {}).items()):
+                log.info("%s runs %s on %s: %s", d.spec, model, where, why)
         if ready is not None:
             ready(path)
         served = True
