@@ -190,3 +190,13 @@ def same(x: object) -> object:
 
 def megabytes(n: int) -> np.ndarray:
     return np.full(n << 20, 7, np.uint8)
+
+
+def start_sleeper(pidfile: str) -> int:
+    """Start a program that sleeps for a minute and is never waited for; note its pid."""
+    import subprocess
+
+    helper = subprocess.Popen(["sleep", "60"])
+    with open(pidfile, "w") as f:
+        f.write(str(helper.pid))
+    return helper.pid

@@ -37,7 +37,7 @@ def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
 
 
 @pytest.mark.parametrize("fn", [sf.fork_then_die_on_5, sf.spawn_then_die_on_5])
-def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_on(tmp_path, fn) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_then_ended(tmp_path, fn) -> None:  # type: ignore[no-untyped-def]
     pidfile = tmp_path / "helper.pid"
     started = time.monotonic()
     try:
@@ -45,15 +45,35 @@ def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_on(tmp_path, f
                                on_error="return") as pipe:
             out = list(pipe.map((i, str(pidfile)) for i in range(10)))
         took = time.monotonic() - started
+        helper = int(pidfile.read_text())
+        # It was left running (60 s), an orphan: the dead worker's process group is ended.
+        assert wait_for(lambda: not psutil.pid_exists(helper)
+                        or psutil.Process(helper).status() == "zombie", timeout=5)
     finally:
         if pidfile.exists():
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
     # The helper holds a copy of the worker's end of the link, so no end of stream comes
     # while it lives (60 s): the worker's own exit must be what tells.
     assert took < 20, f"the worker's death was noticed after {took:.1f} s"
     assert [o for i, o in enumerate(out) if i != 5] == [i for i in range(10) if i != 5]
     assert isinstance(out[5], conveyor.StageError)
     assert "SIGKILL" in str(out[5].__cause__)
+
+
+def test_closing_a_pipeline_ends_what_its_workers_left_running(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A program a stage function started and never waited for outlived the pipeline.
+    pidfile = tmp_path / "helper.pid"
+    try:
+        with conveyor.Pipeline(conveyor.stage(sf.start_sleeper, kind="process")) as pipe:
+            (helper,) = pipe.map([str(pidfile)])
+            assert psutil.Process(helper).status() != "zombie"
+        assert wait_for(lambda: not psutil.pid_exists(helper)
+                        or psutil.Process(helper).status() == "zombie", timeout=5)
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_a_replaced_process_worker_gets_a_trace_track_of_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -132,15 +132,24 @@ class ChildProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._end_group()
 
     def kill(self) -> None:
         """SIGKILL and reap."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._end_group()
         if self._lifeline >= 0:
             os.close(self._lifeline)
             self._lifeline = -1
+
+    def _end_group(self) -> None:
+        """SIGKILL what is left of the child's process group: processes its work started
+        (a stage function's own subprocess) that would outlive it as orphans. The child
+        led the group, and a group's id is not reused while it has a member."""
+        with contextlib.suppress(OSError):  # none left (ESRCH), or not ours (EPERM)
+            os.killpg(self.pid, signal.SIGKILL)
 
 
 #: The children whose lifelines this process holds (see _let_go_after_fork).
