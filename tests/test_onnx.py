@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import wait_for
 from PIL import Image
 
 from conveyor._errors import DeviceNotFoundError, InvalidModelError, ModelNotFoundError
@@ -384,6 +385,35 @@ def test_an_item_that_crashes_the_device_worker_fails_alone(tmp_path: Path,
             assert not isinstance(got, conveyor.StageError), got
             assert got[0].tolist() == [[2, 3, 4]]
     assert stats["device"]["restarts"] == 4  # each poison item killed two workers
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="integer division overflow traps on x86 only")
+def test_closing_while_crashed_items_wait_to_run_again_ends_everything(
+        tmp_path: Path, no_leaks: None) -> None:
+    # The close of the worker's clients failed the retry in flight; its callback sent the
+    # next retry, which waited for the worker's lock that the close held: a thread stuck
+    # for good, an unreaped worker, and stage counts that did not add up.
+    import threading
+    import time
+
+    import conveyor
+
+    path = tmp_path / "div.onnx"
+    path.write_bytes(_int_division_model())
+    good = {"a": np.array([[6, 9, 12]], np.int32), "b": np.array([[3, 3, 3]], np.int32)}
+    poison = {"a": np.full((1, 3), -2**31, np.int32), "b": np.full((1, 3), -1, np.int32)}
+    threads = set(threading.enumerate())
+    with conveyor.Pipeline(conveyor.infer(str(path), device="onnx"),
+                           on_error="return") as pipe:
+        for n, _ in enumerate(pipe.map([good, poison, poison, poison, good, good] * 3)):
+            if n == 1:
+                break
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 3
+    (st,) = pipe.stats()["stages"].values()
+    assert st["in"] == st["out"] + st["errors"] + st["cancelled"], st
+    assert wait_for(lambda: set(threading.enumerate()) <= threads, timeout=3)
 
 
 def test_an_upper_case_suffix_is_an_onnx_file(tmp_path: Path) -> None:

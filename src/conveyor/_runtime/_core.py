@@ -902,12 +902,21 @@ class Core:
         """A retried item of stage ``si`` has its outcome: submit the next."""
         retries = self._retries[si]
         with retries.cv:
-            if not retries.queue:
+            if retries.queue and not self.closing:
+                item, start = retries.queue.popleft()
+                left = None
+            else:
+                left = list(retries.queue)
+                retries.queue.clear()
                 retries.running = False
                 retries.cv.notify_all()
-                return
-            item, start = retries.queue.popleft()
-        self._infer_submit(si, item, start, 1)
+        if left is None:
+            self._infer_submit(si, item, start, 1)
+            return
+        # Closing: the rest are cancelled, not sent (this may run in a callback of the
+        # close of the worker's clients, under the worker's lock, which a send takes).
+        for item, start in left:
+            self._infer_failed(si, item, start, ServerGone("the pipeline is closing"))
 
     def _died_twice(self, si: int, gen: int, exc: ServerGone) -> BaseException:
         """The error of an item whose device worker died under it twice: it is taken for
