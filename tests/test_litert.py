@@ -252,3 +252,38 @@ def test_a_dict_of_many_wrong_names_gives_a_short_message(runner: conveyor.Runne
     assert text.startswith("model 'model' expects inputs named "
                            "['input']; got 100000 inputs (missing ['input'], unknown "
                            "['key0', 'key1', ")
+
+
+@pytest.mark.parametrize("case", ["failing load", "no sys.stderr", "no temporary folder"])
+def test_holding_back_the_notice_keeps_a_load_working_and_its_stderr(
+        case: str, tmp_path: Path) -> None:
+    # What was written to stderr while a load failed was lost; with sys.stderr None (as
+    # under pythonw) every load raised AttributeError.
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(resolve_model("face_detection_short_range").read_bytes()[:200])
+    model = str(bad) if case == "failing load" else "face_landmark"
+    code = (
+        "import os, sys, tempfile\n"
+        "from conveyor.backends import litert\n"
+        f"case = {case!r}\n"
+        "if case == 'no sys.stderr':\n"
+        "    sys.stderr = None\n"
+        "if case == 'no temporary folder':\n"
+        "    tempfile.tempdir = '/nonexistent/folder'\n"
+        "try:\n"
+        "    with litert.without_xnnpack_notice():\n"
+        "        os.write(2, b'kept\\n')\n"
+        f"        litert.LiteRTRunner({model!r})\n"
+        "except Exception as exc:\n"
+        "    os.write(2, type(exc).__name__.encode() + b'\\n')\n"
+        "litert.LiteRTRunner('face_detection_short_range', threads=1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if "XNNPACK" not in line]
+    assert lines == (["kept", "InvalidModelError"] if case == "failing load" else ["kept"])
+    if case == "no temporary folder":  # nowhere to hold it: the notice goes through
+        assert "XNNPACK" in err
+    else:
+        assert "XNNPACK" not in err

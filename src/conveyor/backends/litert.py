@@ -6,6 +6,7 @@ Edge TPU) reuse :class:`LiteRTRunner` with a delegate; see :mod:`conveyor.backen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -63,39 +64,52 @@ def without_xnnpack_notice() -> Iterator[None]:
 
     Until the line has been seen in this process, the C-level stderr (descriptor 2) goes
     to a temporary file while the block runs; then everything written there but that
-    line goes on to the real stderr, in order. Where descriptor 2 cannot be redirected,
-    the block just runs.
+    line goes on to the real stderr, in order, whether the block raised or not. Where
+    descriptor 2 cannot be redirected (no temporary file, no descriptor 2), the block
+    just runs. A process another thread starts while the block runs inherits the file as
+    its stderr: what it writes after the block is lost (the block is the building of an
+    interpreter, a few milliseconds, once a process).
     """
     global _notice_seen
     if _notice_seen:
         yield
         return
-    with _notice_lock, tempfile.TemporaryFile() as held:
+    with _notice_lock:
+        held: IO[bytes] | None = None
+        real = -1
         try:
-            sys.stderr.flush()
+            held = tempfile.TemporaryFile()  # noqa: SIM115 - closed at the end
+            _flush_stderr()
             real = os.dup(2)
-        except (OSError, ValueError):
-            yield
-            return
-        try:
             os.dup2(held.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(real, 2)
-        finally:
-            os.close(real)
-        held.seek(0)
-        text = held.read()
-        if _XNNPACK_NOTICE in text:
-            _notice_seen = True
-            text = text.replace(_XNNPACK_NOTICE, b"", 1)
+        except (OSError, ValueError):
+            if real >= 0:
+                os.close(real)
+                real = -1
         try:
-            while text:
-                text = text[os.write(2, text):]
-        except OSError:
-            pass
+            yield
+        finally:
+            if real >= 0 and held is not None:
+                _flush_stderr()
+                os.dup2(real, 2)
+                os.close(real)
+                held.seek(0)
+                text = held.read()
+                if _XNNPACK_NOTICE in text:
+                    _notice_seen = True
+                    text = text.replace(_XNNPACK_NOTICE, b"", 1)
+                with contextlib.suppress(OSError):
+                    while text:
+                        text = text[os.write(2, text):]
+            if held is not None:
+                held.close()
+
+
+def _flush_stderr() -> None:
+    """Flush Python's stderr, where there is one (None under pythonw and some daemons)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
 
 
 def is_edgetpu_model(data: bytes) -> bool:
