@@ -807,7 +807,8 @@ def test_an_empty_socket_path_is_refused_as_such() -> None:
 
 
 def test_a_socket_path_too_long_for_a_unix_socket_says_so(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # It was "no conveyor server at ...: AF_UNIX path too long; start one with conveyor
     # serve --socket ..." (a command that cannot work), from connect() and the CLI.
     long = "/tmp/" + "s" * 103  # 108 bytes: one more than sun_path holds with its NUL
@@ -820,3 +821,12 @@ def test_a_socket_path_too_long_for_a_unix_socket_says_so(
         assert exited.value.code == 2
         assert why in capsys.readouterr().err
     assert long_socket_path(long[:-1]) is None  # 107 bytes may be a socket's path
+    # The default path, in a deep $XDG_RUNTIME_DIR: status and top printed a traceback.
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    for command in (["status"], ["top", "--once"]):
+        assert conveyor.cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert f"conveyor {command[0]}: the socket path {deep}/conveyor.sock is " in err
+        assert "(the default path; pass --socket)" in err and "Traceback" not in err

@@ -147,10 +147,29 @@ def render(status: dict[str, Any], client_rates: dict[int, float] | None = None)
     return lines
 
 
+def socket_to_use(given: str | None, command: str) -> str | None:
+    """``--socket``, else the default path; None (and why printed) where the default
+    cannot name a socket (an ``$XDG_RUNTIME_DIR`` too deep for a Unix socket's path)."""
+    if given is not None:
+        return given  # checked by the option's type
+    from .._device._client import default_socket_path, long_socket_path
+
+    path = str(default_socket_path())
+    why = long_socket_path(path)
+    if why is not None:
+        print(f"conveyor {command}: {why} (the default path; pass --socket)", file=sys.stderr)
+        return None
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``conveyor status``: 0 on success, 1 if no server answers."""
+    """Run ``conveyor status``: 0 on success, 1 if no server answers, 2 if the socket
+    path cannot be one."""
+    path = socket_to_use(args.socket, "status")
+    if path is None:
+        return 2
     try:
-        status = fetch(args.socket, args.timeout)
+        status = fetch(path, args.timeout)
     except ConveyorError as exc:
         print(f"conveyor status: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import ConveyorError
-from .status import positive_seconds, render, socket_path
+from .status import positive_seconds, render, socket_path, socket_to_use
 
 __all__ = ["add_arguments", "frame", "run"]
 
@@ -104,10 +104,13 @@ def _wait_for_key(seconds: float, keys: bool) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``conveyor top``: 0 when quit, 1 if ``--once`` finds no server."""
-    from .._device._client import DeviceClient, default_socket_path
+    """Run ``conveyor top``: 0 when quit, 1 if ``--once`` finds no server, 2 if the socket
+    path cannot be one."""
+    from .._device._client import DeviceClient
 
-    path = args.socket or str(default_socket_path())
+    path = socket_to_use(args.socket, "top")
+    if path is None:
+        return 2
     if args.once:
         try:
             once = DeviceClient(path=path, name="conveyor top", monitor=True, timeout=5.0)
