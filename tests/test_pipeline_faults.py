@@ -491,6 +491,12 @@ def test_a_forked_child_cannot_use_the_pipeline_nor_end_it_for_the_parent(
         used = _in_forked_child(lambda: list(pipe.map(frames)))
         assert used.startswith("RuntimeError: this pipeline was started by process")
         assert "forked child" in used
+        # A loop the parent started and the child resumes: it hung, or took an outcome.
+        started = pipe.map(frames)
+        first = next(started)
+        assert _in_forked_child(lambda: next(started)).startswith(
+            "RuntimeError: this pipeline was started by process")
+        assert [first, *started] == want  # the parent's loop goes on
         assert _in_forked_child(lambda: pipe.close() or "closed") == "closed"
         with pipe._lock:  # a thread of the parent holds it at the fork: the child's
             # copy stays held for good, and closing must not wait for it

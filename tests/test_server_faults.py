@@ -327,10 +327,20 @@ def test_a_forked_child_cannot_use_the_client_nor_end_it_for_the_parent(sdir: Pa
 
     path = sdir / "s.sock"
     img = np.zeros((1, 128, 128, 3), np.float32)
-    with ServeProcess(path), conveyor.connect(path) as client:
+    with ServeProcess(path) as srv, conveyor.connect(path) as client:
         want = client.infer("face_detection_short_range", img)
         used = _in_forked_child(lambda: client.infer("face_detection_short_range", img))
         assert used.startswith("RuntimeError: this client was connected by process")
+        # A Future the parent sent: the child hung, or read the reply the parent waits for.
+        srv.proc.send_signal(signal.SIGSTOP)  # no reply before the child has tried
+        try:
+            fut = client.submit("face_detection_short_range", img)
+            assert _in_forked_child(lambda: fut.result(10)).startswith(
+                "RuntimeError: this client was connected by process")
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        for a, b in zip(fut.result(10), want):
+            np.testing.assert_array_equal(a, b)
         assert _in_forked_child(lambda: client.close() or "closed") == "closed"
         with client._lock:  # held by a thread of the parent (its reader) at the fork
             assert _in_forked_child(lambda: client.close() or "closed") == "closed"

@@ -532,12 +532,15 @@ class Pipeline:
         """Started, by another process: this is a forked child's copy."""
         return self._pid is not None and self._pid != os.getpid()
 
-    def _ensure(self) -> Core:
+    def _refuse_forked(self) -> None:
         if self._forked():
             raise RuntimeError(
                 f"this pipeline was started by process {self._pid}; a forked child cannot "
                 f"use it (its threads, workers and device worker are the parent's): make a "
                 f"new Pipeline in the child")
+
+    def _ensure(self) -> Core:
+        self._refuse_forked()
         core = self._core
         if core is None:
             self.start()
@@ -632,8 +635,12 @@ class Pipeline:
                     del got  # see _outcome
                 if keep:
                     yield value
+                    # A forked child resuming the parent's loop: it hung waiting for
+                    # threads it does not have, or took an outcome that was the parent's.
+                    self._refuse_forked()
         finally:
-            self._cancel(run, core)
+            if not self._forked():  # (the child's copy holds nothing to let go of)
+                self._cancel(run, core)
 
     async def amap(self, inputs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
         """The asyncio face of :meth:`map`: ``inputs`` may be an async iterable.
@@ -684,8 +691,10 @@ class Pipeline:
                     del got  # see _outcome
                 if keep:
                     yield value
+                    self._refuse_forked()  # as in map()
         finally:
-            self._cancel(run, core)
+            if not self._forked():
+                self._cancel(run, core)
             if isinstance(source, _FromAsync):
                 source.cancel()
 

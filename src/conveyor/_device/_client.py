@@ -440,14 +440,17 @@ class DeviceClient:
         """This is a forked child's copy of the client (its connection is the parent's)."""
         return self._pid != os.getpid()
 
-    def _current(self, deadline_ns: int = 0) -> _Link:
-        """The live link, connecting again first if allowed. Raises ServerGone, or
-        DeadlineExceeded when ``deadline_ns`` (see :func:`deadline_to_ns`) passes first."""
+    def _refuse_forked(self) -> None:
         if self._forked():
             raise RuntimeError(
                 f"this client was connected by process {self._pid}; a forked child cannot "
                 f"use it (its connection and shared memory are the parent's): connect "
                 f"again in the child")
+
+    def _current(self, deadline_ns: int = 0) -> _Link:
+        """The live link, connecting again first if allowed. Raises ServerGone, or
+        DeadlineExceeded when ``deadline_ns`` (see :func:`deadline_to_ns`) passes first."""
+        self._refuse_forked()
         link = self._link
         if link is not None:
             return link
@@ -639,6 +642,8 @@ class DeviceClient:
         """
         if not p.finished:
             self._refuse_in_callback("waiting for a reply")
+            # (Before the lock, which a thread of the parent may have held at the fork.)
+            self._refuse_forked()  # it hung, or read the reply the parent waits for
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             if not p.waited and not p.gone:
