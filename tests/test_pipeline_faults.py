@@ -771,3 +771,34 @@ def test_an_item_too_big_for_memory_fails_alone_and_the_worker_stays(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         f"0 error {why}", "1 ok 10 7", "2 ok 10 7", "restarts 0"]
+
+
+DAEMON_AT_EXIT = textwrap.dedent("""
+    import threading, time, conveyor, stagefns as sf
+
+    def consume():
+        pipe = conveyor.Pipeline(conveyor.stage(sf.inc, kind="process"),
+                                 conveyor.stage(sf.slow))
+        pipe.start()
+        for _ in pipe.map(iter(int, 1)):  # until the program ends
+            pass
+
+    if __name__ == "__main__":
+        threading.Thread(target=consume, daemon=True).start()
+        time.sleep(1.0)
+        print("done", flush=True)
+""")
+
+
+def test_a_daemon_thread_in_map_at_exit_ends_quietly(tmp_path, src_env) -> None:  # type: ignore[no-untyped-def]
+    # The close at exit of the pipeline it never closed raised PipelineClosedError in
+    # the thread, printed as "Exception in thread ..." at every exit.
+    script = tmp_path / "app.py"
+    script.write_text(DAEMON_AT_EXIT)
+    env = dict(src_env)
+    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "done\n")
+    assert "Exception in thread" not in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr

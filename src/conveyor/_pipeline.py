@@ -31,10 +31,18 @@ __all__ = ["Pipeline", "infer", "stage"]
 _OPEN: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 
 
+#: The interpreter is exiting (set by _close_at_exit): a map() or amap() that the close
+#: of its pipeline ends then, in a daemon thread, ends as its input would, not with a
+#: PipelineClosedError that the thread printed at every exit.
+_exiting = False
+
+
 def _close_at_exit() -> None:
     """Close the pipelines a program left open (a global ``pipe`` never closed, say)
     while threads can still start: the interpreter's own clean-up would find them
     later, in ``__del__``, when starting a thread no longer returns."""
+    global _exiting
+    _exiting = True
     for pipe in list(_OPEN):
         pipe._unclosed()
 
@@ -626,7 +634,7 @@ class Pipeline:
             while True:
                 got = run.take()
                 if got is None:
-                    if run.cancelled:
+                    if run.cancelled and not _exiting:
                         raise PipelineClosedError("the pipeline was closed during map()")
                     return
                 try:
@@ -674,7 +682,7 @@ class Pipeline:
             while True:
                 got = run.take(block=False)
                 if got is None:
-                    if run.cancelled:
+                    if run.cancelled and not _exiting:
                         raise PipelineClosedError("the pipeline was closed during amap()")
                     if run.complete:
                         return
