@@ -802,3 +802,18 @@ def test_a_daemon_thread_in_map_at_exit_ends_quietly(tmp_path, src_env) -> None:
     assert (proc.returncode, proc.stdout) == (0, "done\n")
     assert "Exception in thread" not in proc.stderr and "Traceback" not in proc.stderr, \
         proc.stderr
+
+
+def test_a_worker_that_cannot_map_an_item_says_why(capfd: pytest.CaptureFixture[str],
+                                                    no_leaks: None) -> None:
+    # It died with "exited with code 0", and nothing said that it ran out of memory.
+    with conveyor.Pipeline(conveyor.stage(sf.size_in_a_small_worker, kind="process"),
+                           on_error="return") as pipe:
+        assert pipe.submit("limit").result(60) == "limited"
+        with pytest.raises(conveyor.StageError) as info:
+            pipe.submit(np.full(400 << 20, 7, np.uint8)).result(60)
+        assert pipe.submit(np.full(10 << 20, 7, np.uint8)).result(60) == 10
+    assert "its link to this process failed on its side (it said why on stderr)" in str(
+        info.value)
+    assert "cannot map the peer's segment: [Errno 12] Cannot allocate memory" in \
+        capfd.readouterr().err

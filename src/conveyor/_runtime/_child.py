@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from ._proc import watch_lifeline, worker_bootstrap
+from ._proc import LINK_BROKEN_EXIT, watch_lifeline, worker_bootstrap
 from ._sched import run_in_background
 from ._wire import (
     ERR,
@@ -29,6 +29,7 @@ from ._wire import (
     SETUP,
     TASK,
     ByState,
+    LinkBroken,
     MsgSocket,
     NotSent,
     PeerClosed,
@@ -105,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     while True:
         try:
             kind, index, value, _, _ = link.recv()
+        except LinkBroken as exc:  # this side failed (no memory to map a segment...)
+            with contextlib.suppress(Exception):
+                print(f"conveyor worker pid {os.getpid()}: {exc}", file=sys.stderr,
+                      flush=True)
+            return LINK_BROKEN_EXIT
         except PeerClosed:
             return 0
         except Undecodable as bad:

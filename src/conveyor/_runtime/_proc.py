@@ -34,10 +34,18 @@ def worker_bootstrap(on: bool | None = None) -> bool:
     return _bootstrapping
 
 
+#: A worker's exit status when its link to the parent failed on its own side (it could
+#: not map the parent's shared memory, say); it says why on its stderr first.
+LINK_BROKEN_EXIT = 121  # (a code user code is unlikely to exit with)
+
+
 def describe_exit(returncode: int | None) -> str:
-    """``killed by signal SIGKILL`` / ``exited with code 3`` / ``still running``."""
+    """``killed by signal SIGKILL`` / ``exited with code 4`` / ``still running``."""
     if returncode is None:
         return "still running"
+    if returncode == LINK_BROKEN_EXIT:
+        return (f"exited with code {returncode}: its link to this process failed on its "
+                f"side (it said why on stderr)")
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
