@@ -65,9 +65,12 @@ def preprocess(
     """The detector's input tensor for ``image`` and the meta to post-process its outputs.
 
     As MediaPipe's ``ImageToTensorCalculator`` with ``keep_aspect_ratio``: the image (uint8
-    grayscale, RGB or RGBA, converted to RGB) is resized bilinearly into the model input,
-    centred, the padding filled with zeros, then mapped to ``x / 127.5 - 1`` (so padding
-    becomes -1). Returns a float32 array of shape (1, H, W, 3).
+    grayscale, RGB or RGBA, converted to RGB) is resized into the model input (shrunk by
+    halving, then averaging by area; enlarged bilinearly: see ``_transform._resize``, whose
+    resampling is not MediaPipe's, so scores near the threshold can differ from its by a
+    few hundredths), centred, the padding filled with zeros, then mapped to
+    ``x / 127.5 - 1`` (so padding becomes -1). Returns a float32 array of shape
+    (1, H, W, 3).
 
     Raises:
         InputError: ``image`` is not a uint8 image of a supported shape.
