@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import conveyor.cli
+from conveyor._models import resolve_model
 from conveyor.apps.faces import sample_images
 
 SRC = Path(conveyor.cli.__file__).resolve().parents[1]
@@ -740,3 +741,26 @@ def test_detect_ended_by_sigterm_cleans_up(tmp_path: Path) -> None:
     assert proc.returncode == 143
     time.sleep(0.2)
     assert not list(tmp.iterdir())
+
+
+def test_a_closed_stderr_or_an_ascii_only_terminal_still_gets_the_results(
+        media: Path, tmp_path: Path) -> None:
+    # With stderr closed (2>&-), detect printed nothing and exited 1 (AttributeError on
+    # sys.stderr, None); under PYTHONIOENCODING=ascii a non-ASCII name raised
+    # UnicodeEncodeError (models, demo --out, status, a serve's ready line).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get(
+        "PYTHONPATH", "")])}
+    closed = subprocess.run(
+        [sys.executable, "-m", "conveyor", "detect", "astronaut.png", "--json"], cwd=media,
+        env=env, stdout=subprocess.PIPE, text=True, timeout=50,
+        preexec_fn=lambda: os.close(2))  # the child's stderr closed, as by 2>&-
+    assert closed.returncode == 0
+    (record,) = json_lines(closed.stdout)
+    assert len(record["faces"]) == 1
+    model = tmp_path / "modèle.tflite"
+    model.write_bytes(resolve_model("face_detection_short_range").read_bytes())
+    ascii_only = subprocess.run([sys.executable, "-m", "conveyor", "models", str(model)],
+                                env={**env, "PYTHONIOENCODING": "ascii"}, text=True,
+                                capture_output=True, timeout=50)
+    assert ascii_only.returncode == 0, ascii_only.stderr
+    assert "mod\\xe8le" in ascii_only.stdout and "Traceback" not in ascii_only.stderr

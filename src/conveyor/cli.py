@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import io
 import os
 import signal
 import sys
@@ -55,8 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def _usable_std_streams() -> None:
+    """A closed standard stream (``2>&-``) is None in Python: what conveyor wrote there
+    raised AttributeError (detect and bench ended with nothing on stdout), and the
+    descriptor was free for the next file opened, which C code writing to stderr then
+    wrote into. It becomes /dev/null, as ``2>/dev/null`` would. Text the stream cannot
+    encode (a name, under ``PYTHONIOENCODING=ascii``) is escaped instead of raising."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 - for the process
+        elif name != "stdin" and isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``conveyor`` console script; returns the exit code."""
+    _usable_std_streams()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # the sub-command's usage, not the top level's, says what it takes

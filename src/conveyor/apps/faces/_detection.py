@@ -69,9 +69,9 @@ def preprocess(
     halving, then averaging by area; enlarged bilinearly: see ``_transform._resize``, whose
     resampling is not MediaPipe's: on variants of the bundled samples scores differed
     from MediaPipe's by up to about 0.2, and a face near the threshold can be found by
-    one and not the other; given the same tensor, they agree), centred, the padding filled with zeros, then mapped to
-    ``x / 127.5 - 1`` (so padding becomes -1). Returns a float32 array of shape
-    (1, H, W, 3).
+    one and not the other; given the same tensor, they agree), centred, the padding
+    filled with zeros, then mapped to ``x / 127.5 - 1`` (so padding becomes -1). Returns
+    a float32 array of shape (1, H, W, 3).
 
     Raises:
         InputError: ``image`` is not a uint8 image of a supported shape.
