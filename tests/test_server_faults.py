@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import shutil
 import signal
 import socket
@@ -840,3 +841,35 @@ def test_a_socket_path_too_long_for_a_unix_socket_says_so(
         err = capsys.readouterr().err
         assert f"conveyor {command[0]}: the socket path {deep}/conveyor.sock is " in err
         assert "(the default path; pass --socket)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["another user's", "a link", "writable by all"])
+def test_a_default_socket_folder_that_is_not_this_users_is_refused(
+        how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Anyone may make /tmp/conveyor-<uid> first: the client connected to the server
+    # another user put there, and sent it this user's tensors.
+    from conveyor._device import _client, _serve
+
+    folder = tmp_path / f"conveyor-{os.getuid()}"
+    if how == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        folder.symlink_to(tmp_path / "elsewhere")
+        why = "is a symbolic link"
+    else:
+        folder.mkdir(mode=0o700)
+        if how == "writable by all":
+            folder.chmod(0o777)
+            why = "may be written by other users (mode 777)"
+        else:
+            if os.getuid() != 0:
+                pytest.skip("making a folder another user's needs root")
+            os.chown(folder, 65534, 65534)
+            why = "belongs to uid 65534"
+    for module in (_client, _serve):
+        monkeypatch.setattr(module, "private_tmp_dir", lambda: folder)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    text = f"{folder} {why}, so it is not this user's (uid {os.getuid()}) private folder"
+    with pytest.raises(conveyor.PermissionDenied, match=re.escape(text)):
+        conveyor.connect()
+    with pytest.raises(conveyor.ServerError, match=re.escape(text)):
+        _serve._prepare_dir(folder, None)

@@ -88,6 +88,8 @@ __all__ = [
     "default_socket_path",
     "error_from_name",
     "long_socket_path",
+    "not_private",
+    "private_tmp_dir",
     "query_status",
 ]
 
@@ -120,7 +122,37 @@ def default_socket_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "conveyor.sock"
-    return Path(f"/tmp/conveyor-{os.getuid()}") / "conveyor.sock"
+    return private_tmp_dir() / "conveyor.sock"
+
+
+def private_tmp_dir() -> Path:
+    """``/tmp/conveyor-<uid>``: the default socket's folder where there is no
+    ``$XDG_RUNTIME_DIR``. Anyone may make it first: see :func:`not_private`."""
+    return Path(f"/tmp/conveyor-{os.getuid()}")
+
+
+def not_private(folder: Path) -> str | None:
+    """Why ``folder`` (:func:`private_tmp_dir`, which exists) is not this user's own
+    (another user made it, or a link to elsewhere, or others may write in it: a socket
+    there may be another user's server, which would get this user's tensors); None if
+    it is, or it cannot be looked at."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    uid = os.getuid()
+    if stat.S_ISLNK(info.st_mode):
+        why = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        why = "is not a folder"
+    elif info.st_uid != uid:
+        why = f"belongs to uid {info.st_uid}"
+    elif info.st_mode & 0o022:
+        why = f"may be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    else:
+        return None
+    return (f"{folder} {why}, so it is not this user's (uid {uid}) private folder: a "
+            f"socket in it may be another user's; remove it, or pass a socket path")
 
 
 def check_deadline(deadline: float | None) -> float | None:
@@ -303,6 +335,10 @@ class DeviceClient:
     def _open(self, timeout: float) -> socket.socket:
         if self.path is None:
             raise ServerGone("no socket and no path to connect to")
+        if self.path.parent == private_tmp_dir():
+            why = not_private(self.path.parent)
+            if why is not None:
+                raise PermissionDenied(why)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         end = time.monotonic() + timeout
         pause = 0.002

@@ -33,7 +33,7 @@ from typing import Any
 
 from .._errors import ServerError
 from .._runtime._proc import on_eof
-from ._client import default_socket_path
+from ._client import default_socket_path, not_private, private_tmp_dir
 from ._server import DeviceServer
 
 __all__ = ["bind_socket", "check_socket_path", "resolve_group", "resolve_user", "serve"]
@@ -93,12 +93,13 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
             _remove_dirs(made)
             raise
         return made
+    if directory == private_tmp_dir():  # anyone could have made it first
+        why = not_private(directory)
+        if why is not None:
+            raise ServerError(why)
     info = directory.stat()
     if not stat.S_ISDIR(info.st_mode):
         raise ServerError(f"{directory} is not a directory")
-    if directory.name == f"conveyor-{os.getuid()}" and info.st_uid != os.getuid():
-        raise ServerError(f"{directory} belongs to uid {info.st_uid}, not to this user; "
-                          f"remove it or pass --socket")
     if gid is not None and not info.st_mode & (stat.S_IXGRP | stat.S_IXOTH):
         log.warning("members of group %d cannot reach %s (mode %o); pass --socket in a "
                     "directory they can enter", gid, directory, stat.S_IMODE(info.st_mode))
