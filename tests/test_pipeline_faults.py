@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import wait
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -40,19 +41,14 @@ def test_killed_process_worker_costs_exactly_its_item(no_leaks: None) -> None:
 def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_then_ended(tmp_path, fn) -> None:  # type: ignore[no-untyped-def]
     pidfile = tmp_path / "helper.pid"
     started = time.monotonic()
-    try:
+    with _killed_at_the_end(pidfile):
         with conveyor.Pipeline(conveyor.stage(fn, kind="process"),
                                on_error="return") as pipe:
             out = list(pipe.map((i, str(pidfile)) for i in range(10)))
         took = time.monotonic() - started
         helper = int(pidfile.read_text())
         # It was left running (60 s), an orphan: the dead worker's process group is ended.
-        assert wait_for(lambda: not psutil.pid_exists(helper)
-                        or psutil.Process(helper).status() == "zombie", timeout=5)
-    finally:
-        if pidfile.exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert wait_for(lambda: _gone([helper]), timeout=5)
     # The helper holds a copy of the worker's end of the link, so no end of stream comes
     # while it lives (60 s): the worker's own exit must be what tells.
     assert took < 20, f"the worker's death was noticed after {took:.1f} s"
@@ -64,12 +60,18 @@ def test_a_dead_worker_is_noticed_while_a_process_it_forked_lives_then_ended(tmp
 def test_closing_a_pipeline_ends_what_its_workers_left_running(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # A program a stage function started and never waited for outlived the pipeline.
     pidfile = tmp_path / "helper.pid"
-    try:
+    with _killed_at_the_end(pidfile):
         with conveyor.Pipeline(conveyor.stage(sf.start_sleeper, kind="process")) as pipe:
             (helper,) = pipe.map([str(pidfile)])
-            assert psutil.Process(helper).status() != "zombie"
-        assert wait_for(lambda: not psutil.pid_exists(helper)
-                        or psutil.Process(helper).status() == "zombie", timeout=5)
+            assert not _gone([helper])
+        assert wait_for(lambda: _gone([helper]), timeout=5)
+
+
+@contextlib.contextmanager
+def _killed_at_the_end(pidfile: Path) -> Iterator[None]:
+    """Kill the process whose pid a test's stage wrote in ``pidfile``, if it still runs."""
+    try:
+        yield
     finally:
         if pidfile.exists():
             with contextlib.suppress(ProcessLookupError):
