@@ -505,6 +505,13 @@ def test_a_forked_child_cannot_use_the_pipeline_nor_end_it_for_the_parent(
             assert _in_forked_child(lambda: pipe.close() or "closed") == "closed"
         assert list(pipe.map(frames)) == want  # the parent's workers live on
         assert all(s["restarts"] == 0 for s in pipe.stats()["stages"].values())
+    # A Future of submit() waited for in the child: for ever, or a TimeoutError.
+    with conveyor.Pipeline(conveyor.stage(sf.sleep_for)) as napping:
+        slow = napping.submit(2.0)
+        for wait_in_child in (lambda: slow.result(5), lambda: slow.exception(5)):
+            assert _in_forked_child(wait_in_child).startswith(
+                "RuntimeError: this Future belongs to a pipeline of process")
+        assert slow.result(30) == 2.0
 
 
 def test_a_pipeline_dropped_after_a_raised_error_frees_its_device(no_leaks: None) -> None:
@@ -784,6 +791,7 @@ DAEMON_AT_EXIT = textwrap.dedent("""
         pipe.start()
         for _ in pipe.map(iter(int, 1)):  # until the program ends
             pass
+        print("the input ended", flush=True)  # it did not: this must not run
 
     if __name__ == "__main__":
         threading.Thread(target=consume, daemon=True).start()
@@ -815,7 +823,7 @@ def test_a_worker_that_cannot_map_an_item_says_why(capfd: pytest.CaptureFixture[
         with pytest.raises(conveyor.StageError) as info:
             pipe.submit(np.full(400 << 20, 7, np.uint8)).result(60)
         assert pipe.submit(np.full(10 << 20, 7, np.uint8)).result(60) == 10
-    assert "its link to this process failed on its side (it said why on stderr)" in str(
+    assert "a link to this process that failed on the worker's side (the worker said why" in str(
         info.value)
     assert "cannot map the peer's segment: [Errno 12] Cannot allocate memory" in \
         capfd.readouterr().err

@@ -32,8 +32,9 @@ _OPEN: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 
 
 #: The interpreter is exiting (set by _close_at_exit): a map() or amap() that the close
-#: of its pipeline ends then, in a daemon thread, ends as its input would, not with a
-#: PipelineClosedError that the thread printed at every exit.
+#: of its pipeline ends then, in a daemon thread, raises SystemExit, which ends the thread
+#: without a word (a PipelineClosedError was printed at every exit), and does not look
+#: like an input that ended either.
 _exiting = False
 
 
@@ -282,6 +283,29 @@ class _FromAsync:
             self._cancelled = True
             self._cond.notify_all()
         self._task.cancel()
+
+
+class _ItemFuture(Future[Any]):
+    """submit()'s Future: in a forked child, waiting for an outcome that only the
+    parent's threads can bring raises RuntimeError (it waited for ever, or timed out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()
+
+    def _refuse_forked(self) -> None:
+        if os.getpid() != self._pid and not self.done():
+            raise RuntimeError(
+                f"this Future belongs to a pipeline of process {self._pid}; a forked child "
+                f"cannot wait for it (the parent's threads bring its outcome)")
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._refuse_forked()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_forked()
+        return super().exception(timeout)
 
 
 def _wake(room: asyncio.Future[None]) -> None:
@@ -634,7 +658,9 @@ class Pipeline:
             while True:
                 got = run.take()
                 if got is None:
-                    if run.cancelled and not _exiting:
+                    if run.cancelled:
+                        if _exiting:
+                            raise SystemExit("the interpreter exited during map()")
                         raise PipelineClosedError("the pipeline was closed during map()")
                     return
                 try:
@@ -682,7 +708,9 @@ class Pipeline:
             while True:
                 got = run.take(block=False)
                 if got is None:
-                    if run.cancelled and not _exiting:
+                    if run.cancelled:
+                        if _exiting:
+                            raise SystemExit("the interpreter exited during amap()")
                         raise PipelineClosedError("the pipeline was closed during amap()")
                     if run.complete:
                         return
@@ -720,7 +748,7 @@ class Pipeline:
         """
         core = self._ensure()
         self._refuse_reentry(core, "submit")
-        fut: Future[Any] = Future()
+        fut: Future[Any] = _ItemFuture()
         fut.add_done_callback(_notify_cancel)
         with self._lock:
             if self._closed:

@@ -91,6 +91,10 @@ class InferFuture(Future[Outputs]):
         most ``timeout`` seconds (TimeoutError after)."""
         if self._state == FINISHED:
             return self._exception
+        client, entry = self._client, self._entry
+        if client is not None and entry is not None:
+            client._wait(entry, timeout)  # as result(): a forked child's is refused there
+            return super().exception(timeout=0)
         return super().exception(timeout)
 
     def done(self) -> bool:

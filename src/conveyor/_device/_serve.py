@@ -76,6 +76,12 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
     """Make the socket's folder if need be, its missing parents too, each 0700, 0750 with
     a group, 0711 when other users are allowed (they may enter it, not list it); the
     folders made, outermost first. Warns if those let in cannot reach an existing one."""
+    # Anyone could have made the default folder first (a dangling link too, which
+    # exists() below does not see).
+    if directory == private_tmp_dir():
+        why = not_private(directory)
+        if why is not None:
+            raise ServerError(why)
     if not directory.exists():
         missing = [d for d in (directory, *directory.parents) if not d.exists()][::-1]
         made: list[Path] = []
@@ -93,10 +99,6 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
             _remove_dirs(made)
             raise
         return made
-    if directory == private_tmp_dir():  # anyone could have made it first
-        why = not_private(directory)
-        if why is not None:
-            raise ServerError(why)
     info = directory.stat()
     if not stat.S_ISDIR(info.st_mode):
         raise ServerError(f"{directory} is not a directory")

@@ -315,8 +315,9 @@ class _DeviceLink:
                 self._gen = self.worker.gen
                 self._note_scheduling()
         except ConveyorError as exc:
-            log.warning("could not restart the device worker for %s: %s",
-                        self.defn.device, exc)
+            if not (self.closing or self.worker.closing):  # (else the close killed it)
+                log.warning("could not restart the device worker for %s: %s",
+                            self.defn.device, exc)
             raise
         return True
 

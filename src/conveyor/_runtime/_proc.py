@@ -44,8 +44,8 @@ def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
     if returncode == LINK_BROKEN_EXIT:
-        return (f"exited with code {returncode}: its link to this process failed on its "
-                f"side (it said why on stderr)")
+        return (f"exited with code {returncode}, conveyor's code for a link to this process "
+                f"that failed on the worker's side (the worker said why on stderr)")
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
