@@ -827,3 +827,18 @@ def test_a_worker_that_cannot_map_an_item_says_why(capfd: pytest.CaptureFixture[
         info.value)
     assert "cannot map the peer's segment: [Errno 12] Cannot allocate memory" in \
         capfd.readouterr().err
+
+
+def test_a_worker_that_dies_idle_is_replaced_without_waiting_for_an_item(
+        tmp_path: Path, no_leaks: None) -> None:
+    # Its death was noticed at the next item only: until then it stayed a zombie, and what
+    # it had started lived on.
+    pidfile = tmp_path / "helper.pid"
+    with _killed_at_the_end(pidfile), conveyor.Pipeline(
+            conveyor.stage(sf.start_sleeper, kind="process")) as pipe:
+        (helper,) = pipe.map([str(pidfile)])
+        (worker,) = [p for p in children() if p.pid != helper]
+        os.kill(worker.pid, signal.SIGKILL)
+        assert wait_for(lambda: _gone([worker.pid, helper]), timeout=5)
+        assert wait_for(lambda: len(children()) == 1, timeout=10)  # its replacement
+        assert pipe.stats()["stages"]["start_sleeper"]["restarts"] == 1

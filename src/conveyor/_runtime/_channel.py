@@ -10,6 +10,7 @@ shutdown never waits on a timeout.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -92,6 +93,22 @@ class Channel(Generic[T]):
                 if self._aborted:
                     raise Aborted
                 self._not_empty.wait()
+            item = self._items.popleft()
+            if len(self._items) <= self.refill_at:
+                self._not_full.notify()
+            return item
+
+    def get_within(self, timeout: float) -> T | None:
+        """As :meth:`get`, but None once ``timeout`` seconds pass with nothing to take."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while not self._items:
+                if self._aborted:
+                    raise Aborted
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._not_empty.wait(left)
             item = self._items.popleft()
             if len(self._items) <= self.refill_at:
                 self._not_full.notify()

@@ -135,6 +135,10 @@ def _close_all(clients: list[DeviceClient]) -> None:
         client.close()
 
 
+#: How often (seconds) an idle process stage's thread checks that its worker lives.
+IDLE_CHECK_S = 1.0
+
+
 class _Retries:
     """An inference stage's items whose requests a device worker's death cut short, to
     be run again one at a time (see Core._queue_retry): ``running`` until all have run;
@@ -738,6 +742,17 @@ class Core:
             if self.tracer is not None:
                 self.tracer.span(track, d.name, start, time.monotonic_ns(), item.index)
 
+    def _replace_if_dead(self, si: int, w: int) -> None:
+        """Replace worker ``w`` of stage ``si`` if it is missing, or died while idle (that
+        costs no item)."""
+        pw = self.procs[si][w]
+        if self.closing or (pw is not None and pw.alive):
+            return  # (closing: the close stops the workers)
+        if pw is not None:
+            log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
+                        pw.pid, self.defs[si].name, pw.process.describe_exit())
+        self._replace_proc(si, w)
+
     def _replace_proc(self, si: int, w: int, count: bool = True) -> None:
         d = self.defs[si]
         old = self.procs[si][w]
@@ -786,12 +801,16 @@ class Core:
             self._credit[si] += 1
             cv.notify()
 
-    def _take(self, si: int, block: bool = True) -> Item | None:
+    def _take(self, si: int, block: bool = True, within: float | None = None) -> Item | None:
         """The next item for stage ``si`` whose run is still wanted, counted as in; None
-        with ``block`` False when nothing waits. Raises Aborted when the pipeline closes."""
+        with ``block`` False when nothing waits, or after ``within`` seconds with nothing.
+        Raises Aborted when the pipeline closes."""
         inq = self.channels[si]
         while True:
-            item = inq.get() if block else inq.try_get()
+            if not block:
+                item = inq.try_get()
+            else:
+                item = inq.get() if within is None else inq.get_within(within)
             if item is None:
                 return None
             if self._count_in(si, item):
@@ -992,6 +1011,7 @@ class Core:
             if not self._proc_top_up(si, w, pending, block=True):
                 return
             if not pending:
+                self._replace_if_dead(si, w)
                 continue
             item, start = pending[0]
             pw = self.procs[si][w]
@@ -1046,7 +1066,9 @@ class Core:
         pending is then cancelled)."""
         while len(pending) < 2:
             try:
-                item = self._take(si, block=block and not pending)
+                # Idle, it looks up now and then: a worker that died meanwhile is replaced
+                # then, not at the next item (what it started lived on till then).
+                item = self._take(si, block=block and not pending, within=IDLE_CHECK_S)
             except Aborted:
                 self._cancel_all(si, pending)
                 return False
@@ -1060,13 +1082,9 @@ class Core:
     def _proc_send(self, si: int, w: int, item: Item, pending: Any,
                    start: int | None = None) -> bool:
         """Send ``item`` to worker ``w``; False when the pipeline is closing."""
+        if not pending or self.procs[si][w] is None:
+            self._replace_if_dead(si, w)
         pw = self.procs[si][w]
-        if pw is None or (not pending and not pw.alive):
-            if pw is not None:  # it died (killed, crashed) while idle: that costs no item
-                log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
-                            pw.pid, self.defs[si].name, pw.process.describe_exit())
-            self._replace_proc(si, w)
-            pw = self.procs[si][w]
         try:
             if pw is None:
                 why = self._no_worker.get(si, "")
