@@ -764,6 +764,31 @@ def test_connection_churn_does_not_flood_the_log(sdir: Path) -> None:
     assert any("were not logged" in line for line in logs.lines)
 
 
+def test_refused_connections_do_not_flood_the_log(sdir: Path) -> None:
+    # Every refusal was logged: a user not let in, connecting in a loop, wrote 2 MB of
+    # log a second and slowed the server's clients tenfold.
+    with LogLines().installed() as logs, ThreadServer(sdir / "s", [FakeDevice()], ["m"],
+                                                      max_clients=1) as srv:
+        kept = DeviceClient(path=srv.path)  # the one connection allowed
+        try:
+            t0 = time.monotonic()
+            for _ in range(300):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(str(srv.path))
+                    s.recv(4096)  # the refusal, then the close
+            seconds = time.monotonic() - t0
+            time.sleep(1.1)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(srv.path))  # in a new second: says what was held back
+                s.recv(4096)
+            assert srv.server.status()["totals"]["rejected_connections"] == 301
+        finally:
+            kept.close()
+    refused = [line for line in logs.lines if "refused connection from" in line]
+    assert 0 < len(refused) <= 20 * (int(seconds) + 3), len(refused)
+    assert any("refused connection lines were not logged" in line for line in logs.lines)
+
+
 def test_a_call_whose_connection_another_thread_drops_goes_on_the_new_one(
         sdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # It took a slot of the connection; before it registered its request, another

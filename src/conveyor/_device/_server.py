@@ -110,11 +110,13 @@ class _Dev:
 
 
 class _Churn:
-    """At most ``per_s`` plain connect and disconnect log lines a second (10,000 connections
-    made 20,000 lines); the rest are counted, and the count said with the next one."""
+    """At most ``per_s`` log lines of a kind a second (10,000 connections made 20,000
+    connect and disconnect lines; a user not let in, connecting in a loop, 7,000 refusal
+    lines a second); the rest are counted, and the count said with the next one."""
 
-    def __init__(self, per_s: int = 20) -> None:
+    def __init__(self, per_s: int = 20, what: str = "connect and disconnect") -> None:
         self.per_s = per_s
+        self.what = what
         self._second = 0
         self._lines = 0
         self._held = 0
@@ -123,8 +125,8 @@ class _Churn:
         now = int(time.monotonic())
         if now != self._second:
             if self._held:
-                log.info("%d connect and disconnect lines were not logged (more than %d a "
-                         "second)", self._held, self.per_s)
+                log.info("%d %s lines were not logged (more than %d a second)", self._held,
+                         self.what, self.per_s)
             self._second, self._lines, self._held = now, 0, 0
         if self._lines < self.per_s:
             self._lines += 1
@@ -242,6 +244,7 @@ class DeviceServer:
         self._gave_up = False  # draining: runs given up as hung
         self._failures: dict[int, str] = {}  # device index -> why its last failed run did
         self._churn = _Churn()
+        self._refusals = _Churn(what="refused connection")
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the
@@ -632,7 +635,8 @@ class DeviceServer:
                 why = f"too many connections (at most {self.max_clients})"
             if why is not None:
                 self.stats.count("rejected_connections")
-                log.warning("refused connection from pid %d (uid %d): %s", pid, uid, why)
+                if self._refusals.allow():
+                    log.warning("refused connection from pid %d (uid %d): %s", pid, uid, why)
                 self._refuse(sock, why, error)
                 continue
             self._register(sock, trusted=False, pid=pid, uid=uid)
