@@ -600,3 +600,26 @@ def test_status_and_the_log_say_where_auto_runs_each_model(sdir: Path) -> None:
     assert where in ("cpu", "edgetpu") and why
     assert f"  device 0 runs {MODEL} on {where}: {why}" in text.splitlines()
     assert f"auto runs {MODEL} on {where}: {why}" in log
+
+
+def test_the_server_raises_its_descriptor_limit_to_the_hard_one(sdir: Path) -> None:
+    # At the usual soft limit of 1024, one user's 56 connections (each with descriptors
+    # waiting for their segment) left none for anyone else, the owner included.
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit leaves no room to raise")
+    path = sdir / "s.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "serve", "--socket", str(path)], env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        assert server.stdout is not None and "listening on" in server.stdout.readline()
+        soft_now = psutil.Process(server.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+        assert soft_now == (hard if hard != resource.RLIM_INFINITY else 1 << 16)
+    finally:
+        server.terminate()
+        assert server.wait(10) == 0
+        server.stdout.close()

@@ -20,6 +20,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -234,6 +235,22 @@ def _watch_for_eof(fd: int, server: DeviceServer) -> None:
     on_eof(fd, stop, "conveyor-stop-on-eof")
 
 
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors to the hard one. Each client takes a
+    connection and its shared memory, and up to 20 descriptors may wait for their segment
+    on a connection: at the usual soft limit of 1024, one user's 56 connections left
+    none for anyone else, the server's owner included."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("could not raise the descriptor limit from %d: %s", soft, exc)
+        else:
+            log.debug("descriptor limit raised from %d to %d", soft, want)
+
+
 def serve(
     *,
     socket_path: str | os.PathLike[str] | None = None,
@@ -267,6 +284,7 @@ def serve(
     """
     from ..backends import open_device
 
+    _raise_descriptor_limit()
     path = Path(socket_path) if socket_path is not None else default_socket_path()
     path = path.absolute()
     gid = resolve_group(group) if group is not None else None
