@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -901,3 +902,22 @@ def test_a_default_socket_folder_that_is_not_this_users_is_refused(
         conveyor.connect()
     with pytest.raises(conveyor.ServerError, match=re.escape(text)):
         _serve._prepare_dir(folder, None)
+
+
+def test_a_servers_own_default_folder_is_opened_for_those_let_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left 0700 by an earlier server, it stayed so: the users of --allow-user (or the
+    # group of --group) could not reach the socket, and were told to ask for what the
+    # owner had already given.
+    from conveyor._device import _serve
+
+    folder = tmp_path / f"conveyor-{os.getuid()}"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setattr(_serve, "private_tmp_dir", lambda: folder)
+    assert _serve._prepare_dir(folder, None) == []
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700  # nobody else let in: as it was
+    _serve._prepare_dir(folder, None, others=True)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o711  # enter, not list
+    _serve._prepare_dir(folder, os.getgid())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o751
+    assert folder.stat().st_gid == os.getgid()

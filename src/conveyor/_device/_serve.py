@@ -103,6 +103,16 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
     info = directory.stat()
     if not stat.S_ISDIR(info.st_mode):
         raise ServerError(f"{directory} is not a directory")
+    if directory == private_tmp_dir() and (gid is not None or others):
+        # This user's own folder, left by an earlier server (0700): opened as far as those
+        # let in need (they were refused with advice to pass what had been passed).
+        if gid is not None and info.st_gid != gid:
+            os.chown(directory, -1, gid)
+        mode = stat.S_IMODE(info.st_mode) | (0o011 if others else 0) | (
+            0o050 if gid is not None else 0)
+        if mode != stat.S_IMODE(info.st_mode):
+            os.chmod(directory, mode)
+        info = directory.stat()
     if gid is not None and not info.st_mode & (stat.S_IXGRP | stat.S_IXOTH):
         log.warning("members of group %d cannot reach %s (mode %o); pass --socket in a "
                     "directory they can enter", gid, directory, stat.S_IMODE(info.st_mode))
