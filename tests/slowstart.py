@@ -1,6 +1,7 @@
 """Stage functions whose module takes ``CONVEYOR_TEST_SLOW_IMPORT_S`` seconds to import in a
-worker process (a heavy library, or an import that hangs), and none in the test's own
-process (``CONVEYOR_TEST_PARENT``)."""
+worker process (a heavy library, or an import that hangs), or fails to import there with
+``CONVEYOR_TEST_FAIL_IMPORT``, and none of it in the test's own process
+(``CONVEYOR_TEST_PARENT``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import time
 
 if os.environ.get("CONVEYOR_TEST_PARENT", str(os.getpid())) != str(os.getpid()):
     time.sleep(float(os.environ.get("CONVEYOR_TEST_SLOW_IMPORT_S", "0")))
+    if os.environ.get("CONVEYOR_TEST_FAIL_IMPORT"):
+        raise RuntimeError("this import fails on purpose")
+
+
+def pid(x: int) -> int:
+    """The worker's pid."""
+    return os.getpid()
 
 
 def exit_on_1(x: int) -> int:

@@ -842,3 +842,24 @@ def test_a_worker_that_dies_idle_is_replaced_without_waiting_for_an_item(
         assert wait_for(lambda: _gone([worker.pid, helper]), timeout=5)
         assert wait_for(lambda: len(children()) == 1, timeout=10)  # its replacement
         assert pipe.stats()["stages"]["start_sleeper"]["restarts"] == 1
+
+
+def test_an_idle_worker_whose_replacement_fails_is_not_tried_again_every_second(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        no_leaks: None) -> None:
+    # The idle check tried again each second, for ever: a Python process started a
+    # second (half a core) and an 18-line warning each time.
+    import slowstart
+
+    monkeypatch.setenv("CONVEYOR_TEST_PARENT", str(os.getpid()))
+    with conveyor.Pipeline(conveyor.stage(slowstart.pid, kind="process"),
+                           on_error="return") as pipe:
+        (worker,) = pipe.map([0])
+        monkeypatch.setenv("CONVEYOR_TEST_FAIL_IMPORT", "1")  # its replacement's import
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(3.5)  # three idle checks and more
+        tries = [r for r in caplog.records if "could not replace a worker" in r.message]
+        assert len(tries) == 1 and pipe.stats()["stages"]["pid"]["restarts"] == 1
+        (failed,) = pipe.map([1])  # an item tries again, and says why it cannot run
+        assert isinstance(failed, conveyor.StageError)
+        assert "this import fails on purpose" in str(failed)

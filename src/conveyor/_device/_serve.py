@@ -107,7 +107,11 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
         # This user's own folder, left by an earlier server (0700): opened as far as those
         # let in need (they were refused with advice to pass what had been passed).
         if gid is not None and info.st_gid != gid:
-            os.chown(directory, -1, gid)
+            try:
+                os.chown(directory, -1, gid)
+            except PermissionError as exc:
+                raise ServerError(f"cannot give {directory} to group {gid}: {exc.strerror} "
+                                  f"(is this user a member of it?)") from exc
         mode = stat.S_IMODE(info.st_mode) | (0o011 if others else 0) | (
             0o050 if gid is not None else 0)
         if mode != stat.S_IMODE(info.st_mode):

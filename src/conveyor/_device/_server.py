@@ -114,9 +114,11 @@ class _Churn:
     connect and disconnect lines; a user not let in, connecting in a loop, 7,000 refusal
     lines a second); the rest are counted, and the count said with the next one."""
 
-    def __init__(self, per_s: int = 20, what: str = "connect and disconnect") -> None:
+    def __init__(self, per_s: int = 20, what: str = "connect and disconnect",
+                 level: int = logging.INFO) -> None:
         self.per_s = per_s
         self.what = what
+        self.level = level  # the lines', so that the count shows where they do
         self._second = 0
         self._lines = 0
         self._held = 0
@@ -125,8 +127,8 @@ class _Churn:
         now = int(time.monotonic())
         if now != self._second:
             if self._held:
-                log.info("%d %s lines were not logged (more than %d a second)", self._held,
-                         self.what, self.per_s)
+                log.log(self.level, "%d %s lines were not logged (more than %d a second)",
+                        self._held, self.what, self.per_s)
             self._second, self._lines, self._held = now, 0, 0
         if self._lines < self.per_s:
             self._lines += 1
@@ -244,7 +246,7 @@ class DeviceServer:
         self._gave_up = False  # draining: runs given up as hung
         self._failures: dict[int, str] = {}  # device index -> why its last failed run did
         self._churn = _Churn()
-        self._refusals = _Churn(what="refused connection")
+        self._refusals = _Churn(what="refused connection", level=logging.WARNING)
         self._exit_when_no_clients = False
         self._accept_paused_until = 0.0
         # A descriptor kept in reserve: out of them, the server lets it go to accept the

@@ -742,11 +742,12 @@ class Core:
             if self.tracer is not None:
                 self.tracer.span(track, d.name, start, time.monotonic_ns(), item.index)
 
-    def _replace_if_dead(self, si: int, w: int) -> None:
-        """Replace worker ``w`` of stage ``si`` if it is missing, or died while idle (that
-        costs no item)."""
+    def _replace_if_dead(self, si: int, w: int, missing: bool = True) -> None:
+        """Replace worker ``w`` of stage ``si`` if it died while idle (that costs no item),
+        or, with ``missing``, if it is missing (its replacement failed to start: the idle
+        check does not try again every second, an item does)."""
         pw = self.procs[si][w]
-        if self.closing or (pw is not None and pw.alive):
+        if self.closing or (pw is not None and pw.alive) or (pw is None and not missing):
             return  # (closing: the close stops the workers)
         if pw is not None:
             log.warning("worker pid %d of stage %r died while idle (%s); replacing it",
@@ -1011,7 +1012,7 @@ class Core:
             if not self._proc_top_up(si, w, pending, block=True):
                 return
             if not pending:
-                self._replace_if_dead(si, w)
+                self._replace_if_dead(si, w, missing=False)
                 continue
             item, start = pending[0]
             pw = self.procs[si][w]
