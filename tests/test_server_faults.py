@@ -921,3 +921,44 @@ def test_a_servers_own_default_folder_is_opened_for_those_let_in(
     _serve._prepare_dir(folder, os.getgid())
     assert stat.S_IMODE(folder.stat().st_mode) == 0o751
     assert folder.stat().st_gid == os.getgid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_group_sharing_by_a_user_outside_the_group_says_why() -> None:
+    # "cannot start: [Errno 1] Operation not permitted: '/tmp/conveyor-4123'", naming
+    # neither the group nor the cause, when the folder or the socket was new.
+    import tempfile
+
+    from conveyor._device import _serve
+
+    with tempfile.TemporaryDirectory(prefix="cvg-", dir="/tmp") as base:
+        os.chmod(base, 0o755)  # (pytest's own folders are closed to other users)
+        folder = Path(base) / "f"
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)
+        _check_group_refusal(_serve, folder)
+
+
+def _check_group_refusal(_serve: Any, folder: Path) -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, as nobody
+        try:
+            os.setgid(65534)
+            os.setgroups([])
+            os.setuid(65534)
+            try:
+                _serve._prepare_dir(folder / "new", 0)
+                text = "made"
+            except BaseException as exc:
+                text = f"{type(exc).__name__}: {exc}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    assert text == (f"ServerError: cannot give {folder / 'new'} to group 0: Operation not "
+                    f"permitted (is this user a member of that group?)")
+    assert not (folder / "new").exists()  # the folder it made is removed

@@ -91,7 +91,7 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
                 folder.mkdir(mode=0o700)
                 made.append(folder)
                 if gid is not None:
-                    os.chown(folder, -1, gid)
+                    _give_to_group(folder, gid)
                 if others:
                     os.chmod(folder, 0o711)
                 elif gid is not None:
@@ -107,11 +107,7 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
         # This user's own folder, left by an earlier server (0700): opened as far as those
         # let in need (they were refused with advice to pass what had been passed).
         if gid is not None and info.st_gid != gid:
-            try:
-                os.chown(directory, -1, gid)
-            except PermissionError as exc:
-                raise ServerError(f"cannot give {directory} to group {gid}: {exc.strerror} "
-                                  f"(is this user a member of it?)") from exc
+            _give_to_group(directory, gid)
         mode = stat.S_IMODE(info.st_mode) | (0o011 if others else 0) | (
             0o050 if gid is not None else 0)
         if mode != stat.S_IMODE(info.st_mode):
@@ -124,6 +120,15 @@ def _prepare_dir(directory: Path, gid: int | None, others: bool = False) -> list
         log.warning("the users allowed cannot reach %s (mode %o); pass --socket in a "
                     "directory they can enter", directory, stat.S_IMODE(info.st_mode))
     return []
+
+
+def _give_to_group(path: Path, gid: int) -> None:
+    """chown ``path`` to group ``gid``. Raises ServerError saying why it may not."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        raise ServerError(f"cannot give {path} to group {gid}: {exc.strerror} (is this "
+                          f"user a member of that group?)") from exc
 
 
 def _remove_dirs(made: list[Path]) -> None:
@@ -193,7 +198,7 @@ def bind_socket(path: Path, gid: int | None = None, backlog: int = 128,
         os.umask(old)
     try:
         if gid is not None:
-            os.chown(path, -1, gid)
+            _give_to_group(path, gid)
         os.chmod(path, 0o666 if others else 0o660 if gid is not None else 0o600)
         sock.listen(backlog)
     except BaseException:
