@@ -929,6 +929,8 @@ def test_group_sharing_by_a_user_outside_the_group_says_why() -> None:
     # neither the group nor the cause, when the folder or the socket was new.
     import tempfile
 
+    from test_pipeline_faults import _in_forked_child
+
     from conveyor._device import _serve
 
     with tempfile.TemporaryDirectory(prefix="cvg-", dir="/tmp") as base:
@@ -936,29 +938,16 @@ def test_group_sharing_by_a_user_outside_the_group_says_why() -> None:
         folder = Path(base) / "f"
         folder.mkdir()
         os.chown(folder, 65534, 65534)
-        _check_group_refusal(_serve, folder)
+        text = _in_forked_child(lambda: _as_nobody(lambda: _serve._prepare_dir(
+            folder / "new", 0)))
+        assert text == (f"ServerError: cannot give {folder / 'new'} to group 0: Operation "
+                        f"not permitted (is this user a member of that group?)")
+        assert not (folder / "new").exists()  # the folder it made is removed
 
 
-def _check_group_refusal(_serve: Any, folder: Path) -> None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child, as nobody
-        try:
-            os.setgid(65534)
-            os.setgroups([])
-            os.setuid(65534)
-            try:
-                _serve._prepare_dir(folder / "new", 0)
-                text = "made"
-            except BaseException as exc:
-                text = f"{type(exc).__name__}: {exc}"
-            os.write(w, text.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
-    assert text == (f"ServerError: cannot give {folder / 'new'} to group 0: Operation not "
-                    f"permitted (is this user a member of that group?)")
-    assert not (folder / "new").exists()  # the folder it made is removed
+def _as_nobody(fn: Any) -> Any:
+    """In a forked child: become nobody, then call ``fn``."""
+    os.setgid(65534)
+    os.setgroups([])
+    os.setuid(65534)
+    return fn()
